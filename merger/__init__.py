@@ -1,0 +1,3 @@
+"""merger: declarative, recipe-driven merging of neural-network weights."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""The content-addressed store of materialised nodes and output artifacts.
+
+Layout under the cache directory:
+
+    objects/ab/<key>.safetensors      a committed entry (never modified)
+    objects/ab/<key>.safetensors.json its index record: sha256 and size
+    memo/                             the source memo (see merger.memo)
+    locks/<key>.lock                  advisory locks (POSIX record locks)
+    tmp/                              entries being written
+
+An entry is written under tmp/, fsynced, then linked to its final name, which
+fails if another process committed the same key first (the first one stays).
+Readers therefore never see a partial entry. Locks are `fcntl.lockf` record
+locks: released by the kernel when a process dies, and honoured by NFS, so a
+crashed job leaves at most a lock file that nobody holds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from merger.atomic import fsync_dir, is_stale_tmp, tmp_path_for, write_text_atomic
+from merger.errors import MergerError
+from merger.io.safetensors_file import file_sha256
+from merger.memo import SourceMemo
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    key: str
+    path: Path
+    sha256: str
+    bytes: int
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            for sub in ("objects", "memo", "locks", "tmp"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MergerError(
+                f"cannot create the cache directory '{root}': {e.strerror}",
+                where="cache_dir",
+                fix="set cache_dir=<a writable directory> or the MERGER_CACHE_DIR environment variable",
+            ) from None
+        self.memo = SourceMemo(root / "memo")
+
+    def path(self, key: str, suffix: str = ".safetensors") -> Path:
+        return self.root / "objects" / key[:2] / f"{key}{suffix}"
+
+    def lookup(self, key: str, suffix: str = ".safetensors") -> EntryInfo | None:
+        """The committed entry for `key`, or None."""
+        path = self.path(key, suffix)
+        record = path.with_name(path.name + ".json")
+        try:
+            data = json.loads(record.read_text())
+            return EntryInfo(key, path, str(data["sha256"]), int(data["bytes"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if not path.exists():
+            return None
+        info = EntryInfo(key, path, file_sha256(path), path.stat().st_size)  # the record was lost
+        self._write_record(info)
+        return info
+
+    def new_tmp(self, key_hint: str, suffix: str = ".safetensors") -> Path:
+        return tmp_path_for(self.root / "tmp" / f"{key_hint[:16]}{suffix}")
+
+    def commit(self, tmp: Path, key: str, sha256: str, suffix: str = ".safetensors") -> EntryInfo:
+        """Move a finished, fsynced temporary file into the store under `key`."""
+        final = self.path(key, suffix)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        ours = True
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            ours = False  # committed by another run first: same content, theirs stays
+        except OSError:
+            ours = not final.exists()  # a filesystem without hard links
+            if ours:
+                os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(final.parent)
+        if not ours:
+            existing = self.lookup(key, suffix)
+            if existing is not None:
+                return existing
+        info = EntryInfo(key, final, sha256, final.stat().st_size)
+        self._write_record(info)
+        return info
+
+    def _write_record(self, info: EntryInfo) -> None:
+        record = info.path.with_name(info.path.name + ".json")
+        write_text_atomic(record, json.dumps({"sha256": info.sha256, "bytes": info.bytes}))
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold an exclusive advisory lock named `name` (waits for other holders)."""
+        path = self.root / "locks" / f"{name}.lock"
+        with open(path, "a+b") as handle:
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(handle, fcntl.LOCK_UN)
+
+    def remove_stale_tmp(self) -> int:
+        """Delete temporary files left by crashed runs of this host; returns how many."""
+        removed = 0
+        for tmp in (self.root / "tmp").iterdir():
+            if is_stale_tmp(tmp):
+                with suppress(OSError):
+                    tmp.unlink()
+                    removed += 1
+        return removed

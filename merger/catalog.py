@@ -1,0 +1,133 @@
+"""The sources of one run: located, identified, opened lazily, hashed as they are read.
+
+A source's content hash is known from the memo when its files are unchanged;
+otherwise it is learnt in the same pass that reads the tensors (each tensor's
+bytes are digested as they go by, the few never read are hashed at the end),
+and remembered for the next run.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from merger.errors import MergerError
+from merger.hashing import new_tensor_hasher, source_content_hash
+from merger.io.sources import SourceLocation, TensorSource, locate, open_source, resolve_path
+from merger.memo import MemoEntry, SourceMemo, source_identity
+from merger.recipe import Recipe, SourceDef
+from merger.specs import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SourceHandle:
+    """One model file (or folder) of the run."""
+
+    def __init__(self, name: str, location: SourceLocation, memo: SourceMemo, where: str) -> None:
+        self.name = name
+        self.location = location
+        self.where = where
+        self._memo = memo
+        self.identity = source_identity(location)
+        entry = memo.get(self.identity)
+        self.content_hash: str | None = entry.content_hash if entry else None
+        self._spec: dict[str, TensorSpec] | None = entry.spec if entry else None
+        self._reader: TensorSource | None = None
+        self._digests: dict[str, str] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.location.path
+
+    def _open(self) -> TensorSource:
+        if self._reader is None:
+            self._reader = open_source(self.location, where=self.where)
+            self._spec = self._reader.spec()
+        return self._reader
+
+    def spec(self) -> dict[str, TensorSpec]:
+        if self._spec is None:
+            self._open()
+        assert self._spec is not None
+        return self._spec
+
+    def read(self, key: str) -> torch.Tensor:
+        tensor = self._open().read(key)
+        if self.content_hash is None and key not in self._digests:
+            self._digests[key] = _digest(tensor)
+        return tensor
+
+    def refresh(self) -> None:
+        """Pick up a content hash another process has memoised meanwhile."""
+        if self.content_hash is None:
+            entry = self._memo.get(self.identity)
+            if entry is not None:
+                self.content_hash = entry.content_hash
+
+    def finish_hash(self) -> str:
+        """The content hash: digest what was not read yet, then memoise."""
+        if self.content_hash is None:
+            reader = self._open()
+            spec = reader.spec()
+            for key in spec:
+                if key not in self._digests:
+                    self._digests[key] = _digest(reader.read(key))
+            rows = ((k, s.dtype, s.shape, self._digests[k]) for k, s in spec.items())
+            self.content_hash = source_content_hash(rows)
+            self._memo.put(self.identity, MemoEntry(self.content_hash, dict(spec)))
+            self._digests = {}
+        return self.content_hash
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    from merger.tensor_bytes import tensor_memoryview
+
+    contiguous = tensor.contiguous()
+    hasher = new_tensor_hasher()
+    hasher.update(tensor_memoryview(contiguous))
+    return hasher.hexdigest()
+
+
+class SourceCatalog:
+    """Every source a recipe names, each a list of handles (one, or a glob's matches)."""
+
+    def __init__(self, recipe: Recipe, launch_dir: Path, memo: SourceMemo) -> None:
+        self._handles = {name: self._resolve(recipe, d, launch_dir, memo) for name, d in recipe.sources.items()}
+
+    @staticmethod
+    def _resolve(recipe: Recipe, source: SourceDef, launch_dir: Path, memo: SourceMemo) -> list[SourceHandle]:
+        where = recipe.where(f"sources.{source.name}")
+        if source.glob is not None:
+            pattern = str(launch_dir / Path(source.glob).expanduser())
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise MergerError(
+                    f"glob '{source.glob}' matches no files",
+                    where=where,
+                    fix=f"check the pattern; it was searched as {pattern}",
+                )
+            return [
+                SourceHandle(f"{source.name}[{i}]", locate(Path(m), source.key, where=where), memo, where)
+                for i, m in enumerate(matches)
+            ]
+        assert source.path is not None
+        path = resolve_path(source.path, launch_dir, where=where)
+        return [SourceHandle(source.name, locate(path, source.key, where=where), memo, where)]
+
+    def get(self, name: str) -> list[SourceHandle]:
+        return self._handles[name]
+
+    def all(self) -> list[SourceHandle]:
+        return [h for handles in self._handles.values() for h in handles]
+
+    def close(self) -> None:
+        for handle in self.all():
+            handle.close()

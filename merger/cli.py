@@ -1,0 +1,198 @@
+"""The `merger` command: a Hydra app with a pre-flight check.
+
+Before Hydra's runner starts, every job the command line asks for (one, or
+each point of a sweep) is composed with Hydra's Compose API and validated as
+far as specs allow: recipe syntax, ops, parameters, references, cycles, file
+headers, shapes. A problem is printed as one short block and exits 2, without
+Hydra's traceback and before any output directory is made. Then Hydra runs
+the jobs as usual (run dirs, multirun, launchers, callbacks); each job
+validates again (it may run in another process) and executes.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from merger.config_check import checked_recipe_data
+from merger.errors import EXIT_USER_ERROR, MergerError
+from merger.hydra_errors import explain_hydra_error
+from merger.recipe_source import PACKAGE_LINE, RecipeDirSource, find_recipe
+
+#: flags after which Hydra only prints something (help, config, info): no pre-flight
+PASSTHROUGH_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+#: flags that change where configs come from; the pre-flight does not model them
+CONFIG_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir"}
+MAX_PREFLIGHT_JOBS = 256
+
+
+def _label(path: Path, launch_dir: Path) -> str:
+    try:
+        return str(path.relative_to(launch_dir))
+    except ValueError:
+        return str(path)
+
+
+def check_recipe_file(path: Path, label: str) -> None:
+    """The package line comes first, and nothing in the file names code to run."""
+    text = path.read_text(encoding="utf-8")
+    if text.splitlines()[:1] != [PACKAGE_LINE]:
+        raise MergerError(
+            f"the recipe's first line must be '{PACKAGE_LINE}'",
+            where=label,
+            fix=f"add the line '{PACKAGE_LINE}' at the very top, so its keys (e.g. alpha) can be overridden",
+        )
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MergerError(f"the recipe is not valid YAML: {e}", where=label, fix="fix the YAML syntax") from None
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path_text, value = pending.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                child_path = f"{path_text}.{key}" if path_text else str(key)
+                if key == "_target_":
+                    raise MergerError(
+                        f"recipes may not name code to run, but '{child_path}' does",
+                        where=f"{label}, {child_path}",
+                        fix="remove the _target_ key: a recipe names models and ops, never Python objects",
+                    )
+                pending.append((child_path, child))
+        elif isinstance(value, list):
+            pending.extend((f"{path_text}[{i}]", v) for i, v in enumerate(value))
+
+
+def recipe_data(cfg: DictConfig, choice: str | None, launch_dir: Path) -> tuple[dict[str, Any], str, Path | None]:
+    """Checked, resolved recipe data from a composed config (its hydra node ignored)."""
+    file = find_recipe(choice, launch_dir) if choice else None
+    label = _label(file, launch_dir) if file else "the command line"
+    if file is not None:
+        check_recipe_file(file, label)
+    config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    assert isinstance(config, DictConfig)
+    if "hydra" in config:
+        with open_dict(config):
+            del config["hydra"]
+    return checked_recipe_data(config, label), label, file
+
+
+def _split_args(args: list[str]) -> tuple[bool, list[str], bool]:
+    """(multirun?, overrides, skip the pre-flight?)"""
+    multirun = False
+    overrides: list[str] = []
+    skip = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in PASSTHROUGH_FLAGS or arg in CONFIG_FLAGS or arg.split("=")[0] in CONFIG_FLAGS:
+            skip = True
+            i += 1 if arg in CONFIG_FLAGS else 0
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+        i += 1
+    return multirun, overrides, skip
+
+
+def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of each job: sweeps (a,b,c / range()) expanded as Hydra's basic sweeper does."""
+    if not multirun:
+        return [overrides]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices: list[list[str]] = []
+    for override in parsed:
+        if override.is_sweep_override() and not override.is_hydra_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line or ""])
+    return [list(combo) for combo in itertools.islice(itertools.product(*choices), MAX_PREFLIGHT_JOBS)]
+
+
+def _recipe_keys(overrides: list[str]) -> list[str]:
+    """The top-level keys of the config that the group choices in `overrides` select."""
+    choices = [o for o in overrides if "=" in o and "/" not in o.split("=")[0] and o.split("=")[0] == "recipe"]
+    try:
+        cfg = compose(config_name="config", overrides=choices)
+    except (HydraException, OmegaConfBaseException):
+        return []
+    return sorted(str(k) for k in cfg)
+
+
+def preflight(overrides: list[str], multirun: bool, launch_dir: Path) -> None:
+    """Compose and validate every job; raises MergerError on the first problem."""
+    from merger.job import prepare
+    from merger.ops import builtin_registry
+
+    registry = builtin_registry()
+    with initialize_config_module(config_module="merger.conf", version_base="1.3"):
+        for job in job_overrides(overrides, multirun):
+            try:
+                cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+            except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
+                raise explain_hydra_error(e, job, launch_dir, functools.partial(_recipe_keys, job)) from None
+            choice = cfg.hydra.runtime.choices.get("recipe")
+            data, label, _ = recipe_data(cfg, choice, launch_dir)
+            prepared = prepare(data, registry, file=label, launch_dir=launch_dir)
+            prepared.catalog.close()
+
+
+def _task(cfg: DictConfig) -> None:
+    """One Hydra job: validate, execute, report."""
+    from merger.gitinfo import git_state
+    from merger.job import prepare, run
+    from merger.ops import builtin_registry
+    from merger.report import RunContext
+
+    hc = HydraConfig.get()
+    launch_dir = Path(hc.runtime.cwd)
+    choice = hc.runtime.choices.get("recipe")
+    try:
+        data, label, file = recipe_data(cfg, choice, launch_dir)
+        prepared = prepare(data, builtin_registry(), file=label, launch_dir=launch_dir)
+        context = RunContext(
+            recipe_name=choice,
+            recipe_file=str(file) if file else None,
+            git=git_state(file) if file else None,
+            overrides=tuple(hc.overrides.task),
+            launch_dir=launch_dir,
+            output_dir=Path(hc.runtime.output_dir),
+        )
+        run(prepared, context)
+    except MergerError as e:
+        print(e.render(), file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path="conf", config_name="config")(_task)
+
+
+def main() -> None:
+    Plugins.instance().register(RecipeDirSource)
+    multirun, overrides, skip = _split_args(sys.argv[1:])
+    try:
+        if not skip:
+            preflight(overrides, multirun, Path(os.getcwd()))
+        _hydra_main()
+    except MergerError as e:
+        print(e.render(), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("merger: interrupted; no partial output or cache entry was kept", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,97 @@
+"""From a composed Hydra config to plain, checked recipe data.
+
+Done on the DictConfig while interpolations are still visible:
+- every top-level key that is not a section or a run setting is a variable,
+  and must be used by some interpolation: an unused one is almost always a
+  typo (`node:` for `nodes:`), so it is an error with a "did you mean";
+- interpolations are resolved, and a failure names the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from merger.errors import MergerError, did_you_mean
+from merger.recipe import SECTIONS, SETTINGS
+
+_REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_-]*)(?=[\s.}\[])")
+
+
+def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(dotted path, raw value) for every leaf, interpolations left unresolved."""
+    if isinstance(node, DictConfig):
+        for key in node:
+            child = node._get_node(key)  # the node itself: reading a value would resolve it
+            yield from _walk(child, f"{path}.{key!s}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _walk(node._get_node(i), f"{path}[{i}]")
+    else:
+        yield path, node._value() if hasattr(node, "_value") else node
+
+
+def referenced_names(config: DictConfig) -> set[str]:
+    """Top-level names that some interpolation refers to (`${alpha}`, `${nodes.x.alpha}`)."""
+    names: set[str] = set()
+    for _, value in _walk(config, ""):
+        if isinstance(value, str) and "${" in value:
+            names.update(_REFERENCE.findall(value))
+    return names
+
+
+def check_variables(config: DictConfig, file: str) -> None:
+    """Every top-level key that is not a section or a setting must be a variable in use."""
+    known = (*SECTIONS, *SETTINGS)
+    used = referenced_names(config)
+    for key in config:
+        name = str(key)
+        if name in known:
+            continue
+        if name not in used:
+            close = did_you_mean(name, known)
+            hint = f"did you mean '{close}'? " if close else ""
+            raise MergerError(
+                f"top-level key '{name}' is neither a section, a run setting nor a variable in use",
+                where=f"{file}, {name}",
+                fix=f"{hint}sections: {', '.join(SECTIONS)}; settings: {', '.join(SETTINGS)};"
+                f" a variable must be used as ${{{name}}} somewhere in the recipe",
+            )
+
+
+def resolve(config: DictConfig, file: str) -> dict[str, Any]:
+    """Plain data with every interpolation resolved."""
+    for path, value in _walk(config, ""):
+        if isinstance(value, str) and "${" in value:
+            try:
+                OmegaConf.select(config, path, throw_on_missing=True)
+            except OmegaConfBaseException as e:
+                names = [str(k) for k in config]
+                missing = [n for n in _REFERENCE.findall(value) if n not in names]
+                close = did_you_mean(missing[0], names) if missing else None
+                hint = f"did you mean '${{{close}}}'? " if close else ""
+                raise MergerError(
+                    f"cannot resolve '{value}': {str(e).splitlines()[0]}",
+                    where=f"{file}, {path}",
+                    fix=f"{hint}define the variable at the top of the recipe (e.g. alpha: 0.5)",
+                ) from None
+    try:
+        data = OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise MergerError(
+            f"the recipe has a value that is not set: {str(e).splitlines()[0]}",
+            where=file,
+            fix="give every ??? (missing) value, in the recipe or on the command line",
+        ) from None
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}
+
+
+def checked_recipe_data(config: DictConfig, file: str) -> dict[str, Any]:
+    data = resolve(config, file)
+    check_variables(config, file)
+    return data

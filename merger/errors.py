@@ -1,0 +1,57 @@
+"""The project's error type: what went wrong, where, and how to fix it.
+
+Every user-facing failure (a malformed recipe, a missing file, mismatched
+shapes, an unsafe pickle) is a `MergerError`. The CLI prints `render()` as one
+short block and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+EXIT_USER_ERROR = 2
+
+
+class MergerError(Exception):
+    """A user error: `what` happened, `where` (file, node, key), `fix` to try."""
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.where = where
+        self.fix = fix
+
+    def located(self, where: str) -> MergerError:
+        """The same error with `where` prefixed by an outer location (e.g. the recipe file)."""
+        inner = f"{where}, {self.where}" if self.where else where
+        return MergerError(self.what, where=inner, fix=self.fix)
+
+    def render(self) -> str:
+        lines = [f"merger: error: {self.what}"]
+        if self.where:
+            lines.append(f"  where: {self.where}")
+        if self.fix:
+            fix_lines = self.fix.splitlines() or [""]
+            lines.append(f"  fix:   {fix_lines[0]}")
+            lines.extend(f"         {line}" for line in fix_lines[1:])
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """The closest candidate to a misspelt `name`, or None when nothing is close."""
+    matches = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def suggestion(name: str, candidates: Iterable[str], *, kind: str) -> str:
+    """A fix line: 'did you mean X?' when one is close, and the known names."""
+    names = sorted(set(candidates))
+    close = did_you_mean(name, names)
+    known = ", ".join(names) if names else "(none)"
+    if close:
+        return f"did you mean '{close}'? Known {kind}: {known}"
+    return f"use one of the known {kind}: {known}"

@@ -1,0 +1,86 @@
+"""The recipe as a DAG: references resolved, cycles refused, nodes in order.
+
+Only the nodes that some output needs are kept; they come in a topological
+order that follows the recipe's own order where it is free to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from merger.errors import MergerError, suggestion
+from merger.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The needed nodes in execution order, and the nodes no output needs."""
+
+    order: tuple[str, ...]
+    unused: tuple[str, ...]
+
+
+def _check_references(recipe: Recipe) -> None:
+    names = [*recipe.sources, *recipe.nodes]
+    for node in recipe.nodes.values():
+        for i, ref in enumerate(node.inputs):
+            if ref not in recipe.sources and ref not in recipe.nodes:
+                raise MergerError(
+                    f"node '{node.name}' reads '{ref}', which is neither a source nor a node",
+                    where=recipe.where(f"nodes.{node.name}.inputs[{i}]"),
+                    fix=suggestion(ref, names, kind="sources and nodes"),
+                )
+    for output in recipe.outputs.values():
+        if output.node in recipe.nodes:
+            continue
+        if output.node in recipe.sources:
+            raise MergerError(
+                f"output '{output.name}' names source '{output.node}'; outputs take nodes",
+                where=recipe.where(f"outputs.{output.name}.node"),
+                fix=f"to copy or convert a source, add a node: {{op: average, inputs: [{output.node}]}}",
+            )
+        raise MergerError(
+            f"output '{output.name}' names node '{output.node}', which the recipe does not define",
+            where=recipe.where(f"outputs.{output.name}.node"),
+            fix=suggestion(output.node, recipe.nodes, kind="nodes"),
+        )
+
+
+def _visit(recipe: Recipe, name: str, state: dict[str, int], stack: list[str], order: list[str]) -> None:
+    """Depth-first: state 1 = on the stack, 2 = done."""
+    if state.get(name) == 2:
+        return
+    if state.get(name) == 1:
+        cycle = [*stack[stack.index(name) :], name]
+        raise MergerError(
+            f"the nodes form a cycle: {' -> '.join(cycle)}",
+            where=recipe.where(f"nodes.{name}.inputs"),
+            fix="a node cannot depend on itself, even through other nodes: break the cycle",
+        )
+    state[name] = 1
+    stack.append(name)
+    for ref in recipe.nodes[name].inputs:
+        if ref in recipe.nodes:
+            _visit(recipe, ref, state, stack, order)
+    stack.pop()
+    state[name] = 2
+    order.append(name)
+
+
+def build_graph(recipe: Recipe) -> Graph:
+    _check_references(recipe)
+    state: dict[str, int] = {}
+    order: list[str] = []
+    for name in recipe.nodes:  # every node, so that a cycle anywhere is reported
+        _visit(recipe, name, state, [], order)
+    needed: set[str] = set()
+    pending = [o.node for o in recipe.outputs.values()]
+    while pending:
+        name = pending.pop()
+        if name not in needed:
+            needed.add(name)
+            pending.extend(ref for ref in recipe.nodes[name].inputs if ref in recipe.nodes)
+    return Graph(
+        order=tuple(n for n in order if n in needed),
+        unused=tuple(n for n in recipe.nodes if n not in needed),
+    )

@@ -1,0 +1,40 @@
+"""Stable content hashes: hashlib digests of canonical JSON and of tensor bytes.
+
+Never Python's `hash()` (salted per process) and never an order-blind XOR:
+a key must be the same on every machine, in every process, forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+#: bump when the meaning of a key changes, so old cache entries stop matching
+KEY_SCHEME = "merger-key-v1"
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def digest_json(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def new_tensor_hasher() -> hashlib._Hash:
+    """The hasher for one tensor's bytes (releases the GIL on large buffers)."""
+    return hashlib.sha256()
+
+
+def source_content_hash(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:
+    """The content hash of a model: its keys, dtypes, shapes and tensor digests.
+
+    `tensors` yields (key, dtype code, shape, hex digest of the tensor's bytes).
+    It does not depend on the file format or on the order tensors were read in,
+    so a `.pth` and a `.safetensors` holding the same tensors share cache entries.
+    """
+    rows = sorted([key, dtype, list(shape), digest] for key, dtype, shape, digest in tensors)
+    return digest_json({"scheme": KEY_SCHEME, "kind": "tensors", "tensors": rows})

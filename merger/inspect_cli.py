@@ -1,0 +1,128 @@
+"""`merger-inspect FILE...`: keys, shapes, dtypes, parameter count, provenance,
+and, for two or more models, whether they can be merged key by key.
+
+Reads headers only for safetensors files and folders; a `.pth` is loaded
+safely (no pickled code runs). Provenance comes from the file's metadata (or
+the `.json` beside a `.pth`), the run context from a `merge_report.json`
+beside the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from merger.errors import EXIT_USER_ERROR, MergerError
+from merger.io.safetensors_file import read_header
+from merger.io.sources import locate, open_source
+from merger.progress import human_size
+from merger.provenance import parse_metadata
+from merger.report import REPORT_NAME
+from merger.specs import ModelSpec, spec_differences, total_bytes, total_params
+
+MAX_DIFFERENCES = 10
+
+
+def model_spec(path: Path) -> ModelSpec:
+    where = str(path)
+    source = open_source(locate(path, None, where=where), where=where)
+    try:
+        return dict(source.spec())
+    finally:
+        source.close()
+
+
+def provenance(path: Path) -> dict[str, Any] | None:
+    if path.suffix == ".safetensors":
+        return parse_metadata(read_header(path).metadata)
+    sidecar = path.with_suffix(".json")
+    if path.suffix == ".pth" and sidecar.is_file():
+        try:
+            data = json.loads(sidecar.read_text())
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) and "key" in data else None
+    return None
+
+
+def run_context(path: Path) -> dict[str, Any] | None:
+    """This file's run, from a merge_report.json beside it that lists it."""
+    report_path = path.parent / REPORT_NAME
+    if not report_path.is_file():
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+    except ValueError:
+        return None
+    for name, output in report.get("outputs", {}).items():
+        if Path(output.get("path", "")).name == path.name:
+            return {"output": name, "report": str(report_path), **{k: report.get(k) for k in ("recipe", "overrides")}}
+    return None
+
+
+def describe(path: Path, spec: ModelSpec, *, max_keys: int) -> list[str]:
+    dtypes = Counter(t.dtype for t in spec.values())
+    lines = [
+        f"{path}",
+        f"  {len(spec)} tensors, {total_params(spec):,} parameters, {human_size(total_bytes(spec))};"
+        f" dtypes: {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}",
+    ]
+    width = min(max((len(k) for k in spec), default=0), 60)
+    shown = list(spec.items()) if max_keys < 0 else list(spec.items())[:max_keys]
+    lines.extend(f"    {key:<{width}}  {t.dtype:<5} {list(t.shape)}" for key, t in shown)
+    if len(shown) < len(spec):
+        lines.append(f"    ... {len(spec) - len(shown)} more (--keys -1 lists all)")
+    made = provenance(path)
+    if made:
+        lines.append(f"  made by merger {made.get('version')}, key {made.get('key')}")
+        sources = made.get("sources")
+        if isinstance(sources, dict):
+            for name, info in sources.items():
+                lines.append(f"    source {name}: {info.get('hash', '?')[:16]}  {info.get('path', '?')}")
+        if made.get("dtype"):
+            lines.append(f"    cast to {made['dtype']}")
+        lines.append("    recipe:")
+        lines.extend(f"      {line}" for line in str(made.get("recipe", "")).splitlines())
+    context = run_context(path)
+    if context:
+        recipe = context.get("recipe") or {}
+        git = recipe.get("git") or {}
+        git_text = f", git {git.get('commit', '?')[:12]}{' (dirty)' if git.get('dirty') else ''}" if git else ""
+        lines.append(
+            f"  run: output '{context['output']}' of recipe {recipe.get('name')}{git_text};"
+            f" overrides {' '.join(context.get('overrides') or []) or '(none)'}"
+        )
+    return lines
+
+
+def compatibility(paths: list[Path], specs: list[ModelSpec]) -> list[str]:
+    names = [p.name if [q.name for q in paths].count(p.name) == 1 else str(p) for p in paths]
+    diffs = spec_differences(names, specs)
+    if not diffs:
+        return [f"compatible: all {len(paths)} models have the same {len(specs[0])} keys and shapes"]
+    lines = [f"not compatible for a strict merge: {len(diffs)} differences"]
+    lines.extend(f"  {d}" for d in diffs[:MAX_DIFFERENCES])
+    if len(diffs) > MAX_DIFFERENCES:
+        lines.append(f"  ... and {len(diffs) - MAX_DIFFERENCES} more")
+    lines.append("  (keys: intersection merges the common keys and copies the rest from the first model)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="merger-inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path, help="model files or Hugging Face folders")
+    parser.add_argument("--keys", type=int, default=20, metavar="N", help="list the first N keys (-1: all)")
+    args = parser.parse_args(argv)
+    try:
+        specs = [model_spec(p) for p in args.files]
+        blocks = [describe(p, s, max_keys=args.keys) for p, s in zip(args.files, specs, strict=True)]
+        if len(specs) > 1:
+            blocks.append(compatibility(args.files, specs))
+    except MergerError as e:
+        print(e.render(), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    print("\n\n".join("\n".join(block) for block in blocks))

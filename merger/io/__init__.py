@@ -1,0 +1,1 @@
+"""Reading model files lazily and writing results: safetensors, .pth, folders."""

@@ -1,0 +1,197 @@
+"""Model files as lazy tensor sources: a spec up front, tensors one at a time.
+
+Kinds: a `.safetensors` file; a Hugging Face-style folder (`model.safetensors`
+or a sharded `model.safetensors.index.json`); a PyTorch checkpoint
+(`.pth/.pt/.ckpt/.bin`, loaded safely, see `merger.io.pth`). Each reader
+reports its spec, reads one tensor at a time and says which files make it up
+(the source's identity for the memo).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from merger.errors import MergerError
+from merger.io.pth import PTH_SUFFIXES, load_state_dict
+from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, read_header
+from merger.specs import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+SAFETENSORS_SUFFIX = ".safetensors"
+FOLDER_SINGLE = "model.safetensors"
+FOLDER_INDEX = "model.safetensors.index.json"
+PACKAGE_SCHEME = "pkg://"
+
+
+class TensorSource(Protocol):
+    """An open model: its spec in storage order, and tensors on demand."""
+
+    def spec(self) -> dict[str, TensorSpec]: ...
+
+    def read(self, key: str) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    """Where a model lives: the path the recipe named and the files that hold it."""
+
+    path: Path
+    kind: str  # "safetensors" | "folder" | "pth"
+    files: tuple[Path, ...]
+    key: str | None = None
+
+
+def resolve_path(text: str, launch_dir: Path, *, where: str) -> Path:
+    """A recipe's path: relative to the launch directory, or `pkg://<package>/<file>`
+    for a file shipped inside an installed Python package (the demo models)."""
+    if text.startswith(PACKAGE_SCHEME):
+        package, _, inner = text[len(PACKAGE_SCHEME) :].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except (ModuleNotFoundError, TypeError, ValueError):
+            raise MergerError(
+                f"package '{package}' in '{text}' is not installed",
+                where=where,
+                fix="write pkg://<installed package>/<file inside it>",
+            ) from None
+        return Path(str(root.joinpath(inner)))
+    return launch_dir / Path(text).expanduser()
+
+
+def locate(path: Path, key: str | None, *, where: str) -> SourceLocation:
+    """Check that `path` is a model merger can read, and list its files."""
+    if not path.exists():
+        hint = "check the path (relative paths resolve against the directory you ran merger in)"
+        raise MergerError(f"model file not found: '{path}'", where=where, fix=hint)
+    if path.is_dir():
+        _no_key(key, path, where)
+        return SourceLocation(path, "folder", _folder_files(path, where))
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        _no_key(key, path, where)
+        return SourceLocation(path, "safetensors", (path,))
+    if suffix in PTH_SUFFIXES:
+        return SourceLocation(path, "pth", (path,), key)
+    raise MergerError(
+        f"'{path}' is not a model format merger reads",
+        where=where,
+        fix="use a .safetensors file, a .pth/.pt/.ckpt checkpoint, or a Hugging Face model folder",
+    )
+
+
+def _no_key(key: str | None, path: Path, where: str) -> None:
+    if key is not None:
+        raise MergerError(
+            f"'key: {key}' applies to PyTorch checkpoints, not to '{path}'",
+            where=where,
+            fix="remove key: from this source (safetensors files hold one flat state dict)",
+        )
+
+
+def _folder_files(folder: Path, where: str) -> tuple[Path, ...]:
+    index = folder / FOLDER_INDEX
+    if index.is_file():
+        shards = sorted(set(_read_index(index, where).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise MergerError(
+                f"shard '{missing[0]}' named in '{index}' is missing",
+                where=where,
+                fix="download or copy every shard the index names into the folder",
+            )
+        return (index, *(folder / s for s in shards))
+    single = folder / FOLDER_SINGLE
+    if single.is_file():
+        return (single,)
+    raise MergerError(
+        f"folder '{folder}' holds neither {FOLDER_SINGLE} nor {FOLDER_INDEX}",
+        where=where,
+        fix="point the source at a model file, or at a Hugging Face-style folder with safetensors weights",
+    )
+
+
+def _read_index(index: Path, where: str) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {str(k): str(v) for k, v in weight_map.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise MergerError(
+            f"'{index}' is not a valid safetensors index (no weight_map)",
+            where=where,
+            fix="re-save the model with save_pretrained(..., safe_serialization=True)",
+        ) from None
+
+
+class SafetensorsSource:
+    """One or more safetensors files presented as one model."""
+
+    def __init__(self, headers: list[SafetensorsHeader], key_to_file: dict[str, int] | None = None) -> None:
+        self._readers = [SafetensorsReader(h) for h in headers]
+        self._spec: dict[str, TensorSpec] = {}
+        self._owner: dict[str, int] = {}
+        for i, header in enumerate(headers):
+            for key, spec in header.tensors.items():
+                if key_to_file is not None and key_to_file.get(key) != i:
+                    continue
+                self._spec[key] = spec
+                self._owner[key] = i
+
+    def spec(self) -> dict[str, TensorSpec]:
+        return self._spec
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._readers[self._owner[key]].read_tensor(key)
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+
+class PthSource:
+    """A PyTorch checkpoint: memory-mapped, unwrapped, read key by key."""
+
+    def __init__(self, path: Path, key: str | None) -> None:
+        from merger.tensor_bytes import dtype_code
+
+        self._tensors = load_state_dict(path, key)
+        self._spec = {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in self._tensors.items()}
+
+    def spec(self) -> dict[str, TensorSpec]:
+        return self._spec
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def open_source(location: SourceLocation, *, where: str) -> TensorSource:
+    if location.kind == "pth":
+        return PthSource(location.path, location.key)
+    if location.kind == "safetensors":
+        return SafetensorsSource([read_header(location.path)])
+    index = location.path / FOLDER_INDEX
+    if location.files[0] == index:
+        weight_map = _read_index(index, where)
+        shard_names = sorted(set(weight_map.values()))
+        headers = [read_header(location.path / s) for s in shard_names]
+        position = {name: i for i, name in enumerate(shard_names)}
+        source = SafetensorsSource(headers, {k: position[v] for k, v in weight_map.items()})
+        absent = sorted(set(weight_map) - set(source.spec()))
+        if absent:
+            raise MergerError(
+                f"'{index}' maps {len(absent)} tensors to shards that lack them (e.g. '{absent[0]}')",
+                where=where,
+                fix="re-download the model: its index and shards disagree",
+            )
+        return source
+    return SafetensorsSource([read_header(location.files[0])])

@@ -1,0 +1,39 @@
+"""Content keys of nodes and output artifacts.
+
+A node's key is a digest of (op name, op version, canonical parameters, the
+seed in force for random ops, its inputs' keys in order); a source's key is
+its content hash. Equal keys mean equal content, on any machine. Before a
+source's content hash is known, a provisional key built from file identities
+names the lock that keeps concurrent runs from computing the same node twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from merger.hashing import KEY_SCHEME, digest_json
+from merger.plan import PlannedNode
+
+
+def node_key(node: PlannedNode, input_keys: Sequence[str]) -> str:
+    return digest_json(
+        {
+            "scheme": KEY_SCHEME,
+            "op": node.op.name,
+            "version": node.op.version,
+            "params": node.params.model_dump(mode="json"),
+            "seed": node.seed,
+            "inputs": list(input_keys),
+        }
+    )
+
+
+def provisional_key(node: PlannedNode, input_ids: Sequence[str]) -> str:
+    return "provisional-" + node_key(node, input_ids)
+
+
+def artifact_key(key: str, dtype: str, fmt: str) -> str:
+    """The key of an output artifact: a node's content cast to `dtype`, in format `fmt`."""
+    if dtype == "keep" and fmt == "safetensors":
+        return key
+    return digest_json({"scheme": KEY_SCHEME, "artifact_of": key, "dtype": dtype, "format": fmt})

@@ -1,0 +1,16 @@
+"""Merge operations: pure maths on tensors, one module per family."""
+
+from __future__ import annotations
+
+from merger.ops.base import Op
+from merger.ops.linear import AddDifference, Average, Lerp, WeightedSum
+from merger.ops.registry import OpRegistry
+
+
+def builtin_ops() -> list[Op]:
+    """Every op merger ships, in the order the docs list them."""
+    return [Lerp(), WeightedSum(), Average(), AddDifference()]
+
+
+def builtin_registry() -> OpRegistry:
+    return OpRegistry(builtin_ops())

@@ -1,0 +1,97 @@
+"""What an op is: a name, a version, a typed parameter model, an arity, and two
+pure functions over specs and tensors.
+
+`spec(inputs, params)` gives the output's keys, shapes and dtypes from the
+inputs' specs alone; the planner calls it for every node before any tensor is
+read. `tensor(key, inputs, params, rng)` computes one output tensor, reading
+input tensors through `inputs.read(i, key)`, which the executor serves from
+files on the compute device. Ops never open files, pick devices or cache.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from merger.specs import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+
+class OpParams(BaseModel):
+    """Parameters of an op: frozen, typed, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+@dataclass(frozen=True)
+class Arity:
+    minimum: int
+    maximum: int | None  # None: any number
+
+    def accepts(self, n: int) -> bool:
+        return n >= self.minimum and (self.maximum is None or n <= self.maximum)
+
+    def describe(self) -> str:
+        if self.maximum == self.minimum:
+            return f"exactly {self.minimum}"
+        if self.maximum is None:
+            return f"at least {self.minimum}"
+        return f"{self.minimum} to {self.maximum}"
+
+
+@dataclass(frozen=True)
+class InputSpecs:
+    """The specs of a node's inputs, with the names they have in the recipe."""
+
+    names: tuple[str, ...]
+    specs: tuple[dict[str, TensorSpec], ...]
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """An op's answer to `spec`: the output tensors (in write order) and notes
+    for the run report (e.g. how many keys were copied rather than merged)."""
+
+    tensors: dict[str, TensorSpec]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class TensorInputs(Protocol):
+    """How an op reads its inputs while computing one output tensor."""
+
+    @property
+    def specs(self) -> tuple[dict[str, TensorSpec], ...]: ...
+
+    def read(self, index: int, key: str) -> torch.Tensor:
+        """Input `index`'s tensor `key`, on the compute device, in its stored dtype."""
+        ...
+
+
+class Op(ABC):
+    """A merge operation. Subclasses set the class attributes and the two functions."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    params_model: ClassVar[type[OpParams]]
+    arity: ClassVar[Arity]
+    #: random ops get a generator seeded from (seed in force, tensor key); the seed joins the node's key
+    random: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    def check(self, params: Any, n_inputs: int) -> list[str]:
+        """Check parameters against the number of inputs; return warnings, raise MergerError."""
+        return []
+
+    @abstractmethod
+    def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec: ...
+
+    @abstractmethod
+    def tensor(self, key: str, inputs: TensorInputs, params: Any, rng: torch.Generator | None) -> torch.Tensor: ...

@@ -1,0 +1,84 @@
+"""The shared helper for per-key maths over aligned keys (lerp, weighted sums, ...).
+
+Key policy (`keys:` on the node):
+- `strict` (default): every input has the same keys with the same shapes, or
+  the plan fails and names up to 10 differences with both shapes.
+- `intersection`: keys that every input has with one shape are merged; the
+  rest is copied from the first input, and the report says how many.
+Non-float tensors (e.g. BatchNorm's `num_batches_tracked`) are copied from the
+first input. Maths runs in float32 at least, whatever the storage dtype; the
+result takes the first input's dtype.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from merger.errors import MergerError
+from merger.ops.base import InputSpecs, NodeSpec, Op, OpParams, TensorInputs
+from merger.specs import TensorSpec, compute_dtype, spec_differences
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_LISTED = 10
+
+
+class MergeParams(OpParams):
+    keys: Literal["strict", "intersection"] = "strict"
+
+
+def mergeable(key: str, specs: Sequence[dict[str, TensorSpec]]) -> bool:
+    """True when every input has `key` with the first input's shape, as a float tensor."""
+    first = specs[0].get(key)
+    if first is None or not first.is_float:
+        return False
+    for spec in specs[1:]:
+        other = spec.get(key)
+        if other is None or other.shape != first.shape or not other.is_float:
+            return False
+    return True
+
+
+def align(inputs: InputSpecs, policy: str) -> NodeSpec:
+    """The output spec of a per-key merge under the key policy, or the mismatch error."""
+    first = inputs.specs[0]
+    if len(inputs) > 1 and policy == "strict":
+        diffs = spec_differences(inputs.names, inputs.specs)
+        if diffs:
+            shown = "\n".join(f"  {line}" for line in diffs[:MAX_LISTED])
+            more = f"\n  ... and {len(diffs) - MAX_LISTED} more" if len(diffs) > MAX_LISTED else ""
+            raise MergerError(
+                f"the inputs' keys or shapes differ ({len(diffs)} differences):\n{shown}{more}",
+                fix="merge models of one architecture, or set `keys: intersection` on the node"
+                " to merge the common keys and copy the rest from the first input",
+            )
+    merged = [k for k in first if mergeable(k, inputs.specs)]
+    copied = [k for k in first if k not in set(merged)]
+    notes: dict[str, Any] = {"merged": len(merged), "copied": len(copied)}
+    if copied:
+        notes["copied_keys"] = copied[:50]
+    return NodeSpec(tensors=dict(first), notes=notes)
+
+
+class ElementwiseOp(Op):
+    """A per-key op: subclasses give `combine`, the maths over aligned float tensors."""
+
+    def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
+        return align(inputs, params.keys)
+
+    def tensor(self, key: str, inputs: TensorInputs, params: Any, rng: torch.Generator | None) -> torch.Tensor:
+        specs = inputs.specs
+        if not mergeable(key, specs):
+            return inputs.read(0, key)
+        from merger.tensor_bytes import TORCH_DTYPES
+
+        work = TORCH_DTYPES[compute_dtype([s[key].dtype for s in specs])]
+        values = [inputs.read(i, key).to(work) for i in range(len(specs))]
+        return self.combine(values, params).to(TORCH_DTYPES[specs[0][key].dtype])
+
+    @abstractmethod
+    def combine(self, values: list[torch.Tensor], params: Any) -> torch.Tensor:
+        """The merged tensor from the inputs' tensors (same shape, float32 or wider)."""

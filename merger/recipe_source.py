@@ -1,0 +1,106 @@
+"""The `recipe` config group: `./recipes/NAME.yaml`, then the built-in recipes.
+
+A Hydra ConfigSource (public plugin API, registered explicitly with
+`Plugins.instance().register`) that serves a plain directory of recipe files
+as the group `recipe`, so that `recipe=NAME` needs no `recipe/` sub-folder.
+The primary config lists two of them on its search path: `recipes` (relative
+to the directory merger runs in) and `builtin` (the package's own). A missing
+`./recipes` is simply empty: no warning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra.core.object_type import ObjectType
+from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
+from omegaconf import OmegaConf
+
+GROUP = "recipe"
+BUILTIN = "builtin"
+BUILTIN_DIR = Path(__file__).parent / "recipes"
+LOCAL_DIR = "recipes"
+PACKAGE_LINE = "# @package _global_"
+
+
+def recipe_dirs(launch_dir: Path) -> list[Path]:
+    """Where recipe=NAME is looked up, in order."""
+    return [launch_dir / LOCAL_DIR, BUILTIN_DIR]
+
+
+def find_recipe(name: str, launch_dir: Path) -> Path | None:
+    for directory in recipe_dirs(launch_dir):
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def available_recipes(launch_dir: Path) -> list[str]:
+    names: set[str] = set()
+    for directory in recipe_dirs(launch_dir):
+        if directory.is_dir():
+            names.update(p.stem for p in directory.glob("*.yaml"))
+    return sorted(names)
+
+
+class RecipeDirSource(ConfigSource):
+    @staticmethod
+    def scheme() -> str:
+        return "merger-recipes"
+
+    def _root(self) -> Path:
+        if self.path == BUILTIN:
+            return BUILTIN_DIR
+        return Path(os.path.abspath(self.path))
+
+    def _in_group(self, config_path: str) -> str | None:
+        """The path inside the recipe directory, or None outside the group."""
+        parts = config_path.strip("/").split("/", 1)
+        if parts[0] != GROUP:
+            return None
+        return parts[1] if len(parts) > 1 else ""
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        inner = self._in_group(self._normalize_file_name(config_path))
+        file = self._root() / inner if inner else None
+        if file is None or not file.is_file():
+            raise ConfigLoadError(f"Config not found : {config_path}")
+        with open(file, encoding="utf-8") as f:
+            header = ConfigSource._get_header_dict(f.read(512))
+            f.seek(0)
+            config = OmegaConf.load(f)
+        return ConfigResult(
+            config=config,
+            path=f"{self.scheme()}://{self.path}",
+            provider=self.provider,
+            header=header,
+        )
+
+    def available(self) -> bool:
+        return True
+
+    def is_group(self, config_path: str) -> bool:
+        if config_path.strip("/") == "":
+            return True
+        inner = self._in_group(config_path)
+        return inner is not None and (self._root() / inner).is_dir()
+
+    def is_config(self, config_path: str) -> bool:
+        inner = self._in_group(self._normalize_file_name(config_path))
+        return bool(inner) and (self._root() / str(inner)).is_file()
+
+    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
+        if config_path.strip("/") == "":
+            wants_groups = results_filter in (None, ObjectType.GROUP)
+            return [GROUP] if wants_groups and self._root().is_dir() else []
+        inner = self._in_group(config_path)
+        directory = self._root() / inner if inner is not None else None
+        if directory is None or not directory.is_dir():
+            return []
+        found: list[str] = []
+        for entry in sorted(os.listdir(directory)):
+            if entry.endswith(".yaml") or (directory / entry).is_dir():
+                self._list_add_result(found, f"{config_path}/{entry}", entry, results_filter)
+        return sorted(set(found))

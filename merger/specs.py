@@ -1,0 +1,107 @@
+"""What a model looks like without its data: keys, shapes and dtypes.
+
+Specs come from file headers (or the source memo), so the planner can check a
+whole merge before any tensor is read. Dtypes are safetensors' codes ("F32",
+"BF16", ...); this module never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from merger.errors import MergerError
+
+#: safetensors dtype code -> bytes per element
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "BOOL": 1,
+}
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+#: names users write in recipes (output dtype) -> safetensors code
+DTYPE_NAMES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor's dtype (safetensors code) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    def describe(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+#: an ordered mapping key -> TensorSpec (the order is the order tensors are produced in)
+ModelSpec = Mapping[str, TensorSpec]
+
+
+def total_bytes(spec: ModelSpec) -> int:
+    return sum(t.nbytes for t in spec.values())
+
+
+def total_params(spec: ModelSpec) -> int:
+    return sum(t.numel for t in spec.values())
+
+
+def spec_differences(names: Sequence[str], specs: Sequence[ModelSpec]) -> list[str]:
+    """Each way models 2..n differ from model 1 in keys or shapes, one line each."""
+    first_name, first = names[0], specs[0]
+    lines: list[str] = []
+    for name, spec in zip(names[1:], specs[1:], strict=True):
+        for key, tensor in first.items():
+            other = spec.get(key)
+            if other is None:
+                lines.append(f"'{key}' is in '{first_name}' {tensor.describe()} but not in '{name}'")
+            elif other.shape != tensor.shape:
+                lines.append(f"'{key}' is {list(tensor.shape)} in '{first_name}' but {list(other.shape)} in '{name}'")
+        lines.extend(
+            f"'{key}' is in '{name}' {other.describe()} but not in '{first_name}'"
+            for key, other in spec.items()
+            if key not in first
+        )
+    return lines
+
+
+def compute_dtype(dtypes: list[str]) -> str:
+    """The dtype maths runs in: float32 at least, float64 when an input is float64."""
+    return "F64" if "F64" in dtypes else "F32"
+
+
+def check_dtype_code(code: str, *, where: str) -> str:
+    if code not in DTYPE_SIZES:
+        raise MergerError(
+            f"unsupported tensor dtype '{code}'",
+            where=where,
+            fix=f"merger reads the dtypes {', '.join(sorted(DTYPE_SIZES))}",
+        )
+    return code
