@@ -41,17 +41,21 @@ class EntryInfo:
 
 class Cache:
     def __init__(self, root: Path) -> None:
+        """A cache at `root`; nothing is created on disk until something is written."""
         self.root = root
+        self.memo = SourceMemo(root / "memo")
+
+    def _dir(self, sub: str) -> Path:
+        path = self.root / sub
         try:
-            for sub in ("objects", "memo", "locks", "tmp"):
-                (root / sub).mkdir(parents=True, exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MergerError(
-                f"cannot create the cache directory '{root}': {e.strerror}",
+                f"cannot create the cache directory '{path}': {e.strerror}",
                 where="cache_dir",
                 fix="set cache_dir=<a writable directory> or the MERGER_CACHE_DIR environment variable",
             ) from None
-        self.memo = SourceMemo(root / "memo")
+        return path
 
     def path(self, key: str, suffix: str = ".safetensors") -> Path:
         return self.root / "objects" / key[:2] / f"{key}{suffix}"
@@ -72,7 +76,7 @@ class Cache:
         return info
 
     def new_tmp(self, key_hint: str, suffix: str = ".safetensors") -> Path:
-        return tmp_path_for(self.root / "tmp" / f"{key_hint[:16]}{suffix}")
+        return tmp_path_for(self._dir("tmp") / f"{key_hint[:16]}{suffix}")
 
     def commit(self, tmp: Path, key: str, sha256: str, suffix: str = ".safetensors") -> EntryInfo:
         """Move a finished, fsynced temporary file into the store under `key`."""
@@ -105,7 +109,7 @@ class Cache:
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """Hold an exclusive advisory lock named `name` (waits for other holders)."""
-        path = self.root / "locks" / f"{name}.lock"
+        path = self._dir("locks") / f"{name}.lock"
         with open(path, "a+b") as handle:
             fcntl.lockf(handle, fcntl.LOCK_EX)
             try:
@@ -116,6 +120,8 @@ class Cache:
     def remove_stale_tmp(self) -> int:
         """Delete temporary files left by crashed runs of this host; returns how many."""
         removed = 0
+        if not (self.root / "tmp").is_dir():
+            return 0
         for tmp in (self.root / "tmp").iterdir():
             if is_stale_tmp(tmp):
                 with suppress(OSError):

@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny seeded models written to disk, and ways to run merger.
+
+Models are built here (random init with a fixed seed), never downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from merger.errors import MergerError
+from merger.job import prepare, run
+from merger.ops import builtin_registry
+from merger.report import RunContext
+
+REPO = Path(__file__).resolve().parents[1]
+
+StateDict = dict[str, torch.Tensor]
+
+
+def tiny_state_dict(seed: int, *, width: int = 8, dtype: torch.dtype = torch.float32) -> StateDict:
+    """A small conv-net-like state dict (with an integer buffer, as BatchNorm has)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "conv_first.weight": torch.randn(width, 3, 3, 3, generator=g).to(dtype),
+        "conv_first.bias": torch.randn(width, generator=g).to(dtype),
+        "body.0.weight": torch.randn(width, width, 3, 3, generator=g).to(dtype),
+        "body.0.bias": torch.randn(width, generator=g).to(dtype),
+        "bn.running_mean": torch.randn(width, generator=g).to(dtype),
+        "bn.num_batches_tracked": torch.tensor(7, dtype=torch.int64),
+        "conv_last.weight": torch.randn(3, width, 3, 3, generator=g).to(dtype),
+        "conv_last.bias": torch.randn(3, generator=g).to(dtype),
+    }
+
+
+def fine_tune(parent: StateDict, seed: int, scale: float = 0.05) -> StateDict:
+    """A 'fine-tuned' relative of `parent`: the parent plus small seeded noise."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: (v + scale * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v.clone()
+        for k, v in parent.items()
+    }
+
+
+@pytest.fixture
+def launch_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty directory to run merger in (the current directory for the test)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MERGER_CACHE_DIR", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def models(launch_dir: Path) -> dict[str, Path]:
+    """A same-family trio (base, a, b) as safetensors, and b also as a wrapped .pth, under models/."""
+    folder = launch_dir / "models"
+    folder.mkdir()
+    base = tiny_state_dict(0)
+    family = {"base": base, "a": fine_tune(base, 1), "b": fine_tune(base, 2)}
+    paths = {}
+    for name, sd in family.items():
+        paths[name] = folder / f"{name}.safetensors"
+        save_file(sd, paths[name])
+    paths["b_pth"] = folder / "b.pth"
+    torch.save({"params_ema": family["b"], "iter": 1000}, paths["b_pth"])
+    return paths
+
+
+def load(path: Path) -> StateDict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+RunRecipe = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def run_recipe(launch_dir: Path) -> RunRecipe:
+    """Run recipe data in-process (no Hydra): returns the run report.
+
+    Output lands in <launch_dir>/out, the cache in <launch_dir>/cache unless the data says otherwise.
+    """
+
+    def _run(data: dict[str, Any], *, output_dir: Path | None = None) -> dict[str, Any]:
+        data = {"cache_dir": str(launch_dir / "cache"), "progress": False, **data}
+        prepared = prepare(data, builtin_registry(), file="test.yaml", launch_dir=launch_dir)
+        context = RunContext(
+            recipe_name="test",
+            recipe_file=None,
+            git=None,
+            overrides=(),
+            launch_dir=launch_dir,
+            output_dir=output_dir or launch_dir / "out",
+        )
+        return run(prepared, context)
+
+    return _run
+
+
+def expect_error(fn: Callable[[], Any]) -> MergerError:
+    with pytest.raises(MergerError) as info:
+        fn()
+    return info.value
+
+
+def run_cli(
+    args: list[str], cwd: Path, *, command: str = "merger", env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a console script of this environment in a subprocess, as a user would."""
+    executable = Path(sys.executable).parent / command
+    full_env = {k: v for k, v in os.environ.items() if k != "MERGER_CACHE_DIR"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [str(executable), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
