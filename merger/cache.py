@@ -64,13 +64,13 @@ class Cache:
         """The committed entry for `key`, or None."""
         path = self.path(key, suffix)
         record = path.with_name(path.name + ".json")
+        if not path.exists():
+            return None
         try:
             data = json.loads(record.read_text())
             return EntryInfo(key, path, str(data["sha256"]), int(data["bytes"]))
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        if not path.exists():
-            return None
         info = EntryInfo(key, path, file_sha256(path), path.stat().st_size)  # the record was lost
         self._write_record(info)
         return info

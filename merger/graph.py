@@ -6,6 +6,7 @@ order that follows the recipe's own order where it is free to.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from merger.errors import MergerError, suggestion
@@ -46,8 +47,8 @@ def _check_references(recipe: Recipe) -> None:
         )
 
 
-def _visit(recipe: Recipe, name: str, state: dict[str, int], stack: list[str], order: list[str]) -> None:
-    """Depth-first: state 1 = on the stack, 2 = done."""
+def _visit(recipe: Recipe, name: str, state: dict[str, int], stack: list[str]) -> None:
+    """Depth-first search for cycles: state 1 = on the stack, 2 = done."""
     if state.get(name) == 2:
         return
     if state.get(name) == 1:
@@ -61,18 +62,12 @@ def _visit(recipe: Recipe, name: str, state: dict[str, int], stack: list[str], o
     stack.append(name)
     for ref in recipe.nodes[name].inputs:
         if ref in recipe.nodes:
-            _visit(recipe, ref, state, stack, order)
+            _visit(recipe, ref, state, stack)
     stack.pop()
     state[name] = 2
-    order.append(name)
 
 
-def build_graph(recipe: Recipe) -> Graph:
-    _check_references(recipe)
-    state: dict[str, int] = {}
-    order: list[str] = []
-    for name in recipe.nodes:  # every node, so that a cycle anywhere is reported
-        _visit(recipe, name, state, [], order)
+def _needed(recipe: Recipe) -> set[str]:
     needed: set[str] = set()
     pending = [o.node for o in recipe.outputs.values()]
     while pending:
@@ -80,7 +75,26 @@ def build_graph(recipe: Recipe) -> Graph:
         if name not in needed:
             needed.add(name)
             pending.extend(ref for ref in recipe.nodes[name].inputs if ref in recipe.nodes)
-    return Graph(
-        order=tuple(n for n in order if n in needed),
-        unused=tuple(n for n in recipe.nodes if n not in needed),
-    )
+    return needed
+
+
+def build_graph(recipe: Recipe) -> Graph:
+    _check_references(recipe)
+    state: dict[str, int] = {}
+    for name in recipe.nodes:  # every node, so that a cycle anywhere is reported
+        _visit(recipe, name, state, [])
+    needed = _needed(recipe)
+    position = {name: i for i, name in enumerate(recipe.nodes)}
+    waiting = {n: {r for r in recipe.nodes[n].inputs if r in recipe.nodes} for n in needed}
+    ready = [(position[n], n) for n, deps in waiting.items() if not deps]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:  # Kahn's algorithm, taking ready nodes in recipe order
+        _, name = heapq.heappop(ready)
+        order.append(name)
+        for other, deps in waiting.items():
+            if name in deps:
+                deps.discard(name)
+                if not deps:
+                    heapq.heappush(ready, (position[other], other))
+    return Graph(order=tuple(order), unused=tuple(n for n in recipe.nodes if n not in needed))

@@ -14,7 +14,8 @@ from typing import Any
 
 from merger.cache import Cache
 from merger.catalog import SourceCatalog
-from merger.executor import Executor
+from merger.errors import MergerError
+from merger.executor import Executor, resolve_device
 from merger.graph import build_graph
 from merger.ops.registry import OpRegistry
 from merger.placement import OutputResult, place_output
@@ -40,6 +41,11 @@ def prepare(data: Mapping[str, Any], registry: OpRegistry, *, file: str, launch_
     """Validate everything that can be checked from specs alone; reads no tensor data."""
     recipe = build_recipe(data, registry, file=file)
     graph = build_graph(recipe)
+    if recipe.settings.device.startswith("cuda"):
+        try:
+            resolve_device(recipe.settings.device)
+        except MergerError as e:
+            raise e.located(file) from None
     cache = Cache(cache_root(recipe.settings.cache_dir, launch_dir))
     catalog = SourceCatalog(recipe, launch_dir, cache.memo)
     try:

@@ -1,8 +1,9 @@
-"""The source memo: what a model file holds, remembered by (path, size, mtime).
+"""The source memo: what a model file holds, remembered by (path, size, times, inode).
 
 A re-run must not re-hash unchanged multi-GB files, and a full cache hit must
 not even open them. The memo maps a source's identity (the real path, size
-and modification time of each of its files, and the `key:` unwrapped) to its
+modification and change times and inode of each of its files, and the `key:`
+unwrapped; a copy made with `cp -p` or `rsync -t` changes the last two) to its
 content hash and spec. One small JSON file per identity, written atomically,
 so concurrent runs and shared filesystems are safe.
 """
@@ -25,7 +26,7 @@ def source_identity(location: SourceLocation) -> str:
     files = []
     for f in location.files:
         st = f.stat()
-        files.append([os.path.realpath(f), st.st_size, st.st_mtime_ns])
+        files.append([os.path.realpath(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
     return digest_json({"kind": location.kind, "key": location.key, "files": files})
 
 

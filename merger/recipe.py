@@ -25,7 +25,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class SourceFileModel(_Strict):
@@ -94,7 +94,8 @@ def validation_error(error: ValidationError, model: type[BaseModel], *, where: s
 
     `where` is "<file>, <dotted place>" or just "<file>" for top-level settings.
     """
-    first = error.errors()[0]
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(part) for part in first["loc"])
     joiner = "." if ", " in where else ", "
     place = f"{where}{joiner}{loc}" if loc else where

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class OpParams(BaseModel):
     """Parameters of an op: frozen, typed, unknown keys rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
