@@ -18,7 +18,7 @@ from pathlib import Path
 from merger.atomic import write_text_atomic
 from merger.hashing import digest_json
 from merger.io.sources import SourceLocation
-from merger.specs import TensorSpec
+from merger.specs import DTYPE_SIZES, TensorSpec
 
 
 def source_identity(location: SourceLocation) -> str:
@@ -46,10 +46,13 @@ class SourceMemo:
     def get(self, identity: str) -> MemoEntry | None:
         try:
             data = json.loads(self._path(identity).read_text())
-            spec = {k: TensorSpec(d, tuple(s)) for k, d, s in data["spec"]}
-            return MemoEntry(str(data["hash"]), spec)
+            spec = {str(k): TensorSpec(d, tuple(s)) for k, d, s in data["spec"]}
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        valid = all(
+            t.dtype in DTYPE_SIZES and all(isinstance(d, int) and d >= 0 for d in t.shape) for t in spec.values()
+        )
+        return MemoEntry(str(data["hash"]), spec) if valid else None
 
     def put(self, identity: str, entry: MemoEntry) -> None:
         data = {

@@ -44,7 +44,9 @@ def safe_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        culprit = f" ({found.group(1)})" if found else ""
+        if found is None:
+            raise _unreadable(path, e) from None
+        culprit = f" ({found.group(1)})"
         raise MergerError(
             f"refused to load '{path}': its pickle holds Python objects{culprit}, not only tensors;"
             " loading it could run code",
@@ -52,12 +54,18 @@ def safe_load(path: Path) -> Any:
             fix="if you trust the file, re-save just the weights in Python:\n"
             "torch.save(model.state_dict(), 'weights.pth') or save_file(sd, 'weights.safetensors')",
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise MergerError(
-            f"cannot read '{path}' as a PyTorch checkpoint: {str(e).splitlines()[0]}",
-            where=str(path),
-            fix="check that the file is a complete torch.save() checkpoint",
-        ) from None
+    except Exception as e:  # a damaged or foreign file: torch's loader raises many kinds
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, error: Exception) -> MergerError:
+    lines = str(error).strip().splitlines()
+    detail = lines[0] if lines else type(error).__name__
+    return MergerError(
+        f"cannot read '{path}' as a PyTorch checkpoint: {detail}",
+        where=str(path),
+        fix="check that the file is a complete torch.save() checkpoint",
+    )
 
 
 def _is_tensor(value: Any) -> bool:

@@ -72,6 +72,8 @@ def read_header(path: Path) -> SafetensorsHeader:
     if not isinstance(parsed, dict):
         raise _bad_file(path, "header is not a JSON object")
     metadata_raw = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict):
+        raise _bad_file(path, "__metadata__ is not a JSON object")
     metadata = {str(k): str(v) for k, v in metadata_raw.items()}
     data_start = 8 + length
     entries: list[tuple[int, str, TensorSpec, tuple[int, int]]] = []
@@ -82,6 +84,8 @@ def read_header(path: Path) -> SafetensorsHeader:
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise _bad_file(path, f"malformed entry for '{key}'") from None
+        if any(d < 0 for d in shape) or end < begin:
+            raise _bad_file(path, f"'{key}' has a negative dimension or byte range")
         if dtype not in DTYPE_SIZES:
             raise _bad_file(path, f"'{key}' has unsupported dtype {dtype}")
         spec = TensorSpec(dtype, shape)

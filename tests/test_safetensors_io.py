@@ -1,0 +1,392 @@
+"""merger.io.safetensors_file: header parsing, lazy reads, the streaming writer, malformed files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
+from merger.specs import TensorSpec
+from tests.conftest import expect_error, tiny_state_dict
+
+
+def _mixed_state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return {
+        "f32": torch.randn(3, 4, generator=g),
+        "f16": torch.randn(5, generator=g).to(torch.float16),
+        "bf16": torch.randn(2, 3, generator=g).to(torch.bfloat16),
+        "i64": torch.randint(-1000, 1000, (4,), generator=g, dtype=torch.int64),
+        "scalar": torch.tensor(3.25),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+def _raw_file(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> Path:
+    """A safetensors-like file with an arbitrary header (for malformed cases)."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    prefix = struct.pack("<Q", len(text) if length is None else length)
+    path.write_bytes(prefix + text + data)
+    return path
+
+
+def _specs(sd: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    from merger.tensor_bytes import dtype_code
+
+    return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
+
+
+# --- read_header on files written by the official library -----------------------------------------
+
+
+def test_read_header_specs_match_official_file(tmp_path: Path) -> None:
+    sd = _mixed_state_dict()
+    path = tmp_path / "m.safetensors"
+    save_file(sd, path)
+    header = read_header(path)
+    assert header.path == path
+    assert header.tensors == {
+        "f32": TensorSpec("F32", (3, 4)),
+        "f16": TensorSpec("F16", (5,)),
+        "bf16": TensorSpec("BF16", (2, 3)),
+        "i64": TensorSpec("I64", (4,)),
+        "scalar": TensorSpec("F32", ()),
+        "empty": TensorSpec("F32", (0, 3)),
+    }
+    for key, tensor in sd.items():
+        spec = header.tensors[key]
+        assert spec.shape == tuple(tensor.shape)
+        assert spec.nbytes == tensor.numel() * tensor.element_size()
+    (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert header.data_start == 8 + length
+    assert header.metadata == {}
+
+
+def test_read_header_orders_tensors_by_data_offset(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file(_mixed_state_dict(), path)
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    parsed = json.loads(raw[8 : 8 + length])
+    parsed.pop("__metadata__", None)
+    by_offset = sorted(parsed, key=lambda k: (parsed[k]["data_offsets"][0], parsed[k]["data_offsets"][1]))
+    header = read_header(path)
+    assert list(header.tensors) == by_offset
+    assert list(header.offsets) == by_offset
+    for key in by_offset:
+        assert header.offsets[key] == tuple(parsed[key]["data_offsets"])
+    begins = [header.offsets[k][0] for k in header.tensors]
+    assert begins == sorted(begins)
+
+
+def test_read_header_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(2)}, path, metadata={"format": "pt", "note": "héllo"})
+    assert read_header(path).metadata == {"format": "pt", "note": "héllo"}
+
+
+# --- SafetensorsReader ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["f32", "f16", "bf16", "i64", "scalar", "empty"])
+def test_reader_matches_official_load(tmp_path: Path, key: str) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file(_mixed_state_dict(), path)
+    expected = load_file(path)[key]
+    reader = SafetensorsReader(read_header(path))
+    try:
+        got = reader.read_tensor(key)
+    finally:
+        reader.close()
+    assert got.dtype == expected.dtype
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+def test_reader_reads_many_keys_in_any_order(tmp_path: Path) -> None:
+    sd = tiny_state_dict(3)
+    path = tmp_path / "m.safetensors"
+    save_file(sd, path)
+    reader = SafetensorsReader(read_header(path))
+    try:
+        for key in reversed(list(sd)):
+            assert torch.equal(reader.read_tensor(key), sd[key])
+        assert torch.equal(reader.read_tensor("conv_first.bias"), sd["conv_first.bias"])
+    finally:
+        reader.close()
+
+
+def test_reader_data_truncated_after_header_was_read(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(16), "b": torch.ones(16)}, path)
+    header = read_header(path)
+    last = max(header.offsets, key=lambda k: header.offsets[k][0])
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 8)
+    reader = SafetensorsReader(header)
+    try:
+        error = expect_error(lambda: reader.read_tensor(last))
+    finally:
+        reader.close()
+    assert "truncated" in error.what
+    assert last in error.what
+
+
+# --- SafetensorsWriter ------------------------------------------------------------------------------
+
+
+def test_writer_round_trip_read_by_official_library(tmp_path: Path) -> None:
+    sd = _mixed_state_dict()
+    path = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(path, _specs(sd), {"a": "1", "b": "two"})
+    for key, tensor in sd.items():
+        writer.write(key, tensor)
+    sha = writer.finish()
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    back = load_file(path)
+    assert set(back) == set(sd)
+    for key, tensor in sd.items():
+        assert back[key].dtype == tensor.dtype
+        assert torch.equal(back[key], tensor)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"a": "1", "b": "two"}
+    # and our own reader agrees, in the writer's order
+    header = read_header(path)
+    assert list(header.tensors) == list(sd)
+    assert header.data_start % 8 == 0
+
+
+def test_writer_write_bytes_and_non_contiguous(tmp_path: Path) -> None:
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    transposed = base.t()  # not contiguous
+    raw = torch.arange(5, dtype=torch.int64)
+    sliced = base[1:]  # contiguous, but at an offset into its storage
+    specs = {"t": TensorSpec("F32", (4, 3)), "s": TensorSpec("F32", (2, 4)), "raw": TensorSpec("I64", (5,))}
+    path = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(path, specs, {})
+    writer.write("t", transposed)
+    writer.write("s", sliced)
+    writer.write_bytes("raw", raw.numpy().tobytes())
+    sha = writer.finish()
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    back = load_file(path)
+    assert torch.equal(back["t"], transposed)
+    assert torch.equal(back["s"], sliced)
+    assert torch.equal(back["raw"], raw)
+
+
+def test_writer_finish_patches_same_length_metadata(tmp_path: Path) -> None:
+    sd = tiny_state_dict(1)
+    path = tmp_path / "out.safetensors"
+    placeholder = {"merger.key": "0" * 64, "merger.note": "pending"}
+    writer = SafetensorsWriter(path, _specs(sd), placeholder)
+    for key, tensor in sd.items():
+        writer.write(key, tensor)
+    final = {"merger.key": "ab" * 32, "merger.note": "done!!!"}
+    sha = writer.finish(metadata=final)
+    data = path.read_bytes()
+    assert sha == hashlib.sha256(data).hexdigest()
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == final
+    back = load_file(path)
+    for key, tensor in sd.items():
+        assert torch.equal(back[key], tensor)
+    assert read_header(path).metadata == final
+
+
+def test_writer_finish_with_unchanged_metadata_returns_file_sha(tmp_path: Path) -> None:
+    path = tmp_path / "out.safetensors"
+    meta = {"k": "v"}
+    writer = SafetensorsWriter(path, {"w": TensorSpec("F32", (3,))}, meta)
+    writer.write("w", torch.tensor([1.0, 2.0, 3.0]))
+    sha = writer.finish(metadata=dict(meta))
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert read_header(path).metadata == meta
+
+
+def test_writer_finish_patch_with_shorter_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(path, {"w": TensorSpec("F32", (3,))}, {"k": "x" * 40})
+    writer.write("w", torch.tensor([1.0, 2.0, 3.0]))
+    sha = writer.finish(metadata={"k": "short"})
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"k": "short"}
+        assert torch.equal(f.get_tensor("w"), torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_writer_finish_metadata_that_grows_raises(tmp_path: Path) -> None:
+    path = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(path, {"w": TensorSpec("F32", (2,))}, {"k": "0" * 8})
+    writer.write("w", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="length"):
+        writer.finish(metadata={"k": "0" * 200})
+    writer.abort()
+    assert not path.exists()
+
+
+def test_writer_keys_out_of_order_raises(tmp_path: Path) -> None:
+    specs = {"a": TensorSpec("F32", (2,)), "b": TensorSpec("F32", (2,))}
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", specs, {})
+    with pytest.raises(RuntimeError, match="'a'"):
+        writer.write("b", torch.zeros(2))
+    writer.abort()
+
+
+def test_writer_unknown_key_raises(tmp_path: Path) -> None:
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorSpec("F32", (2,))}, {})
+    with pytest.raises(RuntimeError, match="'zzz'"):
+        writer.write("zzz", torch.zeros(2))
+    writer.abort()
+
+
+def test_writer_wrong_dtype_raises(tmp_path: Path) -> None:
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorSpec("F32", (2,))}, {})
+    with pytest.raises(RuntimeError, match=r"F16\[2\].*F32\[2\]"):
+        writer.write("a", torch.zeros(2, dtype=torch.float16))
+    writer.abort()
+
+
+def test_writer_wrong_shape_raises(tmp_path: Path) -> None:
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorSpec("F32", (2, 3))}, {})
+    with pytest.raises(RuntimeError, match=r"F32\[3, 2\].*F32\[2, 3\]"):
+        writer.write("a", torch.zeros(3, 2))
+    writer.abort()
+
+
+def test_writer_finish_before_all_tensors_raises(tmp_path: Path) -> None:
+    specs = {"a": TensorSpec("F32", (2,)), "b": TensorSpec("F32", (2,))}
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", specs, {})
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="'b'"):
+        writer.finish()
+    writer.abort()
+
+
+def test_writer_abort_removes_file(tmp_path: Path) -> None:
+    path = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(path, {"a": TensorSpec("F32", (2,)), "b": TensorSpec("F32", (2,))}, {})
+    writer.write("a", torch.zeros(2))
+    assert path.exists()
+    writer.abort()
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- malformed files --------------------------------------------------------------------------------
+
+
+def test_malformed_shorter_than_8_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"\x01\x02\x03")
+    error = expect_error(lambda: read_header(path))
+    assert "shorter than 8 bytes" in error.what
+    assert str(path) in error.what
+
+
+def test_malformed_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(b"")
+    error = expect_error(lambda: read_header(path))
+    assert "shorter than 8 bytes" in error.what
+
+
+def test_malformed_absurd_header_length(tmp_path: Path) -> None:
+    path = _raw_file(tmp_path / "huge.safetensors", {}, length=2**62)
+    error = expect_error(lambda: read_header(path))
+    assert str(2**62) in error.what
+    assert "implausible" in error.what
+
+
+def test_malformed_header_longer_than_file(tmp_path: Path) -> None:
+    path = _raw_file(tmp_path / "cut.safetensors", b'{"a": 1}', length=4096)
+    error = expect_error(lambda: read_header(path))
+    assert "truncated header" in error.what
+
+
+def test_malformed_header_not_json(tmp_path: Path) -> None:
+    path = _raw_file(tmp_path / "garbage.safetensors", b"this is not json at all!")
+    error = expect_error(lambda: read_header(path))
+    assert "not JSON" in error.what
+
+
+def test_malformed_header_not_utf8(tmp_path: Path) -> None:
+    path = _raw_file(tmp_path / "binary.safetensors", b"\xff\xfe\x00\x80" * 4)
+    error = expect_error(lambda: read_header(path))
+    assert "not JSON" in error.what
+
+
+def test_malformed_header_json_array(tmp_path: Path) -> None:
+    path = _raw_file(tmp_path / "array.safetensors", [1, 2, 3])
+    error = expect_error(lambda: read_header(path))
+    assert "not a JSON object" in error.what
+
+
+def test_malformed_truncated_data(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(64)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    error = expect_error(lambda: read_header(path))
+    assert "'w'" in error.what
+    assert "does not fit" in error.what
+
+
+def test_malformed_offsets_past_the_end(tmp_path: Path) -> None:
+    header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [100, 116]}}
+    path = _raw_file(tmp_path / "past.safetensors", header, b"\0" * 16)
+    error = expect_error(lambda: read_header(path))
+    assert "'w'" in error.what
+    assert "100..116" in error.what
+
+
+def test_malformed_offsets_disagree_with_shape(tmp_path: Path) -> None:
+    header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}
+    path = _raw_file(tmp_path / "short_range.safetensors", header, b"\0" * 16)
+    error = expect_error(lambda: read_header(path))
+    assert "'w'" in error.what
+    assert "0..8" in error.what
+
+
+def test_malformed_unsupported_dtype(tmp_path: Path) -> None:
+    header = {"w": {"dtype": "C64", "shape": [2], "data_offsets": [0, 16]}}
+    path = _raw_file(tmp_path / "complex.safetensors", header, b"\0" * 16)
+    error = expect_error(lambda: read_header(path))
+    assert "unsupported dtype C64" in error.what
+    assert "'w'" in error.what
+
+
+def test_malformed_entry_missing_fields(tmp_path: Path) -> None:
+    header = {"w": {"dtype": "F32", "shape": [2]}}
+    path = _raw_file(tmp_path / "nooffsets.safetensors", header, b"\0" * 8)
+    error = expect_error(lambda: read_header(path))
+    assert "malformed entry for 'w'" in error.what
+
+
+def test_malformed_metadata_not_a_mapping(tmp_path: Path) -> None:
+    header = {"__metadata__": ["not", "a", "dict"], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    path = _raw_file(tmp_path / "badmeta.safetensors", header, b"\0" * 4)
+    error = expect_error(lambda: read_header(path))
+    assert "__metadata__" in error.what or "metadata" in error.what
+
+
+def test_malformed_negative_dimension(tmp_path: Path) -> None:
+    header = {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, -4]}}
+    path = _raw_file(tmp_path / "negative.safetensors", header, b"\0" * 8)
+    error = expect_error(lambda: read_header(path))
+    assert "'w'" in error.what
+
+
+def test_malformed_error_has_fix_and_where(tmp_path: Path) -> None:
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"\0")
+    error = expect_error(lambda: read_header(path))
+    assert error.where == str(path)
+    assert error.fix and "re-save" in error.fix
