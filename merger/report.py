@@ -90,17 +90,27 @@ def write_report(output_dir: Path, report: dict[str, Any]) -> Path:
     return path
 
 
+def _short(path: str, base: str) -> str:
+    try:
+        return str(Path(path).relative_to(base))
+    except ValueError:
+        return path
+
+
 def summary(report: dict[str, Any]) -> str:
     recipe = report["recipe"]["name"] or report["recipe"]["file"]
-    lines = [f"merger: recipe {recipe} -> {report['output_dir']} ({report['seconds']:.2f} s)"]
+    base = report["launch_dir"]
+    lines = [f"merger: recipe {recipe} -> {_short(report['output_dir'], base)} ({report['seconds']:.2f} s)"]
     for name, node in report["nodes"].items():
         lines.append(
             f"  node   {name:<16} {node['op']:<14} {node['status']:<8} {node['seconds']:7.2f} s"
             f"  {human_size(node['bytes'])}"
         )
-        copied = node.get("keys", {}).get("copied", 0)
-        if copied:
-            lines.append(f"         {copied} keys copied from the first input (not merged)")
+        not_shared = node.get("keys", {}).get("not_shared", 0)
+        if not_shared:
+            noun = "key" if not_shared == 1 else "keys"
+            lines.append(f"         {not_shared} {noun} not shared by every input: copied from the first")
     for name, out in report["outputs"].items():
-        lines.append(f"  output {name:<16} {out['path']}  ({out['dtype']}, {human_size(out['bytes'])})")
+        dtype = "" if out["dtype"] == "keep" else f"{out['dtype']}, "
+        lines.append(f"  output {name:<16} {_short(out['path'], base)}  ({dtype}{human_size(out['bytes'])})")
     return "\n".join(lines)

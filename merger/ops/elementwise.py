@@ -4,7 +4,8 @@ Key policy (`keys:` on the node):
 - `strict` (default): every input has the same keys with the same shapes, or
   the plan fails and names up to 10 differences with both shapes.
 - `intersection`: keys that every input has with one shape are merged; the
-  rest is copied from the first input, and the report says how many.
+  rest is copied from the first input, and the report says how many
+  (`not_shared`) and which (`copied_keys`, the first 50).
 Non-float tensors (e.g. BatchNorm's `num_batches_tracked`) are copied from the
 first input. Maths runs in float32 at least, whatever the storage dtype; the
 result takes the first input's dtype.
@@ -57,7 +58,8 @@ def align(inputs: InputSpecs, policy: str) -> NodeSpec:
             )
     merged = [k for k in first if mergeable(k, inputs.specs)]
     copied = [k for k in first if k not in set(merged)]
-    notes: dict[str, Any] = {"merged": len(merged), "copied": len(copied)}
+    not_float = sum(not first[k].is_float for k in copied)
+    notes: dict[str, Any] = {"merged": len(merged), "copied": len(copied), "not_shared": len(copied) - not_float}
     if copied:
         notes["copied_keys"] = copied[:50]
     return NodeSpec(tensors=dict(first), notes=notes)
