@@ -191,3 +191,22 @@ def test_sweep_value_without_multirun(project: Path) -> None:
 def test_bad_sweep_value_fails_before_any_job_runs(project: Path) -> None:
     assert_user_error(run_cli(["-m", "recipe=blend", "alpha=0,abc"], project), "valid number", "nodes.blend.alpha")
     assert not (project / "outputs").exists()
+
+
+def test_concurrent_runs_compute_a_node_once(project: Path) -> None:
+    """Two runs started together: one computes, the other waits on the lock and reads the entry."""
+    import subprocess
+    import sys
+
+    merger = str(Path(sys.executable).parent / "merger")
+    procs = [
+        subprocess.Popen([merger, "recipe=blend"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr.decode()
+    reports = [json.loads((d / "merge_report.json").read_text()) for d in run_dirs(project)]
+    assert sorted(r["nodes"]["blend"]["status"] for r in reports) == ["cached", "computed"]
+    assert len({r["outputs"]["blend"]["sha256"] for r in reports}) == 1
+    assert not list((project / "outputs" / "cache" / "tmp").iterdir())
