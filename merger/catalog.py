@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from merger.errors import MergerError
 from merger.hashing import new_tensor_hasher, source_content_hash
@@ -19,8 +19,7 @@ from merger.memo import MemoEntry, SourceMemo, source_identity
 from merger.recipe import Recipe, SourceDef
 from merger.specs import TensorSpec
 
-if TYPE_CHECKING:
-    import torch
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 class SourceHandle:
@@ -37,6 +36,7 @@ class SourceHandle:
         self._spec: dict[str, TensorSpec] | None = entry.spec if entry else None
         self._reader: TensorSource | None = None
         self._digests: dict[str, str] = {}
+        self._hashing: dict[str, tuple[Any, int]] = {}  # key -> (hasher, bytes fed so far)
 
     @property
     def path(self) -> Path:
@@ -54,11 +54,24 @@ class SourceHandle:
         assert self._spec is not None
         return self._spec
 
-    def read(self, key: str) -> torch.Tensor:
-        tensor = self._open().read(key)
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        """Bytes [start, stop) of tensor `key`, digested on the way when the content hash is unknown.
+
+        Ranges of a tensor are digested when they come in order from its start;
+        a range read again (the same source twice in one node) is not.
+        """
+        view = self._open().read_into(key, start, stop, out)
         if self.content_hash is None and key not in self._digests:
-            self._digests[key] = _digest(tensor)
-        return tensor
+            hasher, fed = self._hashing.get(key) or (new_tensor_hasher(), 0)
+            if fed == start:
+                hasher.update(view)
+                fed = stop
+                if fed == self.spec()[key].nbytes:
+                    self._digests[key] = hasher.hexdigest()
+                    self._hashing.pop(key, None)
+                else:
+                    self._hashing[key] = (hasher, fed)
+        return view
 
     def refresh(self) -> None:
         """Pick up a content hash another process has memoised meanwhile."""
@@ -70,30 +83,27 @@ class SourceHandle:
     def finish_hash(self) -> str:
         """The content hash: digest what was not read yet, then memoise."""
         if self.content_hash is None:
-            reader = self._open()
-            spec = reader.spec()
-            for key in spec:
-                if key not in self._digests:
-                    self._digests[key] = _digest(reader.read(key))
+            spec = self._open().spec()
+            scratch = memoryview(bytearray(HASH_CHUNK_BYTES))
+            for key, tensor in spec.items():
+                if key in self._digests:
+                    continue
+                start = self._hashing[key][1] if key in self._hashing else 0
+                if start == 0 and tensor.nbytes == 0:
+                    self.read_into(key, 0, 0, scratch)
+                for begin in range(start, tensor.nbytes, HASH_CHUNK_BYTES):
+                    self.read_into(key, begin, min(begin + HASH_CHUNK_BYTES, tensor.nbytes), scratch)
             rows = ((k, s.dtype, s.shape, self._digests[k]) for k, s in spec.items())
             self.content_hash = source_content_hash(rows)
             self._memo.put(self.identity, MemoEntry(self.content_hash, dict(spec)))
             self._digests = {}
+            self._hashing = {}
         return self.content_hash
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    from merger.tensor_bytes import tensor_memoryview
-
-    contiguous = tensor.contiguous()
-    hasher = new_tensor_hasher()
-    hasher.update(tensor_memoryview(contiguous))
-    return hasher.hexdigest()
 
 
 class SourceCatalog:

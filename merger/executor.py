@@ -12,23 +12,24 @@ same node twice: the second waits, then finds the first one's entry.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from merger.arrays import Backend, select_backend
 from merger.cache import Cache, EntryInfo
-from merger.errors import MergerError
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
 from merger.keys import node_key, provisional_key
+from merger.pipeline import ByteSource, Pipeline
 from merger.plan import Plan, PlannedNode
 from merger.progress import Progress
 from merger.provenance import node_metadata
 from merger.specs import TensorSpec
 
 if TYPE_CHECKING:
-    import torch
+    from numpy.random import Generator
 
 log = logging.getLogger("merger")
 
@@ -44,68 +45,12 @@ class NodeResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-class _NodeInputs:
-    """`TensorInputs` for one node: reads go to source handles or upstream entries."""
-
-    def __init__(self, node: PlannedNode, plan: Plan, results: dict[str, NodeResult], device: str) -> None:
-        self._device = device
-        self._readers: list[Any] = []
-        self._entry_readers: list[SafetensorsReader] = []
-        specs: list[dict[str, TensorSpec]] = []
-        for ref in node.inputs:
-            if ref.handle is not None:
-                self._readers.append(ref.handle)
-                specs.append(ref.handle.spec())
-            else:
-                reader = SafetensorsReader(read_header(results[ref.name].entry.path))
-                self._entry_readers.append(reader)
-                self._readers.append(_EntrySource(reader))
-                specs.append(plan.nodes[ref.name].spec.tensors)
-        self._specs = tuple(specs)
-
-    @property
-    def specs(self) -> tuple[dict[str, TensorSpec], ...]:
-        return self._specs
-
-    def read(self, index: int, key: str) -> torch.Tensor:
-        tensor: torch.Tensor = self._readers[index].read(key)
-        return tensor if self._device == "cpu" else tensor.to(self._device)
-
-    def close(self) -> None:
-        for reader in self._entry_readers:
-            reader.close()
-
-
-class _EntrySource:
-    def __init__(self, reader: SafetensorsReader) -> None:
-        self._reader = reader
-
-    def read(self, key: str) -> torch.Tensor:
-        return self._reader.read_tensor(key)
-
-
-def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise MergerError(
-            f"device={requested} was asked for, but torch sees no CUDA device",
-            where="device",
-            fix="use device=auto or device=cpu, or install a CUDA build of torch on a machine with a GPU",
-        )
-    return requested
-
-
-def tensor_rng(seed: int, key: str) -> torch.Generator:
+def tensor_rng(seed: int, key: str) -> Generator:
     """A generator seeded from (seed, tensor key): independent of order, device and threads."""
-    import hashlib
-
-    import torch
+    import numpy as np
 
     digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
 
 
 class Executor:
@@ -114,13 +59,25 @@ class Executor:
         self.cache = cache
         self.requested_device = device
         self.progress = progress
-        self._device: str | None = None
+        self._backend: Backend | None = None
         self.results: dict[str, NodeResult] = {}
 
     @property
     def device(self) -> str | None:
-        """The compute device, resolved when the first node is computed (None if none was)."""
-        return self._device
+        """Where maths ran ("cpu (numpy)", "cuda (torch)", ...); None when nothing was computed."""
+        if self._backend is None:
+            return None
+        return f"{self._backend.device} ({self._backend.name})"
+
+    def _backend_for(self) -> Backend:
+        if self._backend is None:
+            dtypes = {t.dtype for node in self.plan.nodes.values() for t in node.spec.tensors.values()}
+            for node in self.plan.nodes.values():
+                for ref in node.inputs:
+                    if ref.handle is not None:
+                        dtypes.update(t.dtype for t in ref.handle.spec().values())
+            self._backend = select_backend(self.requested_device, dtypes)
+        return self._backend
 
     def run(self) -> dict[str, NodeResult]:
         for name, node in self.plan.nodes.items():
@@ -182,30 +139,47 @@ class Executor:
         return hashes
 
     def _compute(self, node: PlannedNode) -> EntryInfo:
-        if self._device is None:
-            self._device = resolve_device(self.requested_device)
+        backend = self._backend_for()
         spec = node.spec.tensors
         known = self._known_key(node)
         tmp = self.cache.new_tmp(known or node.name)
-        writer = SafetensorsWriter(tmp, spec, node_metadata(self.plan, node.name, known, self._source_hashes()))
+        metadata = node_metadata(self.plan, node.name, known, self._source_hashes())
+        writer = SafetensorsWriter(tmp, spec, metadata, final_header=known is not None)
         progress = Progress(node.name, len(spec), sum(s.nbytes for s in spec.values()), enabled=self.progress)
-        with ExitStack() as stack:
-            stack.callback(progress.close)
-            inputs = _NodeInputs(node, self.plan, self.results, self._device)
-            stack.callback(inputs.close)
-            try:
-                for key_name, tensor_spec in spec.items():
-                    rng = tensor_rng(node.seed, key_name) if node.seed is not None else None
-                    tensor = node.op.tensor(key_name, inputs, node.params, rng)
-                    writer.write(key_name, tensor.cpu())
-                    progress.advance(tensor_spec.nbytes)
-                for ref in node.inputs:
-                    if ref.handle is not None:
-                        ref.handle.finish_hash()
-                key = self._known_key(node)
-                assert key is not None
-                sha = writer.finish(node_metadata(self.plan, node.name, key, self._source_hashes()))
-            except BaseException:
-                writer.abort()
-                raise
+        entry_readers: list[SafetensorsReader] = []
+        sources: list[ByteSource] = []
+        specs: list[dict[str, TensorSpec]] = []
+        for ref in node.inputs:
+            if ref.handle is not None:
+                sources.append(ref.handle)
+                specs.append(ref.handle.spec())
+            else:
+                reader = SafetensorsReader(read_header(self.results[ref.name].entry.path))
+                entry_readers.append(reader)
+                sources.append(reader)
+                specs.append(self.plan.nodes[ref.name].spec.tensors)
+        seed = node.seed
+        pipeline = Pipeline(
+            node.op,
+            node.params,
+            sources,
+            tuple(specs),
+            backend,
+            rng_for=(lambda key: tensor_rng(seed, key)) if seed is not None else (lambda key: None),
+        )
+        try:
+            pipeline.run(writer, spec, progress.advance)
+            for ref in node.inputs:
+                if ref.handle is not None:
+                    ref.handle.finish_hash()
+            key = self._known_key(node)
+            assert key is not None
+            sha = writer.finish(node_metadata(self.plan, node.name, key, self._source_hashes()))
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            progress.close()
+            for reader in entry_readers:
+                reader.close()
         return self.cache.commit(tmp, key, sha)

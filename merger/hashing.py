@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 #: bump when the meaning of a key changes, so old cache entries stop matching
-KEY_SCHEME = "merger-key-v1"
+KEY_SCHEME = "merger-key-v2"
 
 
 def canonical_json(value: Any) -> str:
@@ -24,9 +24,12 @@ def digest_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
-def new_tensor_hasher() -> hashlib._Hash:
-    """The hasher for one tensor's bytes (releases the GIL on large buffers)."""
-    return hashlib.sha256()
+def new_tensor_hasher() -> Any:
+    """The hasher for one tensor's bytes: XXH3-128, about 12 GB/s on one core,
+    so that hashing a source in the pass that reads it does not show."""
+    import xxhash
+
+    return xxhash.xxh3_128()
 
 
 def source_content_hash(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merger.arrays import check_cuda
 from merger.cache import Cache
 from merger.catalog import SourceCatalog
 from merger.errors import MergerError
-from merger.executor import Executor, resolve_device
+from merger.executor import Executor
 from merger.graph import build_graph
 from merger.ops.registry import OpRegistry
 from merger.placement import OutputResult, place_output
@@ -43,7 +44,7 @@ def prepare(data: Mapping[str, Any], registry: OpRegistry, *, file: str, launch_
     graph = build_graph(recipe)
     if recipe.settings.device.startswith("cuda"):
         try:
-            resolve_device(recipe.settings.device)
+            check_cuda(recipe.settings.device)
         except MergerError as e:
             raise e.located(file) from None
     cache = Cache(cache_root(recipe.settings.cache_dir, launch_dir))

@@ -6,8 +6,6 @@ cache never imports torch.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -47,14 +45,10 @@ def tensor_from_buffer(buffer: bytearray | memoryview, code: str, shape: tuple[i
 
 
 def tensor_memoryview(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, as a memoryview that shares its memory.
-
-    The caller keeps `tensor` alive while the view is used.
-    """
+    """The bytes of a contiguous CPU tensor, as a memoryview that shares its memory
+    (and keeps the tensor alive)."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("tensor_memoryview needs a contiguous CPU tensor")
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes == 0:
+    if tensor.numel() == 0:
         return memoryview(b"")
-    array = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
-    return memoryview(array).cast("B")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data).cast("B")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from merger.arrays import NumpyBackend, TorchBackend
 from merger.errors import MergerError
 from merger.ops.base import InputSpecs, Op
 from merger.ops.elementwise import MergeParams
@@ -26,7 +27,9 @@ from merger.ops.linear import (
     WeightedSum,
     WeightedSumParams,
 )
+from merger.pipeline import Pipeline
 from merger.specs import TensorSpec
+from merger.tensor_bytes import tensor_from_buffer, tensor_memoryview
 from tests.conftest import RunRecipe, expect_error, fine_tune, load, tiny_state_dict
 
 StateDict = dict[str, torch.Tensor]
@@ -39,21 +42,49 @@ def _spec_of(sd: StateDict) -> dict[str, TensorSpec]:
     return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
 
 
-class FakeInputs:
-    """A `TensorInputs` over in-memory state dicts; hands out the very tensors it holds."""
+class MemorySource:
+    """A `ByteSource` over an in-memory state dict (what a safetensors file would serve)."""
 
-    def __init__(self, *models: StateDict) -> None:
-        self.models = models
-        self._specs = tuple(_spec_of(m) for m in models)
-        self.reads: list[tuple[int, str]] = []
+    def __init__(self, model: StateDict) -> None:
+        self.views = {k: tensor_memoryview(v.contiguous()) for k, v in model.items()}
 
-    @property
-    def specs(self) -> tuple[dict[str, TensorSpec], ...]:
-        return self._specs
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        return self.views[key][start:stop]
 
-    def read(self, index: int, key: str) -> torch.Tensor:
-        self.reads.append((index, key))
-        return self.models[index][key]
+
+class Collector:
+    """A `ChunkWriter` that keeps what the pipeline writes."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[str, list[bytes]] = {}
+
+    def write_chunk(self, key: str, data: memoryview) -> None:
+        self.chunks.setdefault(key, []).append(bytes(data))
+
+
+BACKENDS = {"numpy": NumpyBackend, "torch": lambda: TorchBackend("cpu")}
+CURRENT: dict[str, Any] = {}
+
+
+@pytest.fixture(autouse=True, params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> Any:
+    """Every direct op test runs on the numpy backend and on the torch one (as on CUDA)."""
+    CURRENT["backend"] = BACKENDS[request.param]()
+    return CURRENT["backend"]
+
+
+def run_pipeline(op: Op, params: Any, models: list[StateDict], names: tuple[str, ...] | None = None) -> Any:
+    """(NodeSpec, outputs) of `op` computed by the real executor pipeline on the current backend."""
+    specs = tuple(_spec_of(m) for m in models)
+    spec = op.spec(InputSpecs(names or tuple(f"m{i}" for i in range(len(models))), specs), params)
+    collector = Collector()
+    pipeline = Pipeline(op, params, [MemorySource(m) for m in models], specs, CURRENT["backend"], lambda key: None)
+    pipeline.run(collector, spec.tensors, lambda n: None)
+    out: StateDict = {}
+    for key, tensor_spec in spec.tensors.items():
+        data = bytearray(b"".join(collector.chunks[key]))
+        out[key] = tensor_from_buffer(data, tensor_spec.dtype, tensor_spec.shape)
+    return spec, out
 
 
 def _family(n: int, *, dtype: torch.dtype = torch.float32) -> list[StateDict]:
@@ -67,9 +98,7 @@ def _family(n: int, *, dtype: torch.dtype = torch.float32) -> list[StateDict]:
 def _apply(op: Op, params: Any, models: list[StateDict]) -> StateDict:
     """Run `op` over every key of the aligned models; checks the inputs are left untouched."""
     snapshot = [{k: v.clone() for k, v in m.items()} for m in models]
-    inputs = FakeInputs(*models)
-    spec = op.spec(InputSpecs(tuple(f"m{i}" for i in range(len(models))), inputs.specs), params)
-    out = {key: op.tensor(key, inputs, params, None) for key in spec.tensors}
+    spec, out = run_pipeline(op, params, models)
     for before, after in zip(snapshot, models, strict=True):
         for key, value in before.items():
             assert torch.equal(after[key], value), f"input tensor {key!r} was modified in place"
@@ -543,15 +572,14 @@ def _intersection_pair() -> tuple[StateDict, StateDict]:
 def test_intersection_direct() -> None:
     a, c = _intersection_pair()
     snapshot = {k: v.clone() for k, v in c.items()}
-    inputs = FakeInputs(a, c)
     params = LerpParams(alpha=0.25, keys="intersection")
-    spec = Lerp().spec(InputSpecs(("a", "c"), inputs.specs), params)
+    spec, out = run_pipeline(Lerp(), params, [a, c], ("a", "c"))
     assert list(spec.tensors) == list(a)
     assert spec.notes["merged"] == 5
     assert spec.notes["copied"] == 3
     assert sorted(spec.notes["copied_keys"]) == sorted(["body.0.bias", "conv_last.bias", INT_KEY])
     for key in spec.tensors:
-        got = Lerp().tensor(key, inputs, params, None)
+        got = out[key]
         if key in spec.notes["copied_keys"]:
             assert torch.equal(got, a[key]), key
         else:

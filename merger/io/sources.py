@@ -30,9 +30,14 @@ PACKAGE_SCHEME = "pkg://"
 
 
 class TensorSource(Protocol):
-    """An open model: its spec in storage order, and tensors on demand."""
+    """An open model: its spec in storage order, and tensor bytes on demand."""
 
     def spec(self) -> dict[str, TensorSpec]: ...
+
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        """Bytes [start, stop) of tensor `key` (C order): read into `out`, or a view
+        of memory the source already holds. Safe to call from another thread."""
+        ...
 
     def read(self, key: str) -> torch.Tensor: ...
 
@@ -147,6 +152,9 @@ class SafetensorsSource:
     def spec(self) -> dict[str, TensorSpec]:
         return self._spec
 
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        return self._readers[self._owner[key]].read_into(key, start, stop, out)
+
     def read(self, key: str) -> torch.Tensor:
         return self._readers[self._owner[key]].read_tensor(key)
 
@@ -163,15 +171,25 @@ class PthSource:
 
         self._tensors = load_state_dict(path, key)
         self._spec = {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in self._tensors.items()}
+        self._bytes: dict[str, memoryview] = {}
 
     def spec(self) -> dict[str, TensorSpec]:
         return self._spec
+
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        from merger.tensor_bytes import tensor_memoryview
+
+        data = self._bytes.get(key)
+        if data is None:
+            data = self._bytes[key] = tensor_memoryview(self._tensors[key].contiguous())
+        return data[start:stop]
 
     def read(self, key: str) -> torch.Tensor:
         return self._tensors[key]
 
     def close(self) -> None:
         self._tensors = {}
+        self._bytes = {}
 
 
 def open_source(location: SourceLocation, *, where: str) -> TensorSource:

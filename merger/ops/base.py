@@ -1,11 +1,14 @@
 """What an op is: a name, a version, a typed parameter model, an arity, and two
-pure functions over specs and tensors.
+pure functions over specs and arrays.
 
 `spec(inputs, params)` gives the output's keys, shapes and dtypes from the
 inputs' specs alone; the planner calls it for every node before any tensor is
-read. `tensor(key, inputs, params, rng)` computes one output tensor, reading
-input tensors through `inputs.read(i, key)`, which the executor serves from
-files on the compute device. Ops never open files, pick devices or cache.
+read. `tensor(key, inputs, params, xp, rng)` computes one output tensor,
+reading input tensors through `inputs.read(i, key)`, which the executor
+serves from files on the compute device, as arrays of the backend `xp`
+(numpy on the CPU, torch on CUDA; floats in float32 or wider). Per-key ops
+(`ElementwiseOp`) instead give `combine`, which the executor feeds in chunks.
+Ops never open files, pick devices or cache.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pydantic import BaseModel, ConfigDict
 from merger.specs import TensorSpec
 
 if TYPE_CHECKING:
-    import torch
+    from numpy.random import Generator
+
+    from merger.arrays import Array, Backend
 
 
 class OpParams(BaseModel):
@@ -70,8 +75,8 @@ class TensorInputs(Protocol):
     @property
     def specs(self) -> tuple[dict[str, TensorSpec], ...]: ...
 
-    def read(self, index: int, key: str) -> torch.Tensor:
-        """Input `index`'s tensor `key`, on the compute device, in its stored dtype."""
+    def read(self, index: int, key: str) -> Array:
+        """Input `index`'s tensor `key` on the compute device (floats as float32 or wider)."""
         ...
 
 
@@ -93,5 +98,18 @@ class Op(ABC):
     @abstractmethod
     def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec: ...
 
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...]) -> str:
+        """How output `key` is computed: "tensor" (whole, by `tensor`), "merge" (in chunks,
+        by `combine`) or "copy" (input 0's bytes unchanged)."""
+        return "tensor"
+
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...]) -> list[tuple[int, str]]:
+        """The (input index, key) pairs output `key` reads, so they can be read ahead."""
+        return []
+
     @abstractmethod
-    def tensor(self, key: str, inputs: TensorInputs, params: Any, rng: torch.Generator | None) -> torch.Tensor: ...
+    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend, rng: Generator | None) -> Array: ...
+
+    def combine(self, values: list[Array], params: Any, xp: Backend) -> Array:
+        """The merged chunk from the inputs' chunks (per-key ops only)."""
+        raise NotImplementedError(f"op {self.name} has no per-element form")

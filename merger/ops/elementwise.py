@@ -8,7 +8,7 @@ Key policy (`keys:` on the node):
   (`not_shared`) and which (`copied_keys`, the first 50).
 Non-float tensors (e.g. BatchNorm's `num_batches_tracked`) are copied from the
 first input. Maths runs in float32 at least, whatever the storage dtype; the
-result takes the first input's dtype.
+result takes the first input's dtype. Copies pass bytes through untouched.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from merger.errors import MergerError
 from merger.ops.base import InputSpecs, NodeSpec, Op, OpParams, TensorInputs
-from merger.specs import TensorSpec, compute_dtype, spec_differences
+from merger.specs import TensorSpec, spec_differences
 
 if TYPE_CHECKING:
-    import torch
+    from numpy.random import Generator
+
+    from merger.arrays import Array, Backend
 
 MAX_LISTED = 10
 
@@ -66,21 +68,27 @@ def align(inputs: InputSpecs, policy: str) -> NodeSpec:
 
 
 class ElementwiseOp(Op):
-    """A per-key op: subclasses give `combine`, the maths over aligned float tensors."""
+    """A per-key op: subclasses give `combine`, the maths over aligned float arrays.
+
+    The executor feeds `combine` flat chunks of each merged tensor, in float32
+    (or float64), and casts the result to the first input's dtype.
+    """
 
     def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
         return align(inputs, params.keys)
 
-    def tensor(self, key: str, inputs: TensorInputs, params: Any, rng: torch.Generator | None) -> torch.Tensor:
-        specs = inputs.specs
-        if not mergeable(key, specs):
-            return inputs.read(0, key)
-        from merger.tensor_bytes import TORCH_DTYPES
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...]) -> str:
+        return "merge" if mergeable(key, specs) else "copy"
 
-        work = TORCH_DTYPES[compute_dtype([s[key].dtype for s in specs])]
-        values = [inputs.read(i, key).to(work) for i in range(len(specs))]
-        return self.combine(values, params).to(TORCH_DTYPES[specs[0][key].dtype])
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...]) -> list[tuple[int, str]]:
+        return [(i, key) for i in range(len(specs))] if mergeable(key, specs) else [(0, key)]
+
+    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend, rng: Generator | None) -> Array:
+        if not mergeable(key, inputs.specs):
+            return inputs.read(0, key)
+        return self.combine([inputs.read(i, key) for i in range(len(inputs.specs))], params, xp)
 
     @abstractmethod
-    def combine(self, values: list[torch.Tensor], params: Any) -> torch.Tensor:
-        """The merged tensor from the inputs' tensors (same shape, float32 or wider)."""
+    def combine(self, values: list[Array], params: Any, xp: Backend) -> Array:
+        """The merged array from the inputs' arrays (same shape, float32 or wider); must
+        not modify its inputs."""

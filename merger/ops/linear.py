@@ -1,7 +1,8 @@
 """Linear combinations: lerp (network interpolation), weighted sum, average, add difference.
 
-All are per-key maths (see `merger.ops.elementwise`); each combine allocates a
-new tensor and leaves its inputs untouched (a source may be read again).
+All are per-key maths (see `merger.ops.elementwise`), written with operators
+only, so they run on numpy and torch arrays alike; each combine allocates a new
+array and leaves its inputs untouched.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from merger.ops.base import Arity
 from merger.ops.elementwise import ElementwiseOp, MergeParams
 
 if TYPE_CHECKING:
-    import torch
+    from merger.arrays import Array, Backend
 
 
 class LerpParams(MergeParams):
@@ -37,9 +38,11 @@ class Lerp(ElementwiseOp):
             return [f"alpha={params.alpha} is outside [0, 1]: this extrapolates past the inputs"]
         return []
 
-    def combine(self, values: list[torch.Tensor], params: LerpParams) -> torch.Tensor:
+    def combine(self, values: list[Array], params: LerpParams, xp: Backend) -> Array:
         a, b = values
-        return (a * (1.0 - params.alpha)).add_(b, alpha=params.alpha)
+        out = a * (1.0 - params.alpha)
+        out += b * params.alpha
+        return out
 
 
 class WeightedSumParams(MergeParams):
@@ -70,14 +73,12 @@ class WeightedSum(ElementwiseOp):
             )
         return []
 
-    def combine(self, values: list[torch.Tensor], params: WeightedSumParams) -> torch.Tensor:
-        weights = params.weights
+    def combine(self, values: list[Array], params: WeightedSumParams, xp: Backend) -> Array:
+        out = values[0] * params.weights[0]
+        for value, weight in zip(values[1:], params.weights[1:], strict=True):
+            out += value * weight
         if params.normalize:
-            total = sum(weights)
-            weights = [w / total for w in weights]
-        out = values[0] * weights[0]
-        for value, weight in zip(values[1:], weights[1:], strict=True):
-            out.add_(value, alpha=weight)
+            out /= sum(params.weights)
         return out
 
 
@@ -89,11 +90,12 @@ class Average(ElementwiseOp):
     arity = Arity(1, None)
     summary = "mean of N models (a list of inputs or one glob source)"
 
-    def combine(self, values: list[torch.Tensor], params: MergeParams) -> torch.Tensor:
-        out = values[0].clone()
+    def combine(self, values: list[Array], params: MergeParams, xp: Backend) -> Array:
+        out = xp.copy(values[0])
         for value in values[1:]:
-            out.add_(value)
-        return out.div_(len(values))
+            out += value
+        out /= len(values)
+        return out
 
 
 class AddDifferenceParams(MergeParams):
@@ -108,6 +110,9 @@ class AddDifference(ElementwiseOp):
     arity = Arity(3, 3)
     summary = "A + multiplier*(B - C)"
 
-    def combine(self, values: list[torch.Tensor], params: AddDifferenceParams) -> torch.Tensor:
+    def combine(self, values: list[Array], params: AddDifferenceParams, xp: Backend) -> Array:
         a, b, c = values
-        return (b - c).mul_(params.multiplier).add_(a)
+        out = b - c
+        out *= params.multiplier
+        out += a
+        return out

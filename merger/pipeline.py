@@ -1,0 +1,233 @@
+"""The inner loop of a node: read -> compute -> write, as three overlapping stages.
+
+A reader thread walks the node's output tensors in order and reads what each
+needs (hashing sources on the way) into a bounded queue; the calling thread
+computes; a writer thread streams the results into the entry file (hashing
+it and starting write-back as it goes). Per-key ops (lerp, sums, ...) are fed
+in chunks of at most CHUNK_BYTES per input, so memory holds a few chunks
+whatever the model or tensor size; other ops get whole tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from merger.arrays import Array, Backend
+from merger.ops.base import Op
+from merger.specs import DTYPE_SIZES, TensorSpec
+
+CHUNK_BYTES = 8 * 1024 * 1024
+QUEUE_DEPTH = 2
+MAX_POOLED = 32
+_DONE = object()
+
+
+class ByteSource(Protocol):
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview: ...
+
+
+class ChunkWriter(Protocol):
+    def write_chunk(self, key: str, data: memoryview) -> None: ...
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A unit of work: elements [start, stop) of output tensor `key` (all of it when whole)."""
+
+    key: str
+    start: int
+    stop: int
+    mode: str  # "merge": op.combine on chunks | "copy": input 0's bytes | "tensor": op.tensor on the whole
+    reads: tuple[tuple[int, str], ...]  # (input index, key) to fetch
+
+
+@dataclass
+class Fetched:
+    piece: Piece
+    data: dict[tuple[int, str], memoryview]
+    buffers: list[bytearray] = field(default_factory=list)
+
+
+def plan_pieces(op: Op, specs: tuple[dict[str, TensorSpec], ...], output: dict[str, TensorSpec]) -> Iterator[Piece]:
+    widest = max((DTYPE_SIZES[t.dtype] for s in specs for t in s.values()), default=4)
+    chunk = max(1, CHUNK_BYTES // max(widest, 4))
+    for key, spec in output.items():
+        mode = op.piece_mode(key, specs)
+        if mode == "tensor":
+            yield Piece(key, 0, spec.numel, mode, tuple(op.needs(key, specs)))
+            continue
+        reads = tuple(op.needs(key, specs)) if mode == "merge" else ((0, key),)
+        for start in range(0, max(spec.numel, 1), chunk):
+            yield Piece(key, start, min(start + chunk, spec.numel), mode, reads)
+
+
+class _Pool:
+    """Reusable read buffers, handed out and given back (bounds memory)."""
+
+    def __init__(self, allocate: Callable[[int], Any]) -> None:
+        self._allocate = allocate
+        self._free: list[Any] = []
+        self._lock = threading.Lock()
+
+    def get(self, nbytes: int) -> Any:
+        with self._lock:
+            for i, buffer in enumerate(self._free):
+                if len(buffer) >= nbytes:
+                    return self._free.pop(i)
+        return self._allocate(max(nbytes, 1))
+
+    def put(self, buffers: list[Any]) -> None:
+        with self._lock:
+            self._free.extend(b for b in buffers if len(b) <= CHUNK_BYTES * 2)
+            del self._free[MAX_POOLED:]
+
+
+class Pipeline:
+    """Runs one node's pieces through read, compute and write."""
+
+    def __init__(
+        self,
+        op: Op,
+        params: Any,
+        sources: list[ByteSource],
+        specs: tuple[dict[str, TensorSpec], ...],
+        backend: Backend,
+        rng_for: Callable[[str], Any],
+    ) -> None:
+        self.op = op
+        self.params = params
+        self.sources = sources
+        self.specs = specs
+        self.backend = backend
+        self.rng_for = rng_for
+        self._pool = _Pool(backend_allocator(backend))
+        self._stop = threading.Event()
+
+    # --- stage 1: read -----------------------------------------------------------------------
+
+    def _fetch(self, piece: Piece) -> Fetched:
+        fetched = Fetched(piece, {})
+        for index, key in piece.reads:
+            spec = self.specs[index][key]
+            size = DTYPE_SIZES[spec.dtype]
+            start, stop = piece.start * size, piece.stop * size
+            if piece.mode == "tensor":
+                start, stop = 0, spec.nbytes
+            buffer = self._pool.get(stop - start)
+            fetched.buffers.append(buffer)
+            fetched.data[(index, key)] = self.sources[index].read_into(key, start, stop, memoryview(buffer))
+        return fetched
+
+    def _reader(self, pieces: Iterator[Piece], out: queue.Queue[Any]) -> None:
+        try:
+            for piece in pieces:
+                if self._stop.is_set():
+                    return
+                out.put(self._fetch(piece))
+            out.put(_DONE)
+        except BaseException as e:  # handed to the computing thread
+            out.put(e)
+
+    # --- stage 3: write ----------------------------------------------------------------------
+
+    def _writer(self, writer: ChunkWriter, jobs: queue.Queue[Any], errors: list[BaseException]) -> None:
+        while True:
+            job = jobs.get()
+            if job is _DONE:
+                return
+            key, data, buffers = job
+            if errors or self._stop.is_set():
+                self._pool.put(buffers)
+                continue
+            try:
+                writer.write_chunk(key, data)
+            except BaseException as e:
+                errors.append(e)
+            self._pool.put(buffers)
+
+    # --- stage 2: compute --------------------------------------------------------------------
+
+    def _compute(self, fetched: Fetched, out_spec: TensorSpec) -> memoryview:
+        piece = fetched.piece
+        if piece.mode == "copy":
+            return fetched.data[(0, piece.key)]
+        xp = self.backend
+        count = piece.stop - piece.start
+        if piece.mode == "merge":
+            values = [xp.load(fetched.data[(i, k)], self.specs[i][k].dtype, (count,)) for i, k in piece.reads]
+            result: Array = self.op.combine(values, self.params, xp)
+        else:
+            inputs = _TensorInputs(self, fetched)
+            result = self.op.tensor(piece.key, inputs, self.params, xp, self.rng_for(piece.key))
+        return xp.store(result, out_spec.dtype)
+
+    def run(self, writer: ChunkWriter, output: dict[str, TensorSpec], advance: Callable[[int], None]) -> None:
+        read_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
+        write_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
+        errors: list[BaseException] = []
+        reader = threading.Thread(
+            target=self._reader, args=(plan_pieces(self.op, self.specs, output), read_queue), daemon=True
+        )
+        writing = threading.Thread(target=self._writer, args=(writer, write_queue, errors), daemon=True)
+        reader.start()
+        writing.start()
+        finished = False
+        try:
+            while True:
+                item = read_queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if errors:
+                    raise errors[0]
+                spec = output[item.piece.key]
+                data = self._compute(item, spec)
+                write_queue.put((item.piece.key, data, item.buffers))
+                advance(len(data))
+            finished = True
+        finally:
+            if not finished:  # stop the reader and let the writer drop what is queued
+                self._stop.set()
+                while reader.is_alive():  # a blocked reader finishes its put
+                    with contextlib.suppress(queue.Empty):
+                        read_queue.get(timeout=0.05)
+            write_queue.put(_DONE)
+            writing.join()
+            reader.join()
+        if errors:
+            raise errors[0]
+
+
+class _TensorInputs:
+    """`TensorInputs` for whole-tensor ops: prefetched reads, others read on demand."""
+
+    def __init__(self, pipeline: Pipeline, fetched: Fetched) -> None:
+        self._pipeline = pipeline
+        self._fetched = fetched
+
+    @property
+    def specs(self) -> tuple[dict[str, TensorSpec], ...]:
+        return self._pipeline.specs
+
+    def read(self, index: int, key: str) -> Array:
+        spec = self._pipeline.specs[index][key]
+        data = self._fetched.data.get((index, key))
+        if data is None:
+            buffer = bytearray(spec.nbytes)
+            data = self._pipeline.sources[index].read_into(key, 0, spec.nbytes, memoryview(buffer))
+        return self._pipeline.backend.load(data, spec.dtype, spec.shape)
+
+
+def backend_allocator(backend: Backend) -> Callable[[int], Any]:
+    """Read buffers: page-locked on CUDA (for asynchronous copies), plain elsewhere."""
+    if backend.name == "torch" and backend.device.startswith("cuda"):
+        import torch
+
+        return lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()
+    return bytearray
