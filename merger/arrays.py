@@ -131,7 +131,7 @@ class TorchBackend:
         torch = self._torch
         dtype = self._dtypes[code]
         host = torch.frombuffer(data, dtype=dtype) if len(data) else torch.empty(0, dtype=dtype)
-        tensor = host.reshape(shape).to(self.device, non_blocking=self._pin)
+        tensor: torch.Tensor = host.reshape(shape).to(self.device, non_blocking=self._pin)
         if code in FLOAT_DTYPES:
             tensor = tensor.to(self._dtypes[compute_code(code)])
         return tensor
