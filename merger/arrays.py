@@ -118,26 +118,25 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, device: str) -> None:
-        import torch
-
         from merger.tensor_bytes import TORCH_DTYPES
 
         self.device = device
-        self._torch = torch
         self._dtypes = TORCH_DTYPES
         self._pin = device.startswith("cuda")
 
     def load(self, data: Any, code: str, shape: tuple[int, ...]) -> torch.Tensor:
-        torch = self._torch
+        import torch
+
         dtype = self._dtypes[code]
         host = torch.frombuffer(data, dtype=dtype) if len(data) else torch.empty(0, dtype=dtype)
-        tensor: torch.Tensor = host.reshape(shape).to(self.device, non_blocking=self._pin)
+        tensor = host.reshape(shape).to(self.device, non_blocking=self._pin)
         if code in FLOAT_DTYPES:
             tensor = tensor.to(self._dtypes[compute_code(code)])
         return tensor
 
     def store(self, array: torch.Tensor, code: str) -> memoryview:
-        torch = self._torch
+        import torch
+
         tensor = array.to(self._dtypes[code]).contiguous()
         if tensor.device.type != "cpu":
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self._pin)
@@ -152,9 +151,10 @@ class TorchBackend:
         return array.clone()
 
     def asarray(self, values: np.ndarray) -> torch.Tensor:
-        host: torch.Tensor = self._torch.from_numpy(np.ascontiguousarray(values))
-        moved: torch.Tensor = host.to(self.device)
-        return moved
+        import torch
+
+        host = torch.from_numpy(np.ascontiguousarray(values))
+        return host.to(self.device)
 
 
 def cuda_possible() -> bool:
