@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from merger.arrays import Array, Backend
 from merger.ops.base import Op
 from merger.specs import DTYPE_SIZES, TensorSpec
@@ -188,7 +190,10 @@ class Pipeline:
                     raise errors[0]
                 spec = output[item.piece.key]
                 data = self._compute(item, spec)
-                write_queue.put((item.piece.key, data, item.buffers))
+                keep = item.buffers if _aliases(data, item.buffers) else []
+                if not keep:  # the result is new memory: the inputs' buffers can be reused now
+                    self._pool.put(item.buffers)
+                write_queue.put((item.piece.key, data, keep))
                 advance(len(data))
             finished = True
         finally:
@@ -222,6 +227,25 @@ class _TensorInputs:
             buffer = bytearray(spec.nbytes)
             data = self._pipeline.sources[index].read_into(key, 0, spec.nbytes, memoryview(buffer))
         return self._pipeline.backend.load(data, spec.dtype, spec.shape)
+
+
+def _address(buffer: Any) -> tuple[int, int]:
+    array = np.frombuffer(buffer, dtype=np.uint8)
+    return array.ctypes.data, array.ctypes.data + array.size
+
+
+def _aliases(data: memoryview, buffers: list[Any]) -> bool:
+    """Whether `data` lies in one of `buffers` (then they must live until it is written)."""
+    if not len(data) or not buffers:
+        return False
+    start, stop = _address(data)
+    for buffer in buffers:
+        if not len(buffer):
+            continue
+        begin, end = _address(buffer)
+        if start < end and begin < stop:
+            return True
+    return False
 
 
 def backend_allocator(backend: Backend) -> Callable[[int], Any]:
