@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from common import measure, write_llama_like
+from common import MERGER, measure, write_llama_like
 
 RECIPE = """# @package _global_
 alpha: 0.3
@@ -43,7 +42,6 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     args = parser.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="merger-bench-"))
-    merger = str(Path(sys.executable).parent / "merger")
     try:
         for name, seed in (("a", 1), ("b", 2)):
             write_llama_like(work / f"{name}.safetensors", n_bytes=args.mb * 1_000_000, seed=seed)
@@ -52,7 +50,7 @@ def main() -> None:
             (folder / "recipes").mkdir(parents=True, exist_ok=True)
             (folder / "recipes" / "bench.yaml").write_text(RECIPE)
         size = (work / "a.safetensors").stat().st_size
-        base = [merger, "recipe=bench", "progress=false", "cache_dir=cache"]
+        base = [*MERGER, "recipe=bench", "progress=false", "cache_dir=cache"]
         read_floor = measure(["cat", "a.safetensors", "b.safetensors"], work)
         with open(work / "copy.bin", "wb") as sink:
             write_floor = measure(["cat", "a.safetensors"], work, stdout=sink.fileno())

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import Measure, drop_caches, measure, run_python, size_mb, write_llama_like
+from common import MERGER, Measure, drop_caches, measure, run_python, size_mb, write_llama_like
 
 HF_LLAMA = """
 import sys, torch
@@ -100,8 +100,7 @@ def run_merger(root: Path, cold: bool) -> Measure:
     root.joinpath("recipes", "bench.yaml").write_text(RECIPE.format(a=root / "a", b=root / "b"))
     if cold:
         drop_caches()
-    merger = str(Path(sys.executable).parent / "merger")
-    return measure([merger, "recipe=bench", "progress=false", "cache_dir=cache"], root)
+    return measure([*MERGER, "recipe=bench", "progress=false", "cache_dir=cache"], root)
 
 
 def run_mergekit(root: Path, mergekit: str, cold: bool) -> Measure:

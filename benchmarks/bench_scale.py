@@ -16,40 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from common import drop_caches, measure, run_python
+from common import MERGER, drop_caches, measure, write_llama_like
 
 #: size in GB -> (vocabulary, number of layers) at hidden 1024
 SHAPES = {0.3: (32000, 2), 1.3: (32000, 20), 2.7: (65536, 42)}
-
-WRITE_RANDOM_MODEL = """
-import sys
-from pathlib import Path
-import numpy as np
-from merger.io.safetensors_file import SafetensorsWriter
-from merger.specs import TensorSpec
-path, seed, hidden, vocab, layers = Path(sys.argv[2]), *map(int, sys.argv[3:])
-inter = hidden * 11 // 4
-shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-for i in range(layers):
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        shapes[f"model.layers.{i}.self_attn.{name}.weight"] = (hidden, hidden)
-    shapes[f"model.layers.{i}.mlp.gate_proj.weight"] = (inter, hidden)
-    shapes[f"model.layers.{i}.mlp.up_proj.weight"] = (inter, hidden)
-    shapes[f"model.layers.{i}.mlp.down_proj.weight"] = (hidden, inter)
-shapes["lm_head.weight"] = (vocab, hidden)
-specs = {k: TensorSpec("F32", s) for k, s in shapes.items()}
-rng = np.random.default_rng(seed)
-path.parent.mkdir(parents=True, exist_ok=True)
-writer = SafetensorsWriter(path, specs, {})
-for key, spec in specs.items():
-    for start in range(0, spec.numel, 1 << 22):
-        writer.write_chunk(key, memoryview(rng.random(min(1 << 22, spec.numel - start), dtype=np.float32)).cast("B"))
-writer.finish()
-"""
 
 
 def recipe(n: int) -> str:
@@ -71,7 +44,6 @@ def main() -> None:
     sizes = [float(s) for s in args.sizes.split(",")]
     counts = [int(n) for n in args.inputs.split(",")]
     work = args.dir or Path(tempfile.mkdtemp(prefix="merger-scale-"))
-    merger = str(Path(sys.executable).parent / "merger")
     cache_note = "cold page cache" if args.cold else "warm page cache where it fits in RAM"
     print(f"average of N random float32 models, first runs, {os.cpu_count()} CPUs, {cache_note}")
     print(
@@ -81,24 +53,24 @@ def main() -> None:
     try:
         tiny = work / "tiny"
         for i in range(max(counts)):
-            run_python(WRITE_RANDOM_MODEL, tiny / f"m{i}.safetensors", i, 64, 256, 1)
+            write_llama_like(tiny / f"m{i}.safetensors", seed=i, hidden=64, vocab=256, layers=1)
         baselines = {}
         for n in counts:
             (tiny / "recipes").mkdir(exist_ok=True)
             (tiny / "recipes" / f"avg{n}.yaml").write_text(recipe(n))
-            baselines[n] = measure([merger, f"recipe=avg{n}", "progress=false", "cache_dir=cache"], tiny)
+            baselines[n] = measure([*MERGER, f"recipe=avg{n}", "progress=false", "cache_dir=cache"], tiny)
         for size in sizes:
             vocab, layers = SHAPES[size]
             folder = work / f"{size}"
             for i in range(max(counts)):
-                run_python(WRITE_RANDOM_MODEL, folder / f"m{i}.safetensors", i, 1024, vocab, layers)
+                write_llama_like(folder / f"m{i}.safetensors", seed=i, vocab=vocab, layers=layers)
             one = (folder / "m0.safetensors").stat().st_size
             for n in counts:
                 (folder / "recipes").mkdir(exist_ok=True)
                 (folder / "recipes" / f"avg{n}.yaml").write_text(recipe(n))
                 if args.cold:
                     drop_caches()
-                m = measure([merger, f"recipe=avg{n}", "progress=false", f"cache_dir=cache{n}"], folder)
+                m = measure([*MERGER, f"recipe=avg{n}", "progress=false", f"cache_dir=cache{n}"], folder)
                 shutil.rmtree(folder / f"cache{n}")
                 shutil.rmtree(folder / "outputs")
                 read = n * one / 1e9

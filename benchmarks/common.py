@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: how to run merger from here: `python -m merger` works wherever the package imports
+MERGER = [sys.executable, "-m", "merger"]
 
 
 @dataclass(frozen=True)
@@ -55,38 +57,54 @@ def run_python(code: str, *args: object, python: str = sys.executable) -> None:
         sys.exit(f"failed: {python} -c <snippet> {' '.join(map(str, args))}\n{done.stderr}")
 
 
-LLAMA_LIKE = """
-import sys; sys.path.insert(0, sys.argv[1])
+RANDOM_LLAMA = """
+import sys
 from pathlib import Path
-import torch
-from safetensors.torch import save_file
-path, n_bytes, seed, hidden, vocab, layers = Path(sys.argv[2]), *map(int, sys.argv[3:])
+import numpy as np
+from merger.arrays import NumpyBackend
+from merger.io.safetensors_file import SafetensorsWriter
+from merger.specs import TensorSpec
+path, dtype = Path(sys.argv[2]), sys.argv[3]
+n_bytes, seed, hidden, vocab, layers = map(int, sys.argv[4:])
 inter = hidden * 11 // 4
-g = torch.Generator().manual_seed(seed)
-t = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g)}
 per_layer = (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) * 4
-count = layers or max(1, (n_bytes - 2 * vocab * hidden * 4) // per_layer)
-for i in range(count):
+layers = layers or max(1, (n_bytes - 2 * vocab * hidden * 4) // per_layer)
+shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+for i in range(layers):
     p = f"model.layers.{i}."
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        t[p + f"self_attn.{name}.weight"] = torch.randn(hidden, hidden, generator=g)
-    t[p + "mlp.gate_proj.weight"] = torch.randn(inter, hidden, generator=g)
-    t[p + "mlp.up_proj.weight"] = torch.randn(inter, hidden, generator=g)
-    t[p + "mlp.down_proj.weight"] = torch.randn(hidden, inter, generator=g)
-    t[p + "input_layernorm.weight"] = torch.ones(hidden)
-    t[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
-t["model.norm.weight"] = torch.ones(hidden)
-t["lm_head.weight"] = torch.randn(vocab, hidden, generator=g)
+        shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
+    shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+    shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+    shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+    shapes[p + "input_layernorm.weight"] = (hidden,)
+    shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+shapes["model.norm.weight"] = (hidden,)
+shapes["lm_head.weight"] = (vocab, hidden)
+specs = {k: TensorSpec(dtype, s) for k, s in shapes.items()}
+rng, xp = np.random.default_rng(seed), NumpyBackend()
 path.parent.mkdir(parents=True, exist_ok=True)
-save_file(t, path)
+writer = SafetensorsWriter(path, specs, {})
+for key, spec in specs.items():
+    for start in range(0, spec.numel, 1 << 22):
+        values = rng.standard_normal(min(1 << 22, spec.numel - start), dtype=np.float32)
+        writer.write_chunk(key, xp.store(values, dtype))
+writer.finish()
 """
 
 
 def write_llama_like(
-    path: Path, *, n_bytes: int = 0, seed: int, hidden: int = 1024, vocab: int = 32000, layers: int = 0
+    path: Path,
+    *,
+    n_bytes: int = 0,
+    seed: int,
+    hidden: int = 1024,
+    vocab: int = 32000,
+    layers: int = 0,
+    dtype: str = "F32",
 ) -> None:
-    """A Llama-shaped float32 safetensors file: `layers` layers, or as many as fit in n_bytes."""
-    run_python(LLAMA_LIKE, path, n_bytes, seed, hidden, vocab, layers)
+    """A random Llama-shaped safetensors file: `layers` layers, or as many as fit in n_bytes (float32)."""
+    run_python(RANDOM_LLAMA, path, dtype, n_bytes, seed, hidden, vocab, layers)
 
 
 def size_mb(path: Path) -> float:

@@ -1,0 +1,89 @@
+"""The CUDA path (torch backend on a GPU) gives the CPU path's results. Skipped without a GPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from merger.arrays import NumpyBackend, TorchBackend, select_backend
+from merger.ops.base import InputSpecs, Op
+from merger.ops.elementwise import MergeParams
+from merger.ops.linear import (
+    AddDifference,
+    AddDifferenceParams,
+    Average,
+    Lerp,
+    LerpParams,
+    WeightedSum,
+    WeightedSumParams,
+)
+from merger.pipeline import CHUNK_BYTES, Pipeline
+from merger.specs import TensorSpec
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class Bytes:
+    def __init__(self, tensors: dict[str, bytes]) -> None:
+        self.tensors = tensors
+
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        view = out[: stop - start]
+        view[:] = self.tensors[key][start:stop]
+        return view
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.data: dict[str, bytearray] = {}
+
+    def write_chunk(self, key: str, data: memoryview) -> None:
+        self.data.setdefault(key, bytearray()).extend(data)
+
+
+def make_inputs(n: int, dtype: str) -> tuple[list[Bytes], tuple[dict[str, TensorSpec], ...]]:
+    rng = np.random.default_rng(0)
+    shapes = {"big": (CHUNK_BYTES // 4 * 3 + 17,), "matrix": (64, 33), "scalar": ()}
+    xp = NumpyBackend()
+    sources, specs = [], []
+    for _ in range(n):
+        tensors = {k: bytes(xp.store(rng.standard_normal(s, dtype=np.float32), dtype)) for k, s in shapes.items()}
+        sources.append(Bytes(tensors))
+        specs.append({k: TensorSpec(dtype, s) for k, s in shapes.items()})
+    return sources, tuple(specs)
+
+
+CASES: list[tuple[Op, Any, int]] = [
+    (Lerp(), LerpParams(alpha=0.3), 2),
+    (WeightedSum(), WeightedSumParams(weights=[0.5, 0.3, 0.2], normalize=True), 3),
+    (Average(), MergeParams(), 4),
+    (AddDifference(), AddDifferenceParams(multiplier=0.7), 3),
+]
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize(("op", "params", "n"), CASES, ids=[c[0].name for c in CASES])
+def test_cuda_equals_cpu(op: Op, params: Any, n: int, dtype: str) -> None:
+    sources, specs = make_inputs(n, dtype)
+    spec = op.spec(InputSpecs(tuple(f"m{i}" for i in range(n)), specs), params)
+    results = {}
+    for name, backend in (("cpu", NumpyBackend()), ("cuda", TorchBackend("cuda"))):
+        collector = Collector()
+        Pipeline(op, params, list(sources), specs, backend, lambda key: None).run(
+            collector, spec.tensors, lambda nbytes: None
+        )
+        results[name] = collector.data
+    xp = NumpyBackend()
+    for key, tensor in spec.tensors.items():
+        cpu = xp.load(results["cpu"][key], tensor.dtype, tensor.shape).astype(np.float64)
+        gpu = xp.load(results["cuda"][key], tensor.dtype, tensor.shape).astype(np.float64)
+        scale = np.maximum(np.abs(cpu), 1e-30)
+        assert float(np.max(np.abs(cpu - gpu) / scale, initial=0.0)) <= 1e-6, key
+
+
+def test_auto_device_picks_cuda() -> None:
+    backend = select_backend("auto", {"F32"})
+    assert backend.name == "torch" and backend.device == "cuda"
