@@ -18,11 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from merger.arrays import Backend, select_backend
 from merger.cache import Cache, EntryInfo
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
 from merger.keys import node_key, provisional_key
-from merger.pipeline import ByteSource, Pipeline
 from merger.plan import Plan, PlannedNode
 from merger.progress import Progress
 from merger.provenance import node_metadata
@@ -30,6 +28,9 @@ from merger.specs import TensorSpec
 
 if TYPE_CHECKING:
     from numpy.random import Generator
+
+    from merger.arrays import Backend
+    from merger.pipeline import ByteSource
 
 log = logging.getLogger("merger")
 
@@ -76,6 +77,8 @@ class Executor:
                 for ref in node.inputs:
                     if ref.handle is not None:
                         dtypes.update(t.dtype for t in ref.handle.spec().values())
+            from merger.arrays import select_backend  # numpy: only when something is computed
+
             self._backend = select_backend(self.requested_device, dtypes)
         return self._backend
 
@@ -139,6 +142,8 @@ class Executor:
         return hashes
 
     def _compute(self, node: PlannedNode) -> EntryInfo:
+        from merger.pipeline import Pipeline
+
         backend = self._backend_for()
         spec = node.spec.tensors
         known = self._known_key(node)

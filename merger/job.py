@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merger.arrays import check_cuda
 from merger.cache import Cache
 from merger.catalog import SourceCatalog
 from merger.errors import MergerError
@@ -43,6 +42,8 @@ def prepare(data: Mapping[str, Any], registry: OpRegistry, *, file: str, launch_
     recipe = build_recipe(data, registry, file=file)
     graph = build_graph(recipe)
     if recipe.settings.device.startswith("cuda"):
+        from merger.arrays import check_cuda
+
         try:
             check_cuda(recipe.settings.device)
         except MergerError as e:
