@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 
 TMP_MARK = ".merger-tmp-"
@@ -52,10 +53,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+STALE_SECONDS = 24 * 3600
+
+
 def is_stale_tmp(path: Path) -> bool:
-    """A temporary file left by a process of this host that is no longer running."""
+    """A temporary file left by a process of this host that is no longer running, or by
+    any host more than a day ago (a shared cache sees other machines' leftovers)."""
     name = path.name
     if TMP_MARK not in name:
+        return False
+    try:
+        if time.time() - path.stat().st_mtime > STALE_SECONDS:
+            return True
+    except OSError:
         return False
     try:
         host, pid, _ = name.split(TMP_MARK, 1)[1].rsplit("-", 2)

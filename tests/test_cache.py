@@ -382,3 +382,15 @@ def test_source_identity_of_a_symlink_is_its_target(tmp_path: Path) -> None:
     assert source_identity(SourceLocation(link, "safetensors", (link,))) == source_identity(
         SourceLocation(target, "safetensors", (target,))
     )
+
+
+def test_day_old_tmp_of_any_host_is_stale(tmp_path: Path) -> None:
+    """A shared cache sees other machines' leftovers: a day-old one goes, a fresh one stays."""
+    old = tmp_path / f"x.safetensors{TMP_MARK}some_other_host-{os.getpid()}-abcd1234"
+    fresh = tmp_path / f"y.safetensors{TMP_MARK}some_other_host-{os.getpid()}-abcd1234"
+    for path in (old, fresh):
+        path.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    assert is_stale_tmp(old)
+    assert not is_stale_tmp(fresh)
