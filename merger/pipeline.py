@@ -4,8 +4,9 @@ A reader thread walks the node's output tensors in order and reads what each
 needs (hashing sources on the way) into a bounded queue; the calling thread
 computes; a writer thread streams the results into the entry file (hashing
 it and starting write-back as it goes). Per-key ops (lerp, sums, ...) are fed
-in chunks of at most CHUNK_BYTES per input, so memory holds a few chunks
-whatever the model or tensor size; other ops get whole tensors.
+in chunks of PIECE_BYTES across all inputs (each input's chunk shrinks as
+inputs are added), so memory holds a few chunks whatever the model size, the
+tensor size or the number of inputs; other ops get whole tensors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from merger.arrays import Array, Backend
 from merger.ops.base import Op
 from merger.specs import DTYPE_SIZES, TensorSpec
 
-CHUNK_BYTES = 8 * 1024 * 1024
+#: bytes of one chunk of work: the inputs' chunks, the result and the float32 maths
+PIECE_BYTES = 24 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024  # the largest pooled read buffer worth keeping
 QUEUE_DEPTH = 2
 MAX_POOLED = 32
 _DONE = object()
@@ -56,8 +59,8 @@ class Fetched:
 
 
 def plan_pieces(op: Op, specs: tuple[dict[str, TensorSpec], ...], output: dict[str, TensorSpec]) -> Iterator[Piece]:
-    widest = max((DTYPE_SIZES[t.dtype] for s in specs for t in s.values()), default=4)
-    chunk = max(1, CHUNK_BYTES // max(widest, 4))
+    per_element = 8 + sum(max((DTYPE_SIZES[t.dtype] for t in s.values()), default=4) for s in specs)
+    chunk = max(1024, PIECE_BYTES // per_element)
     for key, spec in output.items():
         mode = op.piece_mode(key, specs)
         if mode == "tensor":
