@@ -7,8 +7,10 @@
 For each size, writes 8 random float32 Llama-shaped models (the 2.7 GB one
 has a 268 MB embedding, 65536 x 1024, larger than merger's chunk budget) and
 runs `merger` with `average` over the first 2, 4 and 8 of them, each a first
-run with an empty cache. Working memory is the peak RSS minus that of the
-same merge of tiny models. Needs about 9 x the largest size of free disk.
+run with an empty cache. GB/s is (bytes read + bytes written) over the merge
+phase (wall time minus that of the same merge of tiny models); working memory
+is the peak RSS minus that of the tiny merge. Needs about 9 x the largest
+size of free disk.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def main() -> None:
     cache_note = "cold page cache" if args.cold else "warm page cache where it fits in RAM"
     print(f"average of N random float32 models, first runs, {os.cpu_count()} CPUs, {cache_note}")
     print(
-        f"{'GB/input':>8} {'inputs':>6} {'largest MB':>10} {'read GB':>8} {'wall s':>7} {'merge s':>7}"
-        f" {'GB/s':>6} {'work MB':>8}"
+        f"{'GB/input':>8} {'inputs':>6} {'largest MB':>10} {'read GB':>8} {'written GB':>10} {'wall s':>7}"
+        f" {'merge s':>7} {'GB/s':>6} {'work MB':>8}"
     )
     try:
         tiny = work / "tiny"
@@ -78,8 +80,8 @@ def main() -> None:
                 work_mb = m.rss - baselines[n].rss
                 largest = vocab * 1024 * 4 / 1e6
                 print(
-                    f"{one / 1e9:8.2f} {n:6d} {largest:10.0f} {read:8.1f} {m.wall:7.2f} {merge:7.2f}"
-                    f" {read / merge:6.2f} {work_mb:8.0f}"
+                    f"{one / 1e9:8.2f} {n:6d} {largest:10.0f} {read:8.1f} {one / 1e9:10.2f} {m.wall:7.2f}"
+                    f" {merge:7.2f} {(read + one / 1e9) / merge:6.2f} {work_mb:8.0f}"
                 )
             shutil.rmtree(folder)
     finally:
