@@ -74,6 +74,49 @@ def models(launch_dir: Path) -> dict[str, Path]:
     return paths
 
 
+class BytesSource:
+    """A pipeline `ByteSource` over in-memory tensor bytes (as a file would serve them),
+    recording each read; `fail_on` names a key whose read raises."""
+
+    def __init__(self, tensors: dict[str, bytes], fail_on: str | None = None) -> None:
+        self.tensors = tensors
+        self.fail_on = fail_on
+        self.reads: list[tuple[str, int, int]] = []
+
+    @classmethod
+    def of(cls, model: StateDict) -> BytesSource:
+        from merger.tensor_bytes import tensor_memoryview
+
+        return cls({k: bytes(tensor_memoryview(v.contiguous())) for k, v in model.items()})
+
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        if key == self.fail_on:
+            raise OSError(f"disk error reading {key}")
+        self.reads.append((key, start, stop))
+        view = out[: stop - start]
+        view[:] = self.tensors[key][start:stop]
+        return view
+
+
+class Collector:
+    """A pipeline `ChunkWriter` that keeps what is written; fails after `fail_after` chunks."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.chunks: list[tuple[str, bytes]] = []
+        self.fail_after = fail_after
+
+    def write_chunk(self, key: str, data: memoryview) -> None:
+        if self.fail_after is not None and len(self.chunks) >= self.fail_after:
+            raise OSError("disk full")
+        self.chunks.append((key, bytes(data)))
+
+    def joined(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for key, data in self.chunks:
+            out[key] = out.get(key, b"") + data
+        return out
+
+
 def load(path: Path) -> StateDict:
     from safetensors.torch import load_file
 

@@ -22,36 +22,19 @@ from merger.ops.linear import (
 )
 from merger.pipeline import CHUNK_BYTES, Pipeline
 from merger.specs import TensorSpec
+from tests.conftest import BytesSource, Collector
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-class Bytes:
-    def __init__(self, tensors: dict[str, bytes]) -> None:
-        self.tensors = tensors
-
-    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
-        view = out[: stop - start]
-        view[:] = self.tensors[key][start:stop]
-        return view
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.data: dict[str, bytearray] = {}
-
-    def write_chunk(self, key: str, data: memoryview) -> None:
-        self.data.setdefault(key, bytearray()).extend(data)
-
-
-def make_inputs(n: int, dtype: str) -> tuple[list[Bytes], tuple[dict[str, TensorSpec], ...]]:
+def make_inputs(n: int, dtype: str) -> tuple[list[BytesSource], tuple[dict[str, TensorSpec], ...]]:
     rng = np.random.default_rng(0)
     shapes = {"big": (CHUNK_BYTES // 4 * 3 + 17,), "matrix": (64, 33), "scalar": ()}
     xp = NumpyBackend()
     sources, specs = [], []
     for _ in range(n):
         tensors = {k: bytes(xp.store(rng.standard_normal(s, dtype=np.float32), dtype)) for k, s in shapes.items()}
-        sources.append(Bytes(tensors))
+        sources.append(BytesSource(tensors))
         specs.append({k: TensorSpec(dtype, s) for k, s in shapes.items()})
     return sources, tuple(specs)
 
@@ -75,7 +58,7 @@ def test_cuda_equals_cpu(op: Op, params: Any, n: int, dtype: str) -> None:
         Pipeline(op, params, list(sources), specs, backend, lambda key: None).run(
             collector, spec.tensors, lambda nbytes: None
         )
-        results[name] = collector.data
+        results[name] = collector.joined()
     xp = NumpyBackend()
     for key, tensor in spec.tensors.items():
         cpu = xp.load(results["cpu"][key], tensor.dtype, tensor.shape).astype(np.float64)

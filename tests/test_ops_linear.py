@@ -29,8 +29,8 @@ from merger.ops.linear import (
 )
 from merger.pipeline import Pipeline
 from merger.specs import TensorSpec
-from merger.tensor_bytes import tensor_from_buffer, tensor_memoryview
-from tests.conftest import RunRecipe, expect_error, fine_tune, load, tiny_state_dict
+from merger.tensor_bytes import tensor_from_buffer
+from tests.conftest import BytesSource, Collector, RunRecipe, expect_error, fine_tune, load, tiny_state_dict
 
 StateDict = dict[str, torch.Tensor]
 INT_KEY = "bn.num_batches_tracked"
@@ -40,26 +40,6 @@ def _spec_of(sd: StateDict) -> dict[str, TensorSpec]:
     from merger.tensor_bytes import dtype_code
 
     return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
-
-
-class MemorySource:
-    """A `ByteSource` over an in-memory state dict (what a safetensors file would serve)."""
-
-    def __init__(self, model: StateDict) -> None:
-        self.views = {k: tensor_memoryview(v.contiguous()) for k, v in model.items()}
-
-    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
-        return self.views[key][start:stop]
-
-
-class Collector:
-    """A `ChunkWriter` that keeps what the pipeline writes."""
-
-    def __init__(self) -> None:
-        self.chunks: dict[str, list[bytes]] = {}
-
-    def write_chunk(self, key: str, data: memoryview) -> None:
-        self.chunks.setdefault(key, []).append(bytes(data))
 
 
 BACKENDS = {"numpy": NumpyBackend, "torch": lambda: TorchBackend("cpu")}
@@ -78,11 +58,12 @@ def run_pipeline(op: Op, params: Any, models: list[StateDict], names: tuple[str,
     specs = tuple(_spec_of(m) for m in models)
     spec = op.spec(InputSpecs(names or tuple(f"m{i}" for i in range(len(models))), specs), params)
     collector = Collector()
-    pipeline = Pipeline(op, params, [MemorySource(m) for m in models], specs, CURRENT["backend"], lambda key: None)
+    pipeline = Pipeline(op, params, [BytesSource.of(m) for m in models], specs, CURRENT["backend"], lambda key: None)
     pipeline.run(collector, spec.tensors, lambda n: None)
+    joined = collector.joined()
     out: StateDict = {}
     for key, tensor_spec in spec.tensors.items():
-        data = bytearray(b"".join(collector.chunks[key]))
+        data = bytearray(joined[key])
         out[key] = tensor_from_buffer(data, tensor_spec.dtype, tensor_spec.shape)
     return spec, out
 

@@ -13,41 +13,17 @@ from merger.ops.base import InputSpecs
 from merger.ops.linear import Lerp, LerpParams
 from merger.pipeline import Pipeline, plan_pieces
 from merger.specs import TensorSpec
+from tests.conftest import BytesSource, Collector
 
 SHAPES = {"big": (5000,), "matrix": (37, 41), "scalar": (), "empty": (0, 3)}
 
 
-class Arrays:
-    """A byte source over numpy arrays, recording what was read."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], fail_on: str | None = None) -> None:
-        self.arrays = arrays
-        self.fail_on = fail_on
-        self.reads: list[tuple[str, int, int]] = []
-
-    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
-        if key == self.fail_on:
-            raise OSError(f"disk error reading {key}")
-        self.reads.append((key, start, stop))
-        view = out[: stop - start]
-        view[:] = memoryview(self.arrays[key].tobytes())[start:stop]
-        return view
-
-
-class Collector:
-    def __init__(self, fail_after: int | None = None) -> None:
-        self.chunks: list[tuple[str, bytes]] = []
-        self.fail_after = fail_after
-
-    def write_chunk(self, key: str, data: memoryview) -> None:
-        if self.fail_after is not None and len(self.chunks) >= self.fail_after:
-            raise OSError("disk full")
-        self.chunks.append((key, bytes(data)))
-
-
-def models(seed: int) -> dict[str, np.ndarray]:
+def models(seed: int, fail_on: str | None = None) -> BytesSource:
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    source = BytesSource({k: a.tobytes() for k, a in arrays.items()}, fail_on)
+    source.arrays = arrays  # type: ignore[attr-defined]
+    return source
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +31,8 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline_module, "PIECE_BYTES", 1024 * 12)  # 1024 elements per chunk here
 
 
-def run(sources: list[Arrays], collector: Collector, backend: Any = None) -> dict[str, TensorSpec]:
-    specs = tuple({k: TensorSpec("F32", v.shape) for k, v in s.arrays.items()} for s in sources)
+def run(sources: list[BytesSource], collector: Collector, backend: Any = None) -> dict[str, TensorSpec]:
+    specs = tuple({k: TensorSpec("F32", SHAPES[k]) for k in s.tensors} for s in sources)
     op, params = Lerp(), LerpParams(alpha=0.25)
     output = op.spec(InputSpecs(("a", "b"), specs), params).tensors
     Pipeline(op, params, list(sources), specs, backend or NumpyBackend(), lambda key: None).run(
@@ -67,15 +43,13 @@ def run(sources: list[Arrays], collector: Collector, backend: Any = None) -> dic
 
 @pytest.mark.parametrize("backend", [NumpyBackend(), TorchBackend("cpu")], ids=["numpy", "torch"])
 def test_chunked_result_equals_whole_tensor_maths(backend: Any) -> None:
-    a, b = Arrays(models(1)), Arrays(models(2))
+    a, b = models(1), models(2)
     collector = Collector()
     output = run([a, b], collector, backend)
     keys = [key for key, _ in collector.chunks]
     assert keys.count("big") == 5  # 5000 elements in chunks of 1024
     assert [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k] == list(output)  # in order
-    joined: dict[str, bytes] = {}
-    for key, data in collector.chunks:
-        joined[key] = joined.get(key, b"") + data
+    joined = collector.joined()
     for key, shape in SHAPES.items():
         got = np.frombuffer(joined[key], np.float32).reshape(shape)
         np.testing.assert_allclose(got, 0.75 * a.arrays[key] + 0.25 * b.arrays[key], rtol=1e-6)
@@ -95,12 +69,12 @@ def test_plan_pieces_chunks_per_key_ops_and_shrinks_with_inputs(monkeypatch: pyt
 
 def test_reader_error_stops_the_pipeline() -> None:
     with pytest.raises(OSError, match="disk error reading matrix"):
-        run([Arrays(models(1)), Arrays(models(2), fail_on="matrix")], Collector())
+        run([models(1), models(2, fail_on="matrix")], Collector())
 
 
 def test_writer_error_stops_the_pipeline() -> None:
     with pytest.raises(OSError, match="disk full"):
-        run([Arrays(models(1)), Arrays(models(2))], Collector(fail_after=2))
+        run([models(1), models(2)], Collector(fail_after=2))
 
 
 def test_compute_error_stops_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,4 +83,4 @@ def test_compute_error_stops_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(Lerp, "combine", broken)
     with pytest.raises(ValueError, match="maths failed"):
-        run([Arrays(models(1)), Arrays(models(2))], Collector())
+        run([models(1), models(2)], Collector())
