@@ -171,7 +171,8 @@ class Pipeline:
             result = self.op.tensor(piece.key, inputs, self.params, xp, self.rng_for(piece.key))
         return xp.store(result, out_spec.dtype)
 
-    def run(self, writer: ChunkWriter, output: dict[str, TensorSpec], advance: Callable[[int], None]) -> None:
+    def run(self, writer: ChunkWriter, output: dict[str, TensorSpec], advance: Callable[[str, int], None]) -> None:
+        """Compute every tensor of `output` into `writer`; `advance(key, nbytes)` after each piece."""
         read_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
         write_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
         errors: list[BaseException] = []
@@ -197,7 +198,7 @@ class Pipeline:
                 if not keep:  # the result is new memory: the inputs' buffers can be reused now
                     self._pool.put(item.buffers)
                 write_queue.put((item.piece.key, data, keep))
-                advance(len(data))
+                advance(item.piece.key, len(data))
             finished = True
         finally:
             if not finished:  # stop the reader and let the writer drop what is queued

@@ -32,12 +32,16 @@ class Progress:
         self.tensors = 0
         self.bytes = 0
         self._last = 0.0
+        self._key: str | None = None
 
-    def advance(self, nbytes: int) -> None:
-        self.tensors += 1
+    def advance(self, key: str, nbytes: int) -> None:
+        """`nbytes` more of tensor `key` are done (a tensor may come in several pieces)."""
+        if key != self._key:
+            self._key = key
+            self.tensors += 1
         self.bytes += nbytes
         now = time.monotonic()
-        if self.enabled and (now - self._last > 0.1 or self.tensors == self.tensors_total):
+        if self.enabled and (now - self._last > 0.1 or self.bytes >= self.bytes_total):
             self._last = now
             self._draw()
 

@@ -56,7 +56,7 @@ def test_cuda_equals_cpu(op: Op, params: Any, n: int, dtype: str) -> None:
     for name, backend in (("cpu", NumpyBackend()), ("cuda", TorchBackend("cuda"))):
         collector = Collector()
         Pipeline(op, params, list(sources), specs, backend, lambda key: None).run(
-            collector, spec.tensors, lambda nbytes: None
+            collector, spec.tensors, lambda key, nbytes: None
         )
         results[name] = collector.joined()
     xp = NumpyBackend()

@@ -36,7 +36,7 @@ def run(sources: list[BytesSource], collector: Collector, backend: Any = None) -
     op, params = Lerp(), LerpParams(alpha=0.25)
     output = op.spec(InputSpecs(("a", "b"), specs), params).tensors
     Pipeline(op, params, list(sources), specs, backend or NumpyBackend(), lambda key: None).run(
-        collector, output, lambda nbytes: None
+        collector, output, lambda key, nbytes: None
     )
     return output
 
