@@ -12,7 +12,6 @@ same node twice: the second waits, then finds the first one's entry.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from merger.provenance import node_metadata
 from merger.specs import TensorSpec
 
 if TYPE_CHECKING:
-    from numpy.random import Generator
-
     from merger.arrays import Backend
     from merger.pipeline import ByteSource
 
@@ -44,14 +41,6 @@ class NodeResult:
     seconds: float
     entry: EntryInfo
     notes: dict[str, Any] = field(default_factory=dict)
-
-
-def tensor_rng(seed: int, key: str) -> Generator:
-    """A generator seeded from (seed, tensor key): independent of order, device and threads."""
-    import numpy as np
-
-    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
-    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
 
 
 class Executor:
@@ -163,15 +152,7 @@ class Executor:
                 entry_readers.append(reader)
                 sources.append(reader)
                 specs.append(self.plan.nodes[ref.name].spec.tensors)
-        seed = node.seed
-        pipeline = Pipeline(
-            node.op,
-            node.params,
-            sources,
-            tuple(specs),
-            backend,
-            rng_for=(lambda key: tensor_rng(seed, key)) if seed is not None else (lambda key: None),
-        )
+        pipeline = Pipeline(node.op, node.params, sources, tuple(specs), backend)
         try:
             pipeline.run(writer, spec, progress.advance)
             for ref in node.inputs:

@@ -102,14 +102,12 @@ class Pipeline:
         sources: list[ByteSource],
         specs: tuple[dict[str, TensorSpec], ...],
         backend: Backend,
-        rng_for: Callable[[str], Any],
     ) -> None:
         self.op = op
         self.params = params
         self.sources = sources
         self.specs = specs
         self.backend = backend
-        self.rng_for = rng_for
         self._pool = _Pool(backend_allocator(backend))
         self._stop = threading.Event()
 
@@ -168,7 +166,7 @@ class Pipeline:
             result: Array = self.op.combine(values, self.params, xp)
         else:
             inputs = _TensorInputs(self, fetched)
-            result = self.op.tensor(piece.key, inputs, self.params, xp, self.rng_for(piece.key))
+            result = self.op.tensor(piece.key, inputs, self.params, xp)
         return xp.store(result, out_spec.dtype)
 
     def run(self, writer: ChunkWriter, output: dict[str, TensorSpec], advance: Callable[[str, int], None]) -> None:

@@ -61,13 +61,14 @@ def _plan_node(
             f"op '{op.name}' takes {op.arity.describe()} inputs, node '{node.name}' gives {len(inputs)}",
             fix=f"list {op.arity.describe()} names in inputs (a glob source counts as all its files)",
         )
-    warnings = op.check(node.params, len(inputs))
+    params = node.params
+    if op.random and getattr(params, "seed", None) is None:
+        params = params.model_copy(update={"seed": recipe.settings.seed})
+    warnings = op.check(params, len(inputs))
     specs = tuple(ref.handle.spec() if ref.handle else planned[ref.name].spec.tensors for ref in inputs)
-    spec = op.spec(InputSpecs(tuple(ref.name for ref in inputs), specs), node.params)
-    seed = getattr(node.params, "seed", None)
-    if seed is None and op.random:
-        seed = recipe.settings.seed
-    return PlannedNode(node.name, op, node.params, inputs, spec, seed if op.random else None), warnings
+    spec = op.spec(InputSpecs(tuple(ref.name for ref in inputs), specs), params)
+    seed = getattr(params, "seed", None) if op.random else None
+    return PlannedNode(node.name, op, params, inputs, spec, seed), warnings
 
 
 def build_plan(recipe: Recipe, graph: Graph, catalog: SourceCatalog, registry: OpRegistry) -> Plan:

@@ -35,7 +35,7 @@ def run(sources: list[BytesSource], collector: Collector, backend: Any = None) -
     specs = tuple({k: TensorSpec("F32", SHAPES[k]) for k in s.tensors} for s in sources)
     op, params = Lerp(), LerpParams(alpha=0.25)
     output = op.spec(InputSpecs(("a", "b"), specs), params).tensors
-    Pipeline(op, params, list(sources), specs, backend or NumpyBackend(), lambda key: None).run(
+    Pipeline(op, params, list(sources), specs, backend or NumpyBackend()).run(
         collector, output, lambda key, nbytes: None
     )
     return output

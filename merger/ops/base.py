@@ -3,7 +3,7 @@ pure functions over specs and arrays.
 
 `spec(inputs, params)` gives the output's keys, shapes and dtypes from the
 inputs' specs alone; the planner calls it for every node before any tensor is
-read. `tensor(key, inputs, params, xp, rng)` computes one output tensor,
+read. `tensor(key, inputs, params, xp)` computes one output tensor,
 reading input tensors through `inputs.read(i, key)`, which the executor
 serves from files on the compute device, as arrays of the backend `xp`
 (numpy on the CPU, torch on CUDA; floats in float32 or wider). Per-key ops
@@ -13,6 +13,7 @@ Ops never open files, pick devices or cache.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -31,6 +32,21 @@ class OpParams(BaseModel):
     """Parameters of an op: frozen, typed, unknown keys rejected."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class RandomParams(OpParams):
+    """Parameters of a random op: `seed` on the node, else the recipe's (filled in by the planner)."""
+
+    seed: int | None = None
+
+
+def seeded_rng(seed: int | None, name: str) -> Generator:
+    """Random numbers for one named draw (a tensor key, a layer): the same for a given
+    (seed, name) whatever the order, device, threads or cache state. numpy's PCG64 on the CPU."""
+    import numpy as np
+
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
 
 
 @dataclass(frozen=True)
@@ -87,7 +103,8 @@ class Op(ABC):
     version: ClassVar[int] = 1
     params_model: ClassVar[type[OpParams]]
     arity: ClassVar[Arity]
-    #: random ops get a generator seeded from (seed in force, tensor key); the seed joins the node's key
+    #: random ops take `RandomParams`: the planner fills in the seed in force (the node's, else the
+    #: recipe's), so it is part of the node's key; draws come from `seeded_rng(params.seed, name)`
     random: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
@@ -108,7 +125,7 @@ class Op(ABC):
         return []
 
     @abstractmethod
-    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend, rng: Generator | None) -> Array: ...
+    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend) -> Array: ...
 
     def combine(self, values: list[Array], params: Any, xp: Backend) -> Array:
         """The merged chunk from the inputs' chunks (per-key ops only)."""

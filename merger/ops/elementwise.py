@@ -22,8 +22,6 @@ from merger.ops.base import InputSpecs, NodeSpec, Op, OpParams, TensorInputs
 from merger.specs import TensorSpec, spec_differences
 
 if TYPE_CHECKING:
-    from numpy.random import Generator
-
     from merger.arrays import Array, Backend
 
 MAX_LISTED = 10
@@ -83,7 +81,7 @@ class ElementwiseOp(Op):
     def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...]) -> list[tuple[int, str]]:
         return [(i, key) for i in range(len(specs))] if mergeable(key, specs) else [(0, key)]
 
-    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend, rng: Generator | None) -> Array:
+    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend) -> Array:
         if not mergeable(key, inputs.specs):
             return inputs.read(0, key)
         return self.combine([inputs.read(i, key) for i in range(len(inputs.specs))], params, xp)
