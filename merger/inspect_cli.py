@@ -1,5 +1,6 @@
-"""`merger-inspect FILE...`: keys, shapes, dtypes, parameter count, provenance,
-and, for two or more models, whether they can be merged key by key.
+"""`merger-inspect FILE...`: keys, shapes, dtypes, parameter count, the detected
+architecture, provenance, and, for two or more models, whether they can be
+merged key by key.
 
 Reads headers only for safetensors files and folders; a `.pth` is loaded
 safely (no pickled code runs). Provenance comes from the file's metadata (or
@@ -16,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from merger.archs import describe as describe_architecture
 from merger.errors import EXIT_USER_ERROR, MergerError
 from merger.io.safetensors_file import read_header
 from merger.io.sources import locate, open_source
@@ -71,6 +73,9 @@ def describe(path: Path, spec: ModelSpec, *, max_keys: int) -> list[str]:
         f"  {len(spec)} tensors, {total_params(spec):,} parameters, {human_size(total_bytes(spec))};"
         f" dtypes: {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}",
     ]
+    architecture = describe_architecture(spec)
+    if architecture:
+        lines.append(f"  architecture: {architecture}")
     width = min(max((len(k) for k in spec), default=0), 60)
     shown = list(spec.items()) if max_keys < 0 else list(spec.items())[:max_keys]
     lines.extend(f"    {key:<{width}}  {t.dtype:<5} {list(t.shape)}" for key, t in shown)

@@ -229,3 +229,10 @@ def test_pickled_objects_are_refused(launch_dir: Path, capsys: pytest.CaptureFix
     err = inspect_fails(capsys, path)
     assert "refused to load" in err
     assert "argparse.Namespace" in err
+
+
+def test_inspect_names_the_architecture(capsys: pytest.CaptureFixture[str]) -> None:
+    demo = Path(__file__).resolve().parents[1] / "merger" / "demo" / "sharp.safetensors"
+    main([str(demo), "--keys", "0"])
+    out = capsys.readouterr().out
+    assert "  architecture: ESRGAN (RRDBNet), layout old, scale 2x, 2 blocks, 24 filters, in 3, out 3" in out
