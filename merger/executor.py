@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from merger.cache import Cache, EntryInfo
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
 from merger.keys import node_key, provisional_key
-from merger.plan import Plan, PlannedNode
+from merger.plan import Plan, PlannedNode, presented_spec
 from merger.progress import Progress
 from merger.provenance import node_metadata
 from merger.specs import TensorSpec
@@ -131,7 +131,7 @@ class Executor:
         return hashes
 
     def _compute(self, node: PlannedNode) -> EntryInfo:
-        from merger.pipeline import Pipeline
+        from merger.pipeline import Pipeline, RenamedSource
 
         backend = self._backend_for()
         spec = node.spec.tensors
@@ -144,14 +144,17 @@ class Executor:
         sources: list[ByteSource] = []
         specs: list[dict[str, TensorSpec]] = []
         for ref in node.inputs:
+            source: ByteSource
             if ref.handle is not None:
-                sources.append(ref.handle)
-                specs.append(ref.handle.spec())
+                source, spec_of_input = ref.handle, ref.handle.spec()
             else:
                 reader = SafetensorsReader(read_header(self.results[ref.name].entry.path))
                 entry_readers.append(reader)
-                sources.append(reader)
-                specs.append(self.plan.nodes[ref.name].spec.tensors)
+                source, spec_of_input = reader, self.plan.nodes[ref.name].spec.tensors
+            if ref.adaptation is not None:
+                source = RenamedSource(source, ref.adaptation.rename)
+            sources.append(source)
+            specs.append(presented_spec(spec_of_input, ref.adaptation))
         pipeline = Pipeline(node.op, node.params, sources, tuple(specs), backend)
         try:
             pipeline.run(writer, spec, progress.advance)

@@ -16,24 +16,30 @@ from merger.plan import PlannedNode
 
 
 def node_key(node: PlannedNode, input_keys: Sequence[str]) -> str:
-    return digest_json(
-        {
-            "scheme": KEY_SCHEME,
-            "op": node.op.name,
-            "version": node.op.version,
-            "params": node.params.model_dump(mode="json"),
-            "seed": node.seed,
-            "inputs": list(input_keys),
-        }
-    )
+    content = {
+        "scheme": KEY_SCHEME,
+        "op": node.op.name,
+        "version": node.op.version,
+        "params": node.params.model_dump(mode="json"),
+        "seed": node.seed,
+        "inputs": list(input_keys),
+    }
+    adaptations = [ref.adaptation.tag if ref.adaptation else None for ref in node.inputs]
+    if any(adaptations):
+        content["adapt"] = adaptations
+    return digest_json(content)
 
 
 def provisional_key(node: PlannedNode, input_ids: Sequence[str]) -> str:
     return "provisional-" + node_key(node, input_ids)
 
 
-def artifact_key(key: str, dtype: str, fmt: str) -> str:
-    """The key of an output artifact: a node's content cast to `dtype`, in format `fmt`."""
-    if dtype == "keep" and fmt == "safetensors":
+def artifact_key(key: str, dtype: str, fmt: str, layout: str | None = None) -> str:
+    """The key of an output artifact: a node's content cast to `dtype`, in key layout
+    `layout` (ESRGAN), in format `fmt`."""
+    if dtype == "keep" and fmt == "safetensors" and layout is None:
         return key
-    return digest_json({"scheme": KEY_SCHEME, "artifact_of": key, "dtype": dtype, "format": fmt})
+    content = {"scheme": KEY_SCHEME, "artifact_of": key, "dtype": dtype, "format": fmt}
+    if layout is not None:
+        content["layout"] = layout
+    return digest_json(content)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,17 @@ class ByteSource(Protocol):
 
 class ChunkWriter(Protocol):
     def write_chunk(self, key: str, data: memoryview) -> None: ...
+
+
+class RenamedSource:
+    """A source read under other key names (`rename`: source key -> presented key)."""
+
+    def __init__(self, source: ByteSource, rename: Mapping[str, str]) -> None:
+        self._source = source
+        self._back = {presented: stored for stored, presented in rename.items()}
+
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        return self._source.read_into(self._back[key], start, stop, out)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from merger.archs import esrgan
 from merger.atomic import tmp_path_for, write_text_atomic
 from merger.cache import Cache, EntryInfo
 from merger.errors import MergerError
@@ -25,7 +26,9 @@ from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, Saf
 from merger.keys import artifact_key
 from merger.provenance import DTYPE_FIELD, parse_metadata
 from merger.recipe import OutputDef
-from merger.specs import DTYPE_NAMES, TensorSpec
+from merger.specs import DTYPE_NAMES, DTYPE_SIZES, TensorSpec
+
+VARIANT_CHUNK = 4 * 1024 * 1024  # elements per read while casting or renaming
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,11 @@ def output_format(path: str) -> str:
 def place_output(output: OutputDef, node: NodeResult, cache: Cache, output_dir: Path) -> OutputResult:
     fmt = output_format(output.path)
     suffix = ".pth" if fmt == "pth" else ".safetensors"
-    key = artifact_key(node.key, output.dtype, fmt)
+    key = artifact_key(node.key, output.dtype, fmt, output.layout)
     artifact = cache.lookup(key, suffix)
     if artifact is None:
         with cache.lock(key):
-            artifact = cache.lookup(key, suffix) or _make_artifact(cache, node.entry, output.dtype, fmt, key)
+            artifact = cache.lookup(key, suffix) or _make_artifact(cache, node.entry, output, fmt, key)
     target = output_dir / Path(output.path).expanduser()
     how = link_or_copy(artifact.path, target)
     if fmt == "pth":
@@ -91,27 +94,50 @@ def _cast_spec(spec: TensorSpec, dtype: str) -> TensorSpec:
     return TensorSpec(DTYPE_NAMES[dtype], spec.shape)
 
 
-def _make_artifact(cache: Cache, entry: EntryInfo, dtype: str, fmt: str, key: str) -> EntryInfo:
+def _make_artifact(cache: Cache, entry: EntryInfo, output: OutputDef, fmt: str, key: str) -> EntryInfo:
     header = read_header(entry.path)
-    if dtype != "keep":
-        cast = _write_cast(cache, header, dtype, key if fmt == "safetensors" else key + "-cast")
+    if output.dtype != "keep" or output.layout is not None:
+        variant_key = key if fmt == "safetensors" else key + "-variant"
+        variant = _write_variant(cache, header, output.dtype, _layout_rename(header, output), variant_key)
         if fmt == "safetensors":
-            return cast
-        header = read_header(cast.path)
+            return variant
+        header = read_header(variant.path)
     return _write_pth(cache, header, key)
 
 
-def _write_cast(cache: Cache, header: SafetensorsHeader, dtype: str, key: str) -> EntryInfo:
-    from merger.tensor_bytes import TORCH_DTYPES
+def _layout_rename(header: SafetensorsHeader, output: OutputDef) -> dict[str, str] | None:
+    if output.layout is None:
+        return None
+    found = esrgan.detect(header.tensors)
+    if found is None:  # the plan checked the node's spec; this is a damaged entry
+        raise MergerError(f"output '{output.name}' asks for a layout, but its model is not an ESRGAN")
+    return found.rename(output.layout)
 
-    specs = {k: _cast_spec(s, dtype) for k, s in header.tensors.items()}
-    metadata = {**header.metadata, DTYPE_FIELD: dtype}
+
+def _write_variant(
+    cache: Cache, header: SafetensorsHeader, dtype: str, rename: dict[str, str] | None, key: str
+) -> EntryInfo:
+    """The entry with float tensors cast to `dtype` and keys renamed, in chunks (numpy)."""
+    from merger.arrays import select_backend
+
+    specs = {(rename or {}).get(k, k): _cast_spec(s, dtype) for k, s in header.tensors.items()}
+    xp = select_backend("cpu", {s.dtype for s in header.tensors.values()} | {s.dtype for s in specs.values()})
+    metadata = {**header.metadata, **({DTYPE_FIELD: dtype} if dtype != "keep" else {})}
     tmp = cache.new_tmp(key)
     writer = SafetensorsWriter(tmp, specs, metadata)
     reader = SafetensorsReader(header)
+    buffer = memoryview(bytearray(VARIANT_CHUNK * 8))
     try:
-        for name, spec in specs.items():
-            writer.write(name, reader.read_tensor(name).to(TORCH_DTYPES[spec.dtype]))
+        for name, spec in header.tensors.items():
+            new_name = (rename or {}).get(name, name)
+            target = specs[new_name]
+            size = DTYPE_SIZES[spec.dtype]
+            for start in range(0, max(spec.numel, 1), VARIANT_CHUNK):
+                stop = min(start + VARIANT_CHUNK, spec.numel)
+                data = reader.read_into(name, start * size, stop * size, buffer)
+                if target.dtype != spec.dtype:
+                    data = xp.store(xp.load(data, spec.dtype, (stop - start,)), target.dtype)
+                writer.write_chunk(new_name, data)
         sha = writer.finish()
     except BaseException:
         writer.abort()

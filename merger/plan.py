@@ -7,22 +7,26 @@ missing key fails, in about a second even for a 10 GB merge, naming the node.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from merger.archs import Adaptation, align_layouts, esrgan
 from merger.catalog import SourceCatalog, SourceHandle
 from merger.errors import MergerError
 from merger.graph import Graph
 from merger.ops.base import InputSpecs, NodeSpec, Op, OpParams
 from merger.ops.registry import OpRegistry
 from merger.recipe import NodeDef, Recipe
+from merger.specs import TensorSpec
 
 
 @dataclass(frozen=True)
 class InputRef:
-    """One input of a node: a source file (handle) or an upstream node (by name)."""
+    """One input of a node: a source file (handle) or an upstream node (by name),
+    possibly presented under other key names (`adaptation`, e.g. another ESRGAN layout)."""
 
     name: str
     handle: SourceHandle | None = None  # None: the input is a node
+    adaptation: Adaptation | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,13 @@ class Plan:
     recipe: Recipe
     nodes: dict[str, PlannedNode]  # in execution order
     warnings: tuple[str, ...]
+
+
+def presented_spec(spec: dict[str, TensorSpec], adaptation: Adaptation | None) -> dict[str, TensorSpec]:
+    """An input's spec as its node sees it."""
+    if adaptation is None:
+        return spec
+    return {adaptation.rename[key]: tensor for key, tensor in spec.items()}
 
 
 def _inputs(recipe: Recipe, node: NodeDef, catalog: SourceCatalog) -> tuple[InputRef, ...]:
@@ -65,8 +76,14 @@ def _plan_node(
     if op.random and getattr(params, "seed", None) is None:
         params = params.model_copy(update={"seed": recipe.settings.seed})
     warnings = op.check(params, len(inputs))
-    specs = tuple(ref.handle.spec() if ref.handle else planned[ref.name].spec.tensors for ref in inputs)
+    stored = [ref.handle.spec() if ref.handle else planned[ref.name].spec.tensors for ref in inputs]
+    adaptations = align_layouts(stored)
+    inputs = tuple(replace(ref, adaptation=a) for ref, a in zip(inputs, adaptations, strict=True))
+    specs = tuple(presented_spec(s, a) for s, a in zip(stored, adaptations, strict=True))
     spec = op.spec(InputSpecs(tuple(ref.name for ref in inputs), specs), params)
+    adapted = {ref.name: ref.adaptation.tag for ref in inputs if ref.adaptation}
+    if adapted:
+        spec.notes["adapted"] = adapted
     seed = getattr(params, "seed", None) if op.random else None
     return PlannedNode(node.name, op, params, inputs, spec, seed), warnings
 
@@ -83,4 +100,12 @@ def build_plan(recipe: Recipe, graph: Graph, catalog: SourceCatalog, registry: O
             raise e if e.where else MergerError(e.what, where=where, fix=e.fix) from None
         warnings.extend(f"node '{name}': {w}" for w in node_warnings)
     warnings.extend(f"node '{n}' is not used by any output, so it does not run" for n in graph.unused)
+    for output in recipe.outputs.values():
+        if output.layout is not None and esrgan.detect(planned[output.node].spec.tensors) is None:
+            raise MergerError(
+                f"output '{output.name}' asks for ESRGAN layout '{output.layout}', but node '{output.node}'"
+                f" is not an ESRGAN model: {esrgan.explain(planned[output.node].spec.tensors)}",
+                where=recipe.where(f"outputs.{output.name}.layout"),
+                fix="remove layout: from this output (it only renames ESRGAN keys)",
+            )
     return Plan(recipe, planned, tuple(warnings))

@@ -42,6 +42,7 @@ class OutputModel(_Strict):
     node: str | None = None
     path: str | None = None
     dtype: Literal["keep", "float32", "float16", "bfloat16"] = "keep"
+    layout: Literal["old", "new", "basicsr"] | None = None
 
 
 class Settings(_Strict):
@@ -74,6 +75,7 @@ class OutputDef:
     node: str
     path: str
     dtype: str  # keep | float32 | float16 | bfloat16
+    layout: str | None = None  # ESRGAN key layout: old | new | basicsr
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ def _output(name: str, raw: Any, where: str) -> OutputDef:
             where=f"{where}.path",
             fix="end the path in .safetensors (recommended) or .pth",
         )
-    return OutputDef(name, model.node or name, path, model.dtype)
+    return OutputDef(name, model.node or name, path, model.dtype, model.layout)
 
 
 def build_recipe(config: Mapping[str, Any], registry: OpRegistry, *, file: str) -> Recipe:
