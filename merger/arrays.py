@@ -69,6 +69,10 @@ class Backend(Protocol):
         """A numpy array (e.g. random numbers) moved to this backend."""
         ...
 
+    def repeat(self, array: Array, repeats: int, axis: int) -> Array:
+        """Each element repeated `repeats` times along `axis` (numpy.repeat)."""
+        ...
+
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     wide = raw.astype(np.uint32)
@@ -118,6 +122,9 @@ class NumpyBackend:
     def asarray(self, values: np.ndarray) -> np.ndarray:
         return values
 
+    def repeat(self, array: np.ndarray, repeats: int, axis: int) -> np.ndarray:
+        return np.repeat(array, repeats, axis=axis)
+
 
 class TorchBackend:
     """Maths on a torch device; bytes cross through pinned host buffers."""
@@ -162,6 +169,9 @@ class TorchBackend:
 
         host = torch.from_numpy(np.ascontiguousarray(values))
         return host.to(self.device)
+
+    def repeat(self, array: torch.Tensor, repeats: int, axis: int) -> torch.Tensor:
+        return array.repeat_interleave(repeats, dim=axis)
 
 
 def cuda_possible() -> bool:

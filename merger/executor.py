@@ -157,7 +157,7 @@ class Executor:
             specs.append(presented_spec(spec_of_input, ref.adaptation))
         pipeline = Pipeline(node.op, node.params, sources, tuple(specs), backend)
         try:
-            pipeline.run(writer, spec, progress.advance)
+            pipeline.run(writer, node.spec, progress.advance)
             for ref in node.inputs:
                 if ref.handle is not None:
                     ref.handle.finish_hash()

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from merger.arrays import Array, Backend
-from merger.ops.base import Op
+from merger.ops.base import NodeSpec, Op
 from merger.specs import DTYPE_SIZES, TensorSpec
 
 #: bytes of one chunk of work: the inputs' chunks, the result and the float32 maths
@@ -58,7 +58,7 @@ class Piece:
     key: str
     start: int
     stop: int
-    mode: str  # "merge": op.combine on chunks | "copy": input 0's bytes | "tensor": op.tensor on the whole
+    mode: str  # "merge": op.combine on chunks | "copy": bytes of reads[0] | "tensor": op.tensor on the whole
     reads: tuple[tuple[int, str], ...]  # (input index, key) to fetch
 
 
@@ -69,15 +69,15 @@ class Fetched:
     buffers: list[bytearray] = field(default_factory=list)
 
 
-def plan_pieces(op: Op, specs: tuple[dict[str, TensorSpec], ...], output: dict[str, TensorSpec]) -> Iterator[Piece]:
+def plan_pieces(op: Op, specs: tuple[dict[str, TensorSpec], ...], node: NodeSpec) -> Iterator[Piece]:
     per_element = 8 + sum(max((DTYPE_SIZES[t.dtype] for t in s.values()), default=4) for s in specs)
     chunk = max(1024, PIECE_BYTES // per_element)
-    for key, spec in output.items():
-        mode = op.piece_mode(key, specs)
+    for key, spec in node.tensors.items():
+        mode = op.piece_mode(key, specs, node.plan)
+        reads = tuple(op.needs(key, specs, node.plan))
         if mode == "tensor":
-            yield Piece(key, 0, spec.numel, mode, tuple(op.needs(key, specs)))
+            yield Piece(key, 0, spec.numel, mode, reads)
             continue
-        reads = tuple(op.needs(key, specs)) if mode == "merge" else ((0, key),)
         for start in range(0, max(spec.numel, 1), chunk):
             yield Piece(key, start, min(start + chunk, spec.numel), mode, reads)
 
@@ -119,6 +119,7 @@ class Pipeline:
         self.sources = sources
         self.specs = specs
         self.backend = backend
+        self._plan: Any = None
         self._pool = _Pool(backend_allocator(backend))
         self._stop = threading.Event()
 
@@ -168,8 +169,8 @@ class Pipeline:
 
     def _compute(self, fetched: Fetched, out_spec: TensorSpec) -> memoryview:
         piece = fetched.piece
-        if piece.mode == "copy":
-            return fetched.data[(0, piece.key)]
+        if piece.mode == "copy":  # the bytes of the one input tensor the op named
+            return fetched.data[piece.reads[0]]
         xp = self.backend
         count = piece.stop - piece.start
         if piece.mode == "merge":
@@ -180,13 +181,14 @@ class Pipeline:
             result = self.op.tensor(piece.key, inputs, self.params, xp)
         return xp.store(result, out_spec.dtype)
 
-    def run(self, writer: ChunkWriter, output: dict[str, TensorSpec], advance: Callable[[str, int], None]) -> None:
-        """Compute every tensor of `output` into `writer`; `advance(key, nbytes)` after each piece."""
+    def run(self, writer: ChunkWriter, node: NodeSpec, advance: Callable[[str, int], None]) -> None:
+        """Compute every tensor of `node` into `writer`; `advance(key, nbytes)` after each piece."""
+        self._plan = node.plan
         read_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
         write_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
         errors: list[BaseException] = []
         reader = threading.Thread(
-            target=self._reader, args=(plan_pieces(self.op, self.specs, output), read_queue), daemon=True
+            target=self._reader, args=(plan_pieces(self.op, self.specs, node), read_queue), daemon=True
         )
         writing = threading.Thread(target=self._writer, args=(writer, write_queue, errors), daemon=True)
         reader.start()
@@ -201,7 +203,7 @@ class Pipeline:
                     raise item
                 if errors:
                     raise errors[0]
-                spec = output[item.piece.key]
+                spec = node.tensors[item.piece.key]
                 data = self._compute(item, spec)
                 keep = item.buffers if _aliases(data, item.buffers) else []
                 if not keep:  # the result is new memory: the inputs' buffers can be reused now
@@ -232,6 +234,10 @@ class _TensorInputs:
     @property
     def specs(self) -> tuple[dict[str, TensorSpec], ...]:
         return self._pipeline.specs
+
+    @property
+    def plan(self) -> Any:
+        return self._pipeline._plan
 
     def read(self, index: int, key: str) -> Array:
         spec = self._pipeline.specs[index][key]

@@ -55,7 +55,7 @@ def test_cuda_equals_cpu(op: Op, params: Any, n: int, dtype: str) -> None:
     results = {}
     for name, backend in (("cpu", NumpyBackend()), ("cuda", TorchBackend("cuda"))):
         collector = Collector()
-        Pipeline(op, params, list(sources), specs, backend).run(collector, spec.tensors, lambda key, nbytes: None)
+        Pipeline(op, params, list(sources), specs, backend).run(collector, spec, lambda key, nbytes: None)
         results[name] = collector.joined()
     xp = NumpyBackend()
     for key, tensor in spec.tensors.items():

@@ -59,7 +59,7 @@ def run_pipeline(op: Op, params: Any, models: list[StateDict], names: tuple[str,
     spec = op.spec(InputSpecs(names or tuple(f"m{i}" for i in range(len(models))), specs), params)
     collector = Collector()
     pipeline = Pipeline(op, params, [BytesSource.of(m) for m in models], specs, CURRENT["backend"])
-    pipeline.run(collector, spec.tensors, lambda key, nbytes: None)
+    pipeline.run(collector, spec, lambda key, nbytes: None)
     joined = collector.joined()
     out: StateDict = {}
     for key, tensor_spec in spec.tensors.items():

@@ -9,7 +9,7 @@ import pytest
 
 import merger.pipeline as pipeline_module
 from merger.arrays import NumpyBackend, TorchBackend
-from merger.ops.base import InputSpecs
+from merger.ops.base import InputSpecs, NodeSpec
 from merger.ops.linear import Lerp, LerpParams
 from merger.pipeline import Pipeline, plan_pieces
 from merger.specs import TensorSpec
@@ -34,11 +34,9 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
 def run(sources: list[BytesSource], collector: Collector, backend: Any = None) -> dict[str, TensorSpec]:
     specs = tuple({k: TensorSpec("F32", SHAPES[k]) for k in s.tensors} for s in sources)
     op, params = Lerp(), LerpParams(alpha=0.25)
-    output = op.spec(InputSpecs(("a", "b"), specs), params).tensors
-    Pipeline(op, params, list(sources), specs, backend or NumpyBackend()).run(
-        collector, output, lambda key, nbytes: None
-    )
-    return output
+    node = op.spec(InputSpecs(("a", "b"), specs), params)
+    Pipeline(op, params, list(sources), specs, backend or NumpyBackend()).run(collector, node, lambda key, nbytes: None)
+    return node.tensors
 
 
 @pytest.mark.parametrize("backend", [NumpyBackend(), TorchBackend("cpu")], ids=["numpy", "torch"])
@@ -60,8 +58,8 @@ def test_plan_pieces_chunks_per_key_ops_and_shrinks_with_inputs(monkeypatch: pyt
     monkeypatch.setattr(pipeline_module, "PIECE_BYTES", 1 << 20)
     specs2 = tuple({"w": TensorSpec("F32", (10_000_000,))} for _ in range(2))
     specs8 = tuple({"w": TensorSpec("F32", (10_000_000,))} for _ in range(8))
-    two = list(plan_pieces(Lerp(), specs2, specs2[0]))
-    eight = list(plan_pieces(Lerp(), specs8, specs8[0]))
+    two = list(plan_pieces(Lerp(), specs2, NodeSpec(specs2[0])))
+    eight = list(plan_pieces(Lerp(), specs8, NodeSpec(specs8[0])))
     assert all(p.mode == "merge" for p in two)
     assert two[0].stop - two[0].start > eight[0].stop - eight[0].start  # smaller chunks for more inputs
     assert two[-1].stop == 10_000_000 and eight[-1].stop == 10_000_000

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from merger.ops.base import Op
+from merger.ops.convert_scale import ConvertScale
 from merger.ops.linear import AddDifference, Average, Lerp, WeightedSum
 from merger.ops.registry import OpRegistry
+from merger.ops.splice import Splice
 
 
 def builtin_ops() -> list[Op]:
     """Every op merger ships, in the order the docs list them."""
-    return [Lerp(), WeightedSum(), Average(), AddDifference()]
+    return [Lerp(), WeightedSum(), Average(), AddDifference(), Splice(), ConvertScale()]
 
 
 def builtin_registry() -> OpRegistry:

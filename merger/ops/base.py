@@ -78,11 +78,13 @@ class InputSpecs:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """An op's answer to `spec`: the output tensors (in write order) and notes
-    for the run report (e.g. how many keys were copied rather than merged)."""
+    """An op's answer to `spec`: the output tensors (in write order), notes for
+    the run report (e.g. how many keys were copied rather than merged), and the
+    op's own plan (worked out once from the specs; handed back while computing)."""
 
     tensors: dict[str, TensorSpec]
     notes: dict[str, Any] = field(default_factory=dict)
+    plan: Any = None
 
 
 class TensorInputs(Protocol):
@@ -90,6 +92,11 @@ class TensorInputs(Protocol):
 
     @property
     def specs(self) -> tuple[dict[str, TensorSpec], ...]: ...
+
+    @property
+    def plan(self) -> Any:
+        """The plan the op's `spec` returned for this node."""
+        ...
 
     def read(self, index: int, key: str) -> Array:
         """Input `index`'s tensor `key` on the compute device (floats as float32 or wider)."""
@@ -115,13 +122,14 @@ class Op(ABC):
     @abstractmethod
     def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec: ...
 
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...]) -> str:
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> str:
         """How output `key` is computed: "tensor" (whole, by `tensor`), "merge" (in chunks,
-        by `combine`) or "copy" (input 0's bytes unchanged)."""
+        by `combine`) or "copy" (in chunks, the bytes of the one tensor `needs` names)."""
         return "tensor"
 
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...]) -> list[tuple[int, str]]:
-        """The (input index, key) pairs output `key` reads, so they can be read ahead."""
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> list[tuple[int, str]]:
+        """The (input index, key) pairs output `key` reads, so they can be read ahead
+        (for "copy", exactly one, of the output's dtype and shape)."""
         return []
 
     @abstractmethod

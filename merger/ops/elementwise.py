@@ -75,10 +75,10 @@ class ElementwiseOp(Op):
     def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
         return align(inputs, params.keys)
 
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...]) -> str:
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> str:
         return "merge" if mergeable(key, specs) else "copy"
 
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...]) -> list[tuple[int, str]]:
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> list[tuple[int, str]]:
         return [(i, key) for i in range(len(specs))] if mergeable(key, specs) else [(0, key)]
 
     def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend) -> Array:

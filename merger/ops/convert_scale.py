@@ -1,0 +1,143 @@
+"""convert_scale: an ESRGAN of one scale made into another (1x, 2x, 4x, 8x, 16x).
+
+- `method: upconv` (traiNNer's way): the trunk and the upsampling stages both
+  scales share are kept; stages are dropped, or added after the last one, and
+  the HR and last convs move to their new places. A new stage starts as a
+  copy of the nearest existing one (`init: copy`), or as an identity kernel
+  (`init: identity`). Such a model is a starting point: fine-tune it (the
+  traiNNer authors trained for about 1k iterations).
+- `method: unshuffle` (Real-ESRGAN's way, to a smaller scale): the input is
+  pixel-unshuffled by f = old scale / new scale (2 or 4) and the first conv
+  takes f*f times the channels, its weights spread evenly over each pixel's
+  f*f sub-pixels: conv(x) on the box-downscaled image equals the wider conv on
+  the unshuffled one, so f_new(x) = f_old(avgpool_f(x)) exactly. No training.
+
+The result keeps the input's key layout and loads in spandrel with the new scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from merger.archs import esrgan
+from merger.errors import MergerError
+from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, OpParams, TensorInputs
+from merger.specs import TensorSpec
+
+if TYPE_CHECKING:
+    from merger.arrays import Array, Backend
+
+
+class ConvertScaleParams(OpParams):
+    scale: Literal[1, 2, 4, 8, 16]
+    method: Literal["upconv", "unshuffle"] = "upconv"
+    init: Literal["copy", "identity"] = "copy"
+
+
+#: how an output key is made: ("copy", source key) | ("spread", source key, factor) | ("identity", "weight"|"bias")
+Recipe = tuple[str, str, int]
+
+
+def _plan(spec: dict[str, TensorSpec], params: ConvertScaleParams) -> tuple[esrgan.Esrgan, dict[str, Recipe]]:
+    found = esrgan.detect(spec)
+    if found is None:
+        raise MergerError(
+            f"convert_scale needs an ESRGAN (RRDBNet) model, and this input is not one: {esrgan.explain(spec)}",
+            fix="give convert_scale an ESRGAN model in the old, new or basicsr layout",
+        )
+    plan: dict[str, Recipe] = {}
+    if params.method == "unshuffle":
+        factor = found.scale // params.scale if params.scale else 0
+        if found.shuffle != 1 or factor not in (2, 4) or found.scale != params.scale * factor:
+            raise MergerError(
+                f"method unshuffle makes a {found.scale}x model into {found.scale // 2}x or {found.scale // 4}x"
+                f" (pixel-unshuffle by 2 or 4), not {params.scale}x"
+                + (" and needs a model without pixel-unshuffle" if found.shuffle != 1 else ""),
+                fix="use method: upconv for larger scales, or a scale of old/2 or old/4",
+            )
+        first = found.key(("first", 0, 0, ""), "weight")
+        for key in spec:
+            plan[key] = ("spread", key, factor) if key == first else ("copy", key, 0)
+        return found, plan
+    stages = math.log2(params.scale * found.shuffle)
+    if not stages.is_integer() or stages < 0:
+        raise MergerError(
+            f"a model with pixel-unshuffle {found.shuffle} cannot be made {params.scale}x by upconv stages",
+            fix="choose a scale that is a power of 2 times the unshuffle factor",
+        )
+    target = int(stages)
+    for key, (role, _) in found.roles.items():
+        if role[0] not in ("up", "hr", "last"):
+            plan[key] = ("copy", key, 0)
+    for m in range(1, target + 1):
+        for suffix in ("weight", "bias"):
+            new_key = found.key(("up", m, 0, ""), suffix, upsamples=target)
+            if m <= found.upsamples:
+                plan[new_key] = ("copy", found.key(("up", m, 0, ""), suffix), 0)
+            elif params.init == "copy" and found.upsamples > 0:
+                plan[new_key] = ("copy", found.key(("up", found.upsamples, 0, ""), suffix), 0)
+            else:
+                plan[new_key] = ("identity", suffix, found.filters)
+    for kind in ("hr", "last"):
+        for suffix in ("weight", "bias"):
+            plan[found.key((kind, 0, 0, ""), suffix, upsamples=target)] = (
+                "copy",
+                found.key((kind, 0, 0, ""), suffix),
+                0,
+            )
+    return found, plan
+
+
+class ConvertScale(Op):
+    """Change an ESRGAN's scale by upconv stages (needs fine-tuning) or by pixel-unshuffle (exact)."""
+
+    name = "convert_scale"
+    params_model = ConvertScaleParams
+    arity = Arity(1, 1)
+    summary = "an ESRGAN made 1x/2x/4x/8x/16x (upconv stages or pixel-unshuffle)"
+
+    def spec(self, inputs: InputSpecs, params: ConvertScaleParams) -> NodeSpec:
+        source = inputs.specs[0]
+        found, plan = _plan(source, params)
+        dtype = source[found.key(("first", 0, 0, ""), "weight")].dtype
+        tensors: dict[str, TensorSpec] = {}
+        for key, (how, origin, extra) in plan.items():
+            if how == "copy":
+                tensors[key] = source[origin]
+            elif how == "spread":
+                out, cin, kh, kw = source[origin].shape
+                tensors[key] = TensorSpec(source[origin].dtype, (out, cin * extra * extra, kh, kw))
+            else:
+                shape = (extra, extra, 3, 3) if origin == "weight" else (extra,)
+                tensors[key] = TensorSpec(dtype, shape)
+        notes: dict[str, Any] = {"from_scale": found.scale, "to_scale": params.scale, "method": params.method}
+        if params.method == "upconv":
+            target = int(math.log2(params.scale * found.shuffle))
+            notes["stages_added"] = max(0, target - found.upsamples)
+            notes["stages_dropped"] = max(0, found.upsamples - target)
+        return NodeSpec(tensors=tensors, notes=notes, plan=plan)
+
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: dict[str, Recipe]) -> str:
+        return "copy" if plan[key][0] == "copy" else "tensor"
+
+    def needs(
+        self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: dict[str, Recipe]
+    ) -> list[tuple[int, str]]:
+        how, origin, _ = plan[key]
+        return [(0, origin)] if how in ("copy", "spread") else []
+
+    def tensor(self, key: str, inputs: TensorInputs, params: ConvertScaleParams, xp: Backend) -> Array:
+        how, origin, extra = inputs.plan[key]
+        if how == "copy":
+            return inputs.read(0, origin)
+        if how == "spread":
+            factor = extra * extra
+            return xp.repeat(inputs.read(0, origin), factor, axis=1) / factor
+        if origin == "bias":
+            return xp.asarray(np.zeros(extra, dtype=np.float32))
+        kernel = np.zeros((extra, extra, 3, 3), dtype=np.float32)
+        kernel[np.arange(extra), np.arange(extra), 1, 1] = 1.0
+        return xp.asarray(kernel)
