@@ -20,6 +20,7 @@ from merger.graph import build_graph
 from merger.ops.registry import OpRegistry
 from merger.placement import OutputResult, place_output
 from merger.plan import Plan, build_plan
+from merger.preview import PreviewImage, preview_images, render
 from merger.recipe import build_recipe
 from merger.report import RunContext, build_report, summary, write_report
 
@@ -31,6 +32,7 @@ class Prepared:
     plan: Plan
     catalog: SourceCatalog
     cache: Cache
+    previews: list[PreviewImage]
 
 
 def cache_root(cache_dir: str, launch_dir: Path) -> Path:
@@ -49,13 +51,14 @@ def prepare(data: Mapping[str, Any], registry: OpRegistry, *, file: str, launch_
         except MergerError as e:
             raise e.located(file) from None
     cache = Cache(cache_root(recipe.settings.cache_dir, launch_dir))
+    previews = preview_images(recipe.settings.preview, launch_dir, where=recipe.where("preview"))
     catalog = SourceCatalog(recipe, launch_dir, cache.memo)
     try:
         plan = build_plan(recipe, graph, catalog, registry)
     except BaseException:
         catalog.close()
         raise
-    return Prepared(plan, catalog, cache)
+    return Prepared(plan, catalog, cache, previews)
 
 
 def run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
@@ -75,7 +78,10 @@ def run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
     outputs: dict[str, OutputResult] = {}
     for name, output in plan.recipe.outputs.items():
         outputs[name] = place_output(output, results[output.node], prepared.cache, context.output_dir)
+    previews = render({name: out.path for name, out in outputs.items()}, prepared.previews, context.output_dir)
     report = build_report(plan, results, outputs, context, device=executor.device, seconds=time.perf_counter() - start)
+    if previews:
+        report["previews"] = previews
     write_report(context.output_dir, report)
     log.info(summary(report))
     return report

@@ -19,7 +19,7 @@ from merger.ops.base import Op, OpParams
 from merger.ops.registry import OpRegistry
 
 SECTIONS = ("sources", "nodes", "outputs")
-SETTINGS = ("device", "cache_dir", "seed", "progress", "description")
+SETTINGS = ("device", "cache_dir", "seed", "progress", "preview", "description")
 OUTPUT_SUFFIXES = (".safetensors", ".pth")
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -50,6 +50,7 @@ class Settings(_Strict):
     cache_dir: str = "outputs/cache"
     seed: int = 0
     progress: bool = True
+    preview: bool | str | list[str] | None = None  # sample | image paths: SR outputs upscale them
     description: str | None = None
 
 

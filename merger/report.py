@@ -113,4 +113,6 @@ def summary(report: dict[str, Any]) -> str:
     for name, out in report["outputs"].items():
         dtype = "" if out["dtype"] == "keep" else f"{out['dtype']}, "
         lines.append(f"  output {name:<16} {_short(out['path'], base)}  ({dtype}{human_size(out['bytes'])})")
+    for row in report.get("previews", []):
+        lines.append(f"  preview {row['output']:<15} {_short(row['png'], base)}")
     return "\n".join(lines)

@@ -40,6 +40,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 "outputs": {
                     name: {"path": out["path"], "sha256": out["sha256"]} for name, out in report["outputs"].items()
                 },
+                **({"previews": report["previews"]} if report.get("previews") else {}),
             }
         )
     return rows
@@ -47,10 +48,20 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 class SweepReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         if not sweep_dir.is_dir():
             return
         rows = sweep_rows(sweep_dir)
+        summary: dict[str, Any] = {"jobs": rows}
+        if any(row.get("previews") for row in rows):
+            try:
+                from merger.contact_sheet import build
+
+                summary["contact_sheets"] = [str(p) for p in build(sweep_dir, rows)]
+            except ImportError:
+                log.info("merger: no contact sheet: it needs Pillow (pip install 'merger[sr]')")
         path = sweep_dir / SWEEP_REPORT_NAME
-        write_text_atomic(path, json.dumps({"jobs": rows}, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
         log.info(f"merger: sweep of {len(rows)} jobs -> {path}")
+        for sheet in summary.get("contact_sheets", []):
+            log.info(f"merger: contact sheet -> {sheet}")

@@ -59,6 +59,8 @@ def test_no_arguments_runs_the_builtin_demo(launch_dir: Path) -> None:
     output = Path(report["outputs"]["blend"]["path"])
     assert output.parent == run_dir and output.name == "demo_alpha0.5.safetensors"
     assert len(load(output)) > 10
+    assert [Path(row["png"]).name for row in report["previews"]] == ["blend__sample.png"]
+    assert (run_dir / "blend__sample.png").is_file()
 
 
 def test_recipe_from_local_directory_with_override(project: Path, models: dict[str, Path]) -> None:
