@@ -205,3 +205,10 @@ def check_cuda(device: str) -> None:
             where="device",
             fix="use device=auto or device=cpu, or install a CUDA build of torch on a machine with a GPU",
         )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise MergerError(
+            f"device={device} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)",
+            where="device",
+            fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+        )

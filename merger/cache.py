@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -37,6 +38,16 @@ class EntryInfo:
     path: Path
     sha256: str
     bytes: int
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(name: str) -> threading.Lock:
+    """The process-wide lock for `name`: record locks are per process, threads need their own."""
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(name, threading.Lock())
 
 
 class Cache:
@@ -61,17 +72,28 @@ class Cache:
         return self.root / "objects" / key[:2] / f"{key}{suffix}"
 
     def lookup(self, key: str, suffix: str = ".safetensors") -> EntryInfo | None:
-        """The committed entry for `key`, or None."""
+        """The committed entry for `key`, or None.
+
+        An entry whose file no longer matches its record (size, mtime, inode: someone
+        wrote into an output hard-linked to it) is thrown away, so it is computed again.
+        """
         path = self.path(key, suffix)
         record = path.with_name(path.name + ".json")
-        if not path.exists():
+        try:
+            st = path.stat()
+        except OSError:
             return None
         try:
             data = json.loads(record.read_text())
-            return EntryInfo(key, path, str(data["sha256"]), int(data["bytes"]))
+            info = EntryInfo(key, path, str(data["sha256"]), int(data["bytes"]))
+            if [st.st_size, st.st_mtime_ns, st.st_ino] == data.get("stat", [st.st_size, st.st_mtime_ns, st.st_ino]):
+                return info
+            for stale in (path, record):
+                stale.unlink(missing_ok=True)
+            return None
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        info = EntryInfo(key, path, file_sha256(path), path.stat().st_size)  # the record was lost
+        info = EntryInfo(key, path, file_sha256(path), st.st_size)  # the record was lost
         self._write_record(info)
         return info
 
@@ -79,9 +101,11 @@ class Cache:
         return tmp_path_for(self._dir("tmp") / f"{key_hint[:16]}{suffix}")
 
     def commit(self, tmp: Path, key: str, sha256: str, suffix: str = ".safetensors") -> EntryInfo:
-        """Move a finished, fsynced temporary file into the store under `key`."""
+        """Move a finished, fsynced temporary file into the store under `key`, read-only
+        (outputs are hard links of entries: writing into one would change the entry)."""
         final = self.path(key, suffix)
         final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, 0o444)
         ours = True
         try:
             os.link(tmp, final)
@@ -104,21 +128,29 @@ class Cache:
 
     def _write_record(self, info: EntryInfo) -> None:
         record = info.path.with_name(info.path.name + ".json")
-        write_text_atomic(record, json.dumps({"sha256": info.sha256, "bytes": info.bytes}))
+        st = info.path.stat()
+        data = {"sha256": info.sha256, "bytes": info.bytes, "stat": [st.st_size, st.st_mtime_ns, st.st_ino]}
+        write_text_atomic(record, json.dumps(data))
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """Hold an exclusive advisory lock named `name` (waits for other holders)."""
-        path = self._dir("locks") / f"{name}.lock"
-        with open(path, "a+b") as handle:
-            fcntl.lockf(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.lockf(handle, fcntl.LOCK_UN)
+        """Hold an exclusive lock named `name`, waiting while another process or thread holds it.
+
+        A POSIX record lock excludes other processes (and machines, on a filesystem
+        that honours them); record locks belong to a process, so threads of one
+        process also take a lock of their own first.
+        """
+        with _thread_lock(str(self.root / "locks" / name)):
+            path = self._dir("locks") / f"{name}.lock"
+            with open(path, "a+b") as handle:
+                fcntl.lockf(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.lockf(handle, fcntl.LOCK_UN)
 
     def remove_stale_tmp(self) -> int:
-        """Delete temporary files left by crashed runs of this host; returns how many."""
+        """Delete temporary files left by crashed runs (see `is_stale_tmp`); returns how many."""
         removed = 0
         if not (self.root / "tmp").is_dir():
             return 0

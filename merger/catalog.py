@@ -21,22 +21,29 @@ from merger.specs import TensorSpec
 
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
 
+#: specs already read in this process, by source identity (shared by the jobs a pre-flight checks)
+SpecsSeen = dict[str, dict[str, TensorSpec]]
+
 
 class SourceHandle:
     """One model file (or folder) of the run."""
 
-    def __init__(self, name: str, location: SourceLocation, memo: SourceMemo, where: str) -> None:
+    def __init__(
+        self, name: str, location: SourceLocation, memo: SourceMemo, where: str, seen: SpecsSeen | None = None
+    ) -> None:
         self.name = name
         self.location = location
         self.where = where
         self._memo = memo
+        self._seen = seen if seen is not None else {}
         self.identity = source_identity(location)
         entry = memo.get(self.identity)
         self.content_hash: str | None = entry.content_hash if entry else None
-        self._spec: dict[str, TensorSpec] | None = entry.spec if entry else None
+        self._spec: dict[str, TensorSpec] | None = entry.spec if entry else self._seen.get(self.identity)
         self._reader: TensorSource | None = None
         self._digests: dict[str, str] = {}
         self._hashing: dict[str, tuple[Any, int]] = {}  # key -> (hasher, bytes fed so far)
+        self._learnt = False  # a content hash computed in this run, not memoised yet
 
     @property
     def path(self) -> Path:
@@ -52,6 +59,7 @@ class SourceHandle:
         if self._spec is None:
             self._open()
         assert self._spec is not None
+        self._seen[self.identity] = self._spec
         return self._spec
 
     def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
@@ -81,7 +89,7 @@ class SourceHandle:
                 self.content_hash = entry.content_hash
 
     def finish_hash(self) -> str:
-        """The content hash: digest what was not read yet, then memoise."""
+        """The content hash: digest what was not read yet (call `remember` to memoise it)."""
         if self.content_hash is None:
             spec = self._open().spec()
             scratch = memoryview(bytearray(HASH_CHUNK_BYTES))
@@ -95,10 +103,18 @@ class SourceHandle:
                     self.read_into(key, begin, min(begin + HASH_CHUNK_BYTES, tensor.nbytes), scratch)
             rows = ((k, s.dtype, s.shape, self._digests[k]) for k, s in spec.items())
             self.content_hash = source_content_hash(rows)
-            self._memo.put(self.identity, MemoEntry(self.content_hash, dict(spec)))
+            self._learnt = True
             self._digests = {}
             self._hashing = {}
         return self.content_hash
+
+    def remember(self) -> None:
+        """Memoise a content hash learnt in this run. The executor calls it once the node
+        that read the source is committed: a concurrent run that learns the real key
+        from the memo then finds the entry, rather than computing it again."""
+        if self._learnt and self.content_hash is not None:
+            self._memo.put(self.identity, MemoEntry(self.content_hash, dict(self.spec())))
+            self._learnt = False
 
     def close(self) -> None:
         if self._reader is not None:
@@ -109,11 +125,13 @@ class SourceHandle:
 class SourceCatalog:
     """Every source a recipe names, each a list of handles (one, or a glob's matches)."""
 
-    def __init__(self, recipe: Recipe, launch_dir: Path, memo: SourceMemo) -> None:
-        self._handles = {name: self._resolve(recipe, d, launch_dir, memo) for name, d in recipe.sources.items()}
+    def __init__(self, recipe: Recipe, launch_dir: Path, memo: SourceMemo, seen: SpecsSeen | None = None) -> None:
+        self._handles = {name: self._resolve(recipe, d, launch_dir, memo, seen) for name, d in recipe.sources.items()}
 
     @staticmethod
-    def _resolve(recipe: Recipe, source: SourceDef, launch_dir: Path, memo: SourceMemo) -> list[SourceHandle]:
+    def _resolve(
+        recipe: Recipe, source: SourceDef, launch_dir: Path, memo: SourceMemo, seen: SpecsSeen | None
+    ) -> list[SourceHandle]:
         where = recipe.where(f"sources.{source.name}")
         if source.glob is not None:
             pattern = str(launch_dir / Path(source.glob).expanduser())
@@ -125,12 +143,12 @@ class SourceCatalog:
                     fix=f"check the pattern; it was searched as {pattern}",
                 )
             return [
-                SourceHandle(f"{source.name}[{i}]", locate(Path(m), source.key, where=where), memo, where)
+                SourceHandle(f"{source.name}[{i}]", locate(Path(m), source.key, where=where), memo, where, seen)
                 for i, m in enumerate(matches)
             ]
         assert source.path is not None
         path = resolve_path(source.path, launch_dir, where=where)
-        return [SourceHandle(source.name, locate(path, source.key, where=where), memo, where)]
+        return [SourceHandle(source.name, locate(path, source.key, where=where), memo, where, seen)]
 
     def get(self, name: str) -> list[SourceHandle]:
         return self._handles[name]

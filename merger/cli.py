@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import sys
 from pathlib import Path
@@ -47,34 +48,15 @@ def _label(path: Path, launch_dir: Path) -> str:
         return str(path)
 
 
-def check_recipe_file(path: Path, label: str) -> None:
-    """The package line comes first, and nothing in the file names code to run."""
-    text = path.read_text(encoding="utf-8")
-    if text.splitlines()[:1] != [PACKAGE_LINE]:
+def check_package_line(path: Path, label: str) -> None:
+    """The package line comes first (`_target_` keys are refused where recipe files are loaded)."""
+    first = path.read_text(encoding="utf-8").splitlines()[:1]
+    if first != [PACKAGE_LINE]:
         raise MergerError(
             f"the recipe's first line must be '{PACKAGE_LINE}'",
             where=label,
             fix=f"add the line '{PACKAGE_LINE}' at the very top, so its keys (e.g. alpha) can be overridden",
         )
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise MergerError(f"the recipe is not valid YAML: {e}", where=label, fix="fix the YAML syntax") from None
-    pending: list[tuple[str, Any]] = [("", data)]
-    while pending:
-        path_text, value = pending.pop()
-        if isinstance(value, dict):
-            for key, child in value.items():
-                child_path = f"{path_text}.{key}" if path_text else str(key)
-                if key == "_target_":
-                    raise MergerError(
-                        f"recipes may not name code to run, but '{child_path}' does",
-                        where=f"{label}, {child_path}",
-                        fix="remove the _target_ key: a recipe names models and ops, never Python objects",
-                    )
-                pending.append((child_path, child))
-        elif isinstance(value, list):
-            pending.extend((f"{path_text}[{i}]", v) for i, v in enumerate(value))
 
 
 def recipe_data(cfg: DictConfig, choice: str | None, launch_dir: Path) -> tuple[dict[str, Any], str, Path | None]:
@@ -82,7 +64,7 @@ def recipe_data(cfg: DictConfig, choice: str | None, launch_dir: Path) -> tuple[
     file = find_recipe(choice, launch_dir) if choice else None
     label = _label(file, launch_dir) if file else "the command line"
     if file is not None:
-        check_recipe_file(file, label)
+        check_package_line(file, label)
     config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     assert isinstance(config, DictConfig)
     if "hydra" in config:
@@ -110,10 +92,11 @@ def _split_args(args: list[str]) -> tuple[bool, list[str], bool]:
     return multirun, overrides, skip
 
 
-def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override list of each job: sweeps (a,b,c / range()) expanded as Hydra's basic sweeper does."""
+def job_overrides(overrides: list[str], multirun: bool) -> tuple[list[list[str]], int]:
+    """The override lists of the first MAX_PREFLIGHT_JOBS jobs (sweeps expanded as Hydra's
+    basic sweeper does), and how many jobs there are in all."""
     if not multirun:
-        return [overrides]
+        return [overrides], 1
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices: list[list[str]] = []
     for override in parsed:
@@ -122,7 +105,8 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             choices.append([override.input_line or ""])
-    return [list(combo) for combo in itertools.islice(itertools.product(*choices), MAX_PREFLIGHT_JOBS)]
+    jobs = [list(combo) for combo in itertools.islice(itertools.product(*choices), MAX_PREFLIGHT_JOBS)]
+    return jobs, math.prod(len(c) for c in choices)
 
 
 def _recipe_keys(overrides: list[str]) -> list[str]:
@@ -137,19 +121,24 @@ def _recipe_keys(overrides: list[str]) -> list[str]:
 
 def preflight(overrides: list[str], multirun: bool, launch_dir: Path) -> None:
     """Compose and validate every job; raises MergerError on the first problem."""
+    from merger.catalog import SpecsSeen
     from merger.job import prepare
     from merger.ops import builtin_registry
 
     registry = builtin_registry()
+    seen: SpecsSeen = {}
+    jobs, total = job_overrides(overrides, multirun)
+    if total > len(jobs):
+        print(f"merger: checking the first {len(jobs)} of {total} jobs before the sweep starts", file=sys.stderr)
     with initialize_config_module(config_module="merger.conf", version_base="1.3"):
-        for job in job_overrides(overrides, multirun):
+        for job in jobs:
             try:
                 cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
                 raise explain_hydra_error(e, job, launch_dir, functools.partial(_recipe_keys, job)) from None
             choice = cfg.hydra.runtime.choices.get("recipe")
             data, label, _ = recipe_data(cfg, choice, launch_dir)
-            prepared = prepare(data, registry, file=label, launch_dir=launch_dir)
+            prepared = prepare(data, registry, file=label, launch_dir=launch_dir, seen=seen)
             prepared.catalog.close()
 
 

@@ -137,27 +137,27 @@ class Executor:
         spec = node.spec.tensors
         known = self._known_key(node)
         tmp = self.cache.new_tmp(known or node.name)
-        metadata = node_metadata(self.plan, node.name, known, self._source_hashes())
-        writer = SafetensorsWriter(tmp, spec, metadata, final_header=known is not None)
         progress = Progress(node.name, len(spec), sum(s.nbytes for s in spec.values()), enabled=self.progress)
         entry_readers: list[SafetensorsReader] = []
-        sources: list[ByteSource] = []
-        specs: list[dict[str, TensorSpec]] = []
-        for ref in node.inputs:
-            source: ByteSource
-            if ref.handle is not None:
-                source, spec_of_input = ref.handle, ref.handle.spec()
-            else:
-                reader = SafetensorsReader(read_header(self.results[ref.name].entry.path))
-                entry_readers.append(reader)
-                source, spec_of_input = reader, self.plan.nodes[ref.name].spec.tensors
-            if ref.adaptation is not None:
-                source = RenamedSource(source, ref.adaptation.rename)
-            sources.append(source)
-            specs.append(presented_spec(spec_of_input, ref.adaptation))
-        pipeline = Pipeline(node.op, node.params, sources, tuple(specs), backend)
+        writer: SafetensorsWriter | None = None
         try:
-            pipeline.run(writer, node.spec, progress.advance)
+            sources: list[ByteSource] = []
+            specs: list[dict[str, TensorSpec]] = []
+            for ref in node.inputs:
+                source: ByteSource
+                if ref.handle is not None:
+                    source, spec_of_input = ref.handle, ref.handle.spec()
+                else:
+                    reader = SafetensorsReader(read_header(self.results[ref.name].entry.path))
+                    entry_readers.append(reader)
+                    source, spec_of_input = reader, self.plan.nodes[ref.name].spec.tensors
+                if ref.adaptation is not None:
+                    source = RenamedSource(source, ref.adaptation.rename)
+                sources.append(source)
+                specs.append(presented_spec(spec_of_input, ref.adaptation))
+            metadata = node_metadata(self.plan, node.name, known, self._source_hashes())
+            writer = SafetensorsWriter(tmp, spec, metadata, final_header=known is not None)
+            Pipeline(node.op, node.params, sources, tuple(specs), backend).run(writer, node.spec, progress.advance)
             for ref in node.inputs:
                 if ref.handle is not None:
                     ref.handle.finish_hash()
@@ -165,10 +165,16 @@ class Executor:
             assert key is not None
             sha = writer.finish(node_metadata(self.plan, node.name, key, self._source_hashes()))
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
+            tmp.unlink(missing_ok=True)
             raise
         finally:
             progress.close()
             for reader in entry_readers:
                 reader.close()
-        return self.cache.commit(tmp, key, sha)
+        entry = self.cache.commit(tmp, key, sha)
+        for ref in node.inputs:
+            if ref.handle is not None:
+                ref.handle.remember()
+        return entry

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from merger.cache import Cache
-from merger.catalog import SourceCatalog
+from merger.catalog import SourceCatalog, SpecsSeen
 from merger.errors import MergerError
 from merger.executor import Executor
 from merger.graph import build_graph
@@ -39,8 +39,13 @@ def cache_root(cache_dir: str, launch_dir: Path) -> Path:
     return launch_dir / Path(cache_dir).expanduser()
 
 
-def prepare(data: Mapping[str, Any], registry: OpRegistry, *, file: str, launch_dir: Path) -> Prepared:
-    """Validate everything that can be checked from specs alone; reads no tensor data."""
+def prepare(
+    data: Mapping[str, Any], registry: OpRegistry, *, file: str, launch_dir: Path, seen: SpecsSeen | None = None
+) -> Prepared:
+    """Validate everything that can be checked from specs alone; reads no tensor data.
+
+    `seen` shares the specs of files already opened between the jobs of one pre-flight.
+    """
     recipe = build_recipe(data, registry, file=file)
     graph = build_graph(recipe)
     if recipe.settings.device.startswith("cuda"):
@@ -52,7 +57,7 @@ def prepare(data: Mapping[str, Any], registry: OpRegistry, *, file: str, launch_
             raise e.located(file) from None
     cache = Cache(cache_root(recipe.settings.cache_dir, launch_dir))
     previews = preview_images(recipe.settings.preview, launch_dir, where=recipe.where("preview"))
-    catalog = SourceCatalog(recipe, launch_dir, cache.memo)
+    catalog = SourceCatalog(recipe, launch_dir, cache.memo, seen)
     try:
         plan = build_plan(recipe, graph, catalog, registry)
     except BaseException:

@@ -1,7 +1,7 @@
 """Content keys of nodes and output artifacts.
 
-A node's key is a digest of (op name, op version, canonical parameters, the
-seed in force for random ops, its inputs' keys in order); a source's key is
+A node's key is a digest of (op name, op version, canonical parameters, which
+for random ops include the seed in force, its inputs' keys in order); a source's key is
 its content hash. Equal keys mean equal content, on any machine. Before a
 source's content hash is known, a provisional key built from file identities
 names the lock that keeps concurrent runs from computing the same node twice.
@@ -20,8 +20,7 @@ def node_key(node: PlannedNode, input_keys: Sequence[str]) -> str:
         "scheme": KEY_SCHEME,
         "op": node.op.name,
         "version": node.op.version,
-        "params": node.params.model_dump(mode="json"),
-        "seed": node.seed,
+        "params": node.params.model_dump(mode="json"),  # a random op's seed in force is among them
         "inputs": list(input_keys),
     }
     adaptations = [ref.adaptation.tag if ref.adaptation else None for ref in node.inputs]

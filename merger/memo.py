@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.atomic import write_text_atomic
-from merger.hashing import digest_json
+from merger.hashing import KEY_SCHEME, digest_json
 from merger.io.sources import SourceLocation
 from merger.specs import DTYPE_SIZES, TensorSpec
+
+#: bump when what a file is read as changes (e.g. the .pth unwrapping rules)
+LOADER_VERSION = 1
 
 
 def source_identity(location: SourceLocation) -> str:
@@ -27,7 +30,9 @@ def source_identity(location: SourceLocation) -> str:
     for f in location.files:
         st = f.stat()
         files.append([os.path.realpath(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
-    return digest_json({"kind": location.kind, "key": location.key, "files": files})
+    return digest_json(
+        {"scheme": KEY_SCHEME, "loader": LOADER_VERSION, "kind": location.kind, "key": location.key, "files": files}
+    )
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from merger.specs import DTYPE_SIZES, TensorSpec
 
 #: bytes of one chunk of work: the inputs' chunks, the result and the float32 maths
 PIECE_BYTES = 24 * 1024 * 1024
-CHUNK_BYTES = 8 * 1024 * 1024  # the largest pooled read buffer worth keeping
+POOLED_MAX_BYTES = 16 * 1024 * 1024  # larger read buffers are not kept for reuse
 QUEUE_DEPTH = 2
 MAX_POOLED = 32
 _DONE = object()
@@ -99,7 +99,7 @@ class _Pool:
 
     def put(self, buffers: list[Any]) -> None:
         with self._lock:
-            self._free.extend(b for b in buffers if len(b) <= CHUNK_BYTES * 2)
+            self._free.extend(b for b in buffers if len(b) <= POOLED_MAX_BYTES)
             del self._free[MAX_POOLED:]
 
 

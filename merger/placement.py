@@ -47,6 +47,18 @@ def output_format(path: str) -> str:
 
 
 def place_output(output: OutputDef, node: NodeResult, cache: Cache, output_dir: Path) -> OutputResult:
+    """Put node's entry (or an artifact made from it) at the output's path."""
+    try:
+        return _place(output, node, cache, output_dir)
+    except OSError as e:
+        raise MergerError(
+            f"cannot write output '{output.name}': {e.strerror or e} ({e.filename or output.path})",
+            where=f"outputs.{output.name}.path",
+            fix="choose a path in a writable directory (relative paths land in the run's output directory)",
+        ) from None
+
+
+def _place(output: OutputDef, node: NodeResult, cache: Cache, output_dir: Path) -> OutputResult:
     fmt = output_format(output.path)
     suffix = ".pth" if fmt == "pth" else ".safetensors"
     key = artifact_key(node.key, output.dtype, fmt, output.layout)

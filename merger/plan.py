@@ -36,7 +36,11 @@ class PlannedNode:
     params: OpParams
     inputs: tuple[InputRef, ...]
     spec: NodeSpec
-    seed: int | None  # the seed in force, for random ops
+
+    @property
+    def seed(self) -> int | None:
+        """The seed in force (random ops only; it is one of their parameters)."""
+        return getattr(self.params, "seed", None) if self.op.random else None
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,7 @@ def _plan_node(
     adapted = {ref.name: ref.adaptation.tag for ref in inputs if ref.adaptation}
     if adapted:
         spec.notes["adapted"] = adapted
-    seed = getattr(params, "seed", None) if op.random else None
-    return PlannedNode(node.name, op, params, inputs, spec, seed), warnings
+    return PlannedNode(node.name, op, params, inputs, spec), warnings
 
 
 def build_plan(recipe: Recipe, graph: Graph, catalog: SourceCatalog, registry: OpRegistry) -> Plan:

@@ -14,7 +14,7 @@ from typing import TextIO
 WIDTH = 24
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -50,7 +50,7 @@ class Progress:
         bar = "#" * filled + "-" * (WIDTH - filled)
         line = (
             f"\r  {self.label} [{bar}] {self.tensors}/{self.tensors_total} tensors, "
-            f"{_size(self.bytes)}/{_size(self.bytes_total)}"
+            f"{human_size(self.bytes)}/{human_size(self.bytes_total)}"
         )
         self.stream.write(line)
         self.stream.flush()
@@ -59,7 +59,3 @@ class Progress:
         if self.enabled:
             self.stream.write("\r\033[K")
             self.stream.flush()
-
-
-def human_size(n: float) -> str:
-    return _size(n)

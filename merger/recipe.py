@@ -7,6 +7,7 @@ dotted place in it (`nodes.blend.alpha`), and ends in a fix.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -216,6 +217,27 @@ def _output(name: str, raw: Any, where: str) -> OutputDef:
     return OutputDef(name, model.node or name, path, model.dtype, model.layout)
 
 
+RESERVED_FILES = ("merge_report.json", "merger.log", "sweep_report.json")
+
+
+def _check_output_paths(outputs: dict[str, OutputDef], file: str) -> None:
+    """Two outputs (or an output and a .pth's provenance .json, or the run report) may not share a file."""
+    taken: dict[str, str] = {name: "merger's own run files" for name in RESERVED_FILES}
+    for output in outputs.values():
+        paths = [os.path.normpath(output.path)]
+        if output.path.lower().endswith(".pth"):
+            paths.append(os.path.normpath(os.path.splitext(output.path)[0] + ".json"))
+        for path in paths:
+            other = taken.get(path)
+            if other is not None or path.startswith(".hydra" + os.sep):
+                raise MergerError(
+                    f"output '{output.name}' would write '{path}', which {other or 'Hydra'} already writes",
+                    where=f"{file}, outputs.{output.name}.path",
+                    fix="give each output its own path",
+                )
+            taken[path] = f"output '{output.name}'"
+
+
 def build_recipe(config: Mapping[str, Any], registry: OpRegistry, *, file: str) -> Recipe:
     """Validate resolved config data into a Recipe (references are checked by the graph)."""
     sources = {n: _source(n, raw, f"{file}, sources.{n}") for n, raw in _mapping(config, "sources", file).items()}
@@ -227,6 +249,7 @@ def build_recipe(config: Mapping[str, Any], registry: OpRegistry, *, file: str) 
             where=file,
             fix="add an outputs section, e.g. outputs: {blend: {node: blend}}",
         )
+    _check_output_paths(outputs, file)
     clash = sorted(set(sources) & set(nodes))
     if clash:
         raise MergerError(

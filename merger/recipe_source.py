@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from hydra.core.object_type import ObjectType
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
 from omegaconf import OmegaConf
+
+from merger.errors import MergerError
 
 GROUP = "recipe"
 BUILTIN = "builtin"
@@ -45,6 +48,35 @@ def available_recipes(launch_dir: Path) -> list[str]:
     return sorted(names)
 
 
+class RecipeCodeError(ConfigLoadError):
+    """A recipe file names code to run; carries the MergerError to show."""
+
+    def __init__(self, error: MergerError) -> None:
+        super().__init__(error.what)
+        self.error = error
+
+
+def refuse_code(data: Any, label: str) -> None:
+    """Nothing in a recipe may name code to run: no `_target_` anywhere, the hydra section included."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                if key == "_target_":
+                    raise RecipeCodeError(
+                        MergerError(
+                            f"recipes may not name code to run, but '{child_path}' does",
+                            where=f"{label}, {child_path}",
+                            fix="remove the _target_ key: a recipe names models and ops, never Python objects",
+                        )
+                    )
+                pending.append((child_path, child))
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+
+
 class RecipeDirSource(ConfigSource):
     @staticmethod
     def scheme() -> str:
@@ -71,6 +103,7 @@ class RecipeDirSource(ConfigSource):
             header = ConfigSource._get_header_dict(f.read(512))
             f.seek(0)
             config = OmegaConf.load(f)
+        refuse_code(OmegaConf.to_container(config, resolve=False), str(file))
         return ConfigResult(
             config=config,
             path=f"{self.scheme()}://{self.path}",

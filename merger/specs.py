@@ -11,8 +11,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from merger.errors import MergerError
-
 #: safetensors dtype code -> bytes per element
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8,
@@ -90,18 +88,3 @@ def spec_differences(names: Sequence[str], specs: Sequence[ModelSpec]) -> list[s
             if key not in first
         )
     return lines
-
-
-def compute_dtype(dtypes: list[str]) -> str:
-    """The dtype maths runs in: float32 at least, float64 when an input is float64."""
-    return "F64" if "F64" in dtypes else "F32"
-
-
-def check_dtype_code(code: str, *, where: str) -> str:
-    if code not in DTYPE_SIZES:
-        raise MergerError(
-            f"unsupported tensor dtype '{code}'",
-            where=where,
-            fix=f"merger reads the dtypes {', '.join(sorted(DTYPE_SIZES))}",
-        )
-    return code

@@ -60,7 +60,9 @@ def test_commit_then_lookup(tmp_path: Path) -> None:
     assert found is not None
     assert (found.key, found.path, found.sha256, found.bytes) == (KEY, info.path, _sha(data), len(data))
     record = json.loads(info.path.with_name(info.path.name + ".json").read_text())
-    assert record == {"sha256": _sha(data), "bytes": len(data)}
+    st = info.path.stat()
+    assert record == {"sha256": _sha(data), "bytes": len(data), "stat": [st.st_size, st.st_mtime_ns, st.st_ino]}
+    assert st.st_mode & 0o777 == 0o444  # entries are read-only
     assert list((cache.root / "tmp").iterdir()) == []
 
 
@@ -108,7 +110,8 @@ def test_lookup_recomputes_missing_record(tmp_path: Path) -> None:
     assert found is not None
     assert found.sha256 == _sha(data)
     assert found.bytes == len(data)
-    assert json.loads(record.read_text()) == {"sha256": _sha(data), "bytes": len(data)}
+    saved = json.loads(record.read_text())
+    assert (saved["sha256"], saved["bytes"]) == (_sha(data), len(data))
 
 
 def test_lookup_recomputes_corrupt_record(tmp_path: Path) -> None:
@@ -394,3 +397,15 @@ def test_day_old_tmp_of_any_host_is_stale(tmp_path: Path) -> None:
     os.utime(old, (two_days_ago, two_days_ago))
     assert is_stale_tmp(old)
     assert not is_stale_tmp(fresh)
+
+
+def test_entry_written_into_through_a_hard_link_is_dropped(tmp_path: Path) -> None:
+    """An output is a hard link of its entry: writing into it must not leave a wrong entry in the cache."""
+    cache = Cache(tmp_path / "cache")
+    info = cache.commit(_tmp_with(cache, b"original"), KEY, _sha(b"original"))
+    output = tmp_path / "output.safetensors"
+    os.link(info.path, output)
+    os.chmod(output, 0o644)  # as root may, or a user who changes the mode
+    output.write_bytes(b"overwritten in place")
+    assert cache.lookup(KEY) is None
+    assert not info.path.exists()

@@ -20,7 +20,7 @@ from merger.ops.linear import (
     WeightedSum,
     WeightedSumParams,
 )
-from merger.pipeline import CHUNK_BYTES, Pipeline
+from merger.pipeline import PIECE_BYTES, Pipeline
 from merger.specs import TensorSpec
 from tests.conftest import BytesSource, Collector
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def make_inputs(n: int, dtype: str) -> tuple[list[BytesSource], tuple[dict[str, TensorSpec], ...]]:
     rng = np.random.default_rng(0)
-    shapes = {"big": (CHUNK_BYTES // 4 * 3 + 17,), "matrix": (64, 33), "scalar": ()}
+    shapes = {"big": (PIECE_BYTES // 4 + 17,), "matrix": (64, 33), "scalar": ()}
     xp = NumpyBackend()
     sources, specs = [], []
     for _ in range(n):

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 import merger
+import merger.placement
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
 from merger.job import prepare
 from merger.ops import builtin_registry
@@ -104,11 +105,12 @@ def test_full_cache_hit_reads_no_tensor_data(
     data["outputs"].update({"half": {"node": "mix", "dtype": "float16"}, "pt": {"node": "avg", "path": "pt.pth"}})
     first = run_recipe(data)
 
-    def no_reads(self: SafetensorsReader, key: str) -> Any:
-        raise AssertionError(f"a full cache hit read tensor {key!r}")
+    def no_reads(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"a full cache hit read tensor data: {args[1:2]}")
 
-    monkeypatch.setattr(SafetensorsReader, "read_bytes", no_reads)
+    monkeypatch.setattr(SafetensorsReader, "read_into", no_reads)  # every tensor read goes through it
     monkeypatch.setattr(torch, "load", no_reads)
+    monkeypatch.setattr(merger.placement, "_make_artifact", no_reads)  # dtype/format artifacts come from the cache
     again = run_recipe(data)
     assert statuses(again) == {"avg": "cached", "mix": "cached"}
     assert again["device"] is None  # nothing was computed, so no device was needed

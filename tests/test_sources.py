@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 import merger
 from merger.io.sources import locate, open_source, resolve_path
 from merger.specs import TensorSpec
+from merger.tensor_bytes import tensor_from_buffer
 from tests.conftest import expect_error, tiny_state_dict
 
 WHERE = "test.yaml, sources.m"
@@ -35,12 +37,18 @@ def _sharded_folder(folder: Path, sd: dict[str, torch.Tensor]) -> dict[str, str]
     return weight_map
 
 
+def _tensor(source: Any, key: str, spec: TensorSpec) -> torch.Tensor:
+    data = bytearray(spec.nbytes)
+    view = source.read_into(key, 0, spec.nbytes, memoryview(data))
+    return tensor_from_buffer(bytearray(view), spec.dtype, spec.shape)
+
+
 def _read_all(location_path: Path, key: str | None = None) -> tuple[dict[str, TensorSpec], dict[str, torch.Tensor]]:
     location = locate(location_path, key, where=WHERE)
     source = open_source(location, where=WHERE)
     try:
         spec = dict(source.spec())
-        return spec, {k: source.read(k).clone() for k in spec}
+        return spec, {k: _tensor(source, k, spec[k]) for k in spec}
     finally:
         source.close()
 

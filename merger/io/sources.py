@@ -21,7 +21,7 @@ from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, rea
 from merger.specs import TensorSpec
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 SAFETENSORS_SUFFIX = ".safetensors"
 FOLDER_SINGLE = "model.safetensors"
@@ -38,8 +38,6 @@ class TensorSource(Protocol):
         """Bytes [start, stop) of tensor `key` (C order): read into `out`, or a view
         of memory the source already holds. Safe to call from another thread."""
         ...
-
-    def read(self, key: str) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
@@ -155,9 +153,6 @@ class SafetensorsSource:
     def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
         return self._readers[self._owner[key]].read_into(key, start, stop, out)
 
-    def read(self, key: str) -> torch.Tensor:
-        return self._readers[self._owner[key]].read_tensor(key)
-
     def close(self) -> None:
         for reader in self._readers:
             reader.close()
@@ -170,7 +165,16 @@ class PthSource:
         from merger.tensor_bytes import dtype_code
 
         self._tensors = load_state_dict(path, key)
-        self._spec = {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in self._tensors.items()}
+        self._spec = {}
+        for name, tensor in self._tensors.items():
+            try:
+                self._spec[name] = TensorSpec(dtype_code(tensor.dtype), tuple(tensor.shape))
+            except ValueError:
+                raise MergerError(
+                    f"tensor '{name}' in '{path}' has dtype {tensor.dtype}, which merger does not merge",
+                    where=str(path),
+                    fix="save the weights as float32, float16, bfloat16 or an integer dtype",
+                ) from None
         self._bytes: dict[str, memoryview] = {}
 
     def spec(self) -> dict[str, TensorSpec]:
@@ -183,9 +187,6 @@ class PthSource:
         if data is None:
             data = self._bytes[key] = tensor_memoryview(self._tensors[key].contiguous())
         return data[start:stop]
-
-    def read(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
 
     def close(self) -> None:
         self._tensors = {}

@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from merger.archs import esrgan
 from merger.errors import MergerError
 from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, OpParams, TensorInputs
@@ -131,6 +129,8 @@ class ConvertScale(Op):
 
     def tensor(self, key: str, inputs: TensorInputs, params: ConvertScaleParams, xp: Backend) -> Array:
         how, origin, extra = inputs.plan[key]
+        import numpy as np
+
         if how == "copy":
             return inputs.read(0, origin)
         if how == "spread":

@@ -57,7 +57,8 @@ def align(inputs: InputSpecs, policy: str) -> NodeSpec:
                 " to merge the common keys and copy the rest from the first input",
             )
     merged = [k for k in first if mergeable(k, inputs.specs)]
-    copied = [k for k in first if k not in set(merged)]
+    merged_set = set(merged)
+    copied = [k for k in first if k not in merged_set]
     not_float = sum(not first[k].is_float for k in copied)
     notes: dict[str, Any] = {"merged": len(merged), "copied": len(copied), "not_shared": len(copied) - not_float}
     if copied:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from merger.errors import MergerError
 from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, RandomParams, TensorInputs, seeded_rng
 from merger.ops.elementwise import MergeParams, align, mergeable
@@ -79,6 +77,8 @@ class Splice(Op):
         return []
 
     def spec(self, inputs: InputSpecs, params: SpliceParams) -> NodeSpec:
+        import numpy as np
+
         aligned = align(inputs, params.keys)
         probs = np.asarray(_probabilities(params, len(inputs)), dtype=np.float64)
         plan: dict[str, Any] = {}
@@ -101,21 +101,21 @@ class Splice(Op):
 
     def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: dict[str, Any]) -> str:
         choice = plan.get(key, 0)
-        if isinstance(choice, np.ndarray) or specs[choice][key].dtype != specs[0][key].dtype:
+        if not isinstance(choice, int) or specs[choice][key].dtype != specs[0][key].dtype:
             return "tensor"  # rows from several inputs, or a dtype to convert
         return "copy"
 
     def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: dict[str, Any]) -> list[tuple[int, str]]:
         choice = plan.get(key, 0)
-        if isinstance(choice, np.ndarray):
-            return [(int(i), key) for i in np.unique(choice)]
-        return [(choice, key)]
+        if isinstance(choice, int):
+            return [(choice, key)]
+        return [(int(i), key) for i in sorted(set(choice.tolist()))]
 
     def tensor(self, key: str, inputs: TensorInputs, params: SpliceParams, xp: Backend) -> Array:
         rows = inputs.plan.get(key, 0)
-        if not isinstance(rows, np.ndarray):
+        if isinstance(rows, int):
             return inputs.read(rows, key)
-        chosen = [int(i) for i in np.unique(rows)]
+        chosen = sorted(set(rows.tolist()))
         out = xp.copy(inputs.read(chosen[0], key))
         for i in chosen[1:]:
             mask = xp.asarray(rows == i)
