@@ -157,7 +157,7 @@ class Executor:
                 specs.append(presented_spec(spec_of_input, ref.adaptation))
             metadata = node_metadata(self.plan, node.name, known, self._source_hashes())
             writer = SafetensorsWriter(tmp, spec, metadata, final_header=known is not None)
-            Pipeline(node.op, node.params, sources, tuple(specs), backend).run(writer, node.spec, progress.advance)
+            Pipeline(node.op, node.keyed, sources, tuple(specs), backend).run(writer, node.spec, progress.advance)
             for ref in node.inputs:
                 if ref.handle is not None:
                     ref.handle.finish_hash()

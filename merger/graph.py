@@ -24,11 +24,13 @@ class Graph:
 def _check_references(recipe: Recipe) -> None:
     names = [*recipe.sources, *recipe.nodes]
     for node in recipe.nodes.values():
-        for i, ref in enumerate(node.inputs):
+        places = [f"nodes.{node.name}.{param}" for param, _ in node.refs]
+        places += [f"nodes.{node.name}.inputs[{i}]" for i in range(len(node.inputs))]
+        for place, ref in zip(places, node.references, strict=True):
             if ref not in recipe.sources and ref not in recipe.nodes:
                 raise MergerError(
                     f"node '{node.name}' reads '{ref}', which is neither a source nor a node",
-                    where=recipe.where(f"nodes.{node.name}.inputs[{i}]"),
+                    where=recipe.where(place),
                     fix=suggestion(ref, names, kind="sources and nodes"),
                 )
     for output in recipe.outputs.values():
@@ -60,7 +62,7 @@ def _visit(recipe: Recipe, name: str, state: dict[str, int], stack: list[str]) -
         )
     state[name] = 1
     stack.append(name)
-    for ref in recipe.nodes[name].inputs:
+    for ref in recipe.nodes[name].references:
         if ref in recipe.nodes:
             _visit(recipe, ref, state, stack)
     stack.pop()
@@ -74,7 +76,7 @@ def _needed(recipe: Recipe) -> set[str]:
         name = pending.pop()
         if name not in needed:
             needed.add(name)
-            pending.extend(ref for ref in recipe.nodes[name].inputs if ref in recipe.nodes)
+            pending.extend(ref for ref in recipe.nodes[name].references if ref in recipe.nodes)
     return needed
 
 
@@ -85,7 +87,7 @@ def build_graph(recipe: Recipe) -> Graph:
         _visit(recipe, name, state, [])
     needed = _needed(recipe)
     position = {name: i for i, name in enumerate(recipe.nodes)}
-    waiting = {n: {r for r in recipe.nodes[n].inputs if r in recipe.nodes} for n in needed}
+    waiting = {n: {r for r in recipe.nodes[n].references if r in recipe.nodes} for n in needed}
     ready = [(position[n], n) for n, deps in waiting.items() if not deps]
     heapq.heapify(ready)
     order: list[str] = []

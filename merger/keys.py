@@ -20,7 +20,8 @@ def node_key(node: PlannedNode, input_keys: Sequence[str]) -> str:
         "scheme": KEY_SCHEME,
         "op": node.op.name,
         "version": node.op.version,
-        "params": node.params.model_dump(mode="json"),  # a random op's seed in force is among them
+        # a random op's seed in force is among the params; a reference (base) is an input, by content
+        "params": node.params.model_dump(mode="json", exclude=set(node.op.references)),
         "inputs": list(input_keys),
     }
     adaptations = [ref.adaptation.tag if ref.adaptation else None for ref in node.inputs]

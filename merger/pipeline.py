@@ -115,7 +115,7 @@ class Pipeline:
         backend: Backend,
     ) -> None:
         self.op = op
-        self.params = params
+        self.params_for: Callable[[str], Any] = params.for_key if hasattr(params, "for_key") else (lambda key: params)
         self.sources = sources
         self.specs = specs
         self.backend = backend
@@ -175,10 +175,10 @@ class Pipeline:
         count = piece.stop - piece.start
         if piece.mode == "merge":
             values = [xp.load(fetched.data[(i, k)], self.specs[i][k].dtype, (count,)) for i, k in piece.reads]
-            result: Array = self.op.combine(values, self.params, xp)
+            result: Array = self.op.combine(values, self.params_for(piece.key), xp)
         else:
             inputs = _TensorInputs(self, fetched)
-            result = self.op.tensor(piece.key, inputs, self.params, xp)
+            result = self.op.tensor(piece.key, inputs, self.params_for(piece.key), xp)
         return xp.store(result, out_spec.dtype)
 
     def run(self, writer: ChunkWriter, node: NodeSpec, advance: Callable[[str, int], None]) -> None:

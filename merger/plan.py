@@ -16,6 +16,7 @@ from merger.graph import Graph
 from merger.ops.base import InputSpecs, NodeSpec, Op, OpParams
 from merger.ops.registry import OpRegistry
 from merger.recipe import NodeDef, Recipe
+from merger.schedule import KeyedParams, contains_schedule
 from merger.specs import TensorSpec
 
 
@@ -36,6 +37,7 @@ class PlannedNode:
     params: OpParams
     inputs: tuple[InputRef, ...]
     spec: NodeSpec
+    keyed: KeyedParams  # the parameters key by key (per-layer schedules resolved)
 
     @property
     def seed(self) -> int | None:
@@ -57,29 +59,42 @@ def presented_spec(spec: dict[str, TensorSpec], adaptation: Adaptation | None) -
     return {adaptation.rename[key]: tensor for key, tensor in spec.items()}
 
 
-def _inputs(recipe: Recipe, node: NodeDef, catalog: SourceCatalog) -> tuple[InputRef, ...]:
+def _refs(recipe: Recipe, name: str, catalog: SourceCatalog) -> list[InputRef]:
+    if name in recipe.sources:
+        return [InputRef(h.name, h) for h in catalog.get(name)]
+    return [InputRef(name)]
+
+
+def _inputs(recipe: Recipe, node: NodeDef, catalog: SourceCatalog) -> tuple[tuple[InputRef, ...], int]:
+    """The node's inputs, reference parameters (base) first, and how many come from `inputs`."""
     refs: list[InputRef] = []
-    for name in node.inputs:
-        if name in recipe.sources:
-            refs.extend(InputRef(h.name, h) for h in catalog.get(name))
-        else:
-            refs.append(InputRef(name))
-    return tuple(refs)
+    for param, name in node.refs:
+        found = _refs(recipe, name, catalog)
+        if len(found) != 1:
+            raise MergerError(
+                f"{param} '{name}' is a glob of {len(found)} models; {param} must name one model",
+                where=recipe.where(f"nodes.{node.name}.{param}"),
+                fix=f"point {param} at one source or node",
+            )
+        refs.extend(found)
+    models = [ref for name in node.inputs for ref in _refs(recipe, name, catalog)]
+    return (*refs, *models), len(models)
 
 
 def _plan_node(
     recipe: Recipe, node: NodeDef, op: Op, catalog: SourceCatalog, planned: dict[str, PlannedNode]
 ) -> tuple[PlannedNode, list[str]]:
-    inputs = _inputs(recipe, node, catalog)
-    if not op.arity.accepts(len(inputs)):
+    inputs, n_models = _inputs(recipe, node, catalog)
+    if not op.arity.accepts(n_models):
         raise MergerError(
-            f"op '{op.name}' takes {op.arity.describe()} inputs, node '{node.name}' gives {len(inputs)}",
+            f"op '{op.name}' takes {op.arity.describe()} inputs, node '{node.name}' gives {n_models}",
             fix=f"list {op.arity.describe()} names in inputs (a glob source counts as all its files)",
         )
     params = node.params
     if op.random and getattr(params, "seed", None) is None:
         params = params.model_copy(update={"seed": recipe.settings.seed})
-    warnings = op.check(params, len(inputs))
+    scheduled = contains_schedule(params)
+    warnings = [] if scheduled else op.check(params, n_models)  # scheduled: checked per value, below
     stored = [ref.handle.spec() if ref.handle else planned[ref.name].spec.tensors for ref in inputs]
     adaptations = align_layouts(stored)
     inputs = tuple(replace(ref, adaptation=a) for ref, a in zip(inputs, adaptations, strict=True))
@@ -88,7 +103,14 @@ def _plan_node(
     adapted = {ref.name: ref.adaptation.tag for ref in inputs if ref.adaptation}
     if adapted:
         spec.notes["adapted"] = adapted
-    return PlannedNode(node.name, op, params, inputs, spec), warnings
+    keyed = KeyedParams(params, list(spec.tensors), recipe.where(f"nodes.{node.name}"))
+    if scheduled:
+        for key in spec.tensors:
+            keyed.for_key(key, count=True)
+        spec.notes["schedules"] = keyed.usage()
+        for resolved in keyed.distinct():
+            warnings.extend(w for w in op.check(resolved, n_models) if w not in warnings)
+    return PlannedNode(node.name, op, params, inputs, spec, keyed), warnings
 
 
 def build_plan(recipe: Recipe, graph: Graph, catalog: SourceCatalog, registry: OpRegistry) -> Plan:

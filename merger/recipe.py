@@ -69,6 +69,12 @@ class NodeDef:
     op: str
     inputs: tuple[str, ...]
     params: OpParams
+    refs: tuple[tuple[str, str], ...] = ()  # (parameter, name) for parameters naming a model: base
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """Every source or node this node reads: its reference parameters', then its inputs."""
+        return (*(name for _, name in self.refs), *self.inputs)
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,13 @@ def validation_error(error: ValidationError, model: type[BaseModel], *, where: s
     `where` is "<file>, <dotted place>" or just "<file>" for top-level settings.
     """
     errors = error.errors()
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = ".".join(str(part) for part in first["loc"])
     joiner = "." if ", " in where else ", "
+    schedule_errors = [e for e in errors if {"Rules", "Gradient"} & {str(p) for p in e["loc"]}]
+    if schedule_errors and isinstance(schedule_errors[0]["input"], dict):
+        return _schedule_error(schedule_errors, where + joiner)
+    errors = [e for e in errors if e not in schedule_errors] or errors  # a plain value: say what a number needs
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = ".".join(str(part) for part in first["loc"] if str(part) not in UNION_BRANCHES)
     place = f"{where}{joiner}{loc}" if loc else where
     fields = sorted(model.model_fields)
     if first["type"] == "extra_forbidden":
@@ -116,6 +126,28 @@ def validation_error(error: ValidationError, model: type[BaseModel], *, where: s
     return MergerError(
         f"{first['msg'].lower()}, got {first['input']!r}", where=place, fix=f"set {loc} to a valid value"
     )
+
+
+#: names pydantic puts in an error's location for the branch of a union it tried
+UNION_BRANCHES = frozenset({"float", "int", "str", "bool", "Rules", "Gradient"})
+
+SCHEDULE_FORMS = (
+    "a number, a rule list {default: 0.5, rules: [{match: <regex>, value: 0.2}]}"
+    " or a gradient {blocks: <regex with (\\d+)>, values: [0.0, 1.0], default: 0.5}"
+)
+
+
+def _schedule_error(schedule_errors: list[Any], prefix: str) -> MergerError:
+    """A parameter that may be a number or a schedule, given neither well."""
+    loc = schedule_errors[0]["loc"]
+    cut = next(i for i, part in enumerate(loc) if str(part) in ("Rules", "Gradient"))
+    field = ".".join(str(p) for p in loc[:cut] if str(p) != "float")
+    given = schedule_errors[0]["input"]
+    branch = "Gradient" if isinstance(given, dict) and "blocks" in given else "Rules"
+    detail = next((e for e in schedule_errors if branch in [str(p) for p in e["loc"]]), schedule_errors[0])
+    inner = ".".join(str(p) for p in detail["loc"][detail["loc"].index(branch) + 1 :])
+    problem = f"{detail['msg'].lower()}" + (f" at {inner}" if inner else "")
+    return MergerError(f"'{field}' must be {SCHEDULE_FORMS}; {problem}", where=f"{prefix}{field}", fix=f"fix {field}")
 
 
 def _mapping(config: Mapping[str, Any], section: str, file: str) -> dict[str, Any]:
@@ -182,7 +214,9 @@ def _node(name: str, raw: Any, registry: OpRegistry, where: str) -> NodeDef:
             where=f"{where}.inputs",
             fix="write inputs: [a, b] with the names of sources or other nodes",
         )
-    return NodeDef(name, op_name, tuple(inputs), _params(op, fields, where))
+    params = _params(op, fields, where)
+    refs = tuple((p, getattr(params, p)) for p in op.references if getattr(params, p, None) is not None)
+    return NodeDef(name, op_name, tuple(inputs), params, refs)
 
 
 def _params(op: Op, fields: dict[str, Any], where: str) -> OpParams:

@@ -9,7 +9,7 @@ import pytest
 
 import merger.pipeline as pipeline_module
 from merger.arrays import NumpyBackend, TorchBackend
-from merger.ops.base import InputSpecs, NodeSpec
+from merger.ops.base import InputSpecs
 from merger.ops.linear import Lerp, LerpParams
 from merger.pipeline import Pipeline, plan_pieces
 from merger.specs import TensorSpec
@@ -58,8 +58,9 @@ def test_plan_pieces_chunks_per_key_ops_and_shrinks_with_inputs(monkeypatch: pyt
     monkeypatch.setattr(pipeline_module, "PIECE_BYTES", 1 << 20)
     specs2 = tuple({"w": TensorSpec("F32", (10_000_000,))} for _ in range(2))
     specs8 = tuple({"w": TensorSpec("F32", (10_000_000,))} for _ in range(8))
-    two = list(plan_pieces(Lerp(), specs2, NodeSpec(specs2[0])))
-    eight = list(plan_pieces(Lerp(), specs8, NodeSpec(specs8[0])))
+    params = LerpParams(alpha=0.5)
+    two = list(plan_pieces(Lerp(), specs2, Lerp().spec(InputSpecs(("a", "b"), specs2), params)))
+    eight = list(plan_pieces(Lerp(), specs8, Lerp().spec(InputSpecs(tuple("abcdefgh"), specs8), params)))
     assert all(p.mode == "merge" for p in two)
     assert two[0].stop - two[0].start > eight[0].stop - eight[0].start  # smaller chunks for more inputs
     assert two[-1].stop == 10_000_000 and eight[-1].stop == 10_000_000

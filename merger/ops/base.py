@@ -113,6 +113,8 @@ class Op(ABC):
     #: random ops take `RandomParams`: the planner fills in the seed in force (the node's, else the
     #: recipe's), so it is part of the node's key; draws come from `seeded_rng(params.seed, name)`
     random: ClassVar[bool] = False
+    #: parameters that name a source or node (e.g. "base"): read as inputs placed before `inputs`
+    references: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
 
     def check(self, params: Any, n_inputs: int) -> list[str]:

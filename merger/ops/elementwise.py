@@ -13,8 +13,9 @@ result takes the first input's dtype. Copies pass bytes through untouched.
 
 from __future__ import annotations
 
+import re
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from merger.errors import MergerError
@@ -29,6 +30,24 @@ MAX_LISTED = 10
 
 class MergeParams(OpParams):
     keys: Literal["strict", "intersection"] = "strict"
+    include: str | None = None  # regex: only keys it finds are merged
+    exclude: str | None = None  # regex: keys it finds are not merged
+    rest: Literal["copy", "drop"] = "copy"  # keys not merged: from the first input, or left out
+
+
+def key_filter(params: MergeParams) -> Callable[[str], bool]:
+    """Whether a key is to be merged, by `include` / `exclude` (unanchored regex searches)."""
+    patterns = []
+    for name in ("include", "exclude"):
+        pattern = getattr(params, name)
+        try:
+            patterns.append(re.compile(pattern) if pattern is not None else None)
+        except re.error as e:
+            raise MergerError(
+                f"{name} '{pattern}' is not a valid regular expression: {e}", fix=f"fix the {name} regex"
+            ) from None
+    include, exclude = patterns
+    return lambda key: (include is None or bool(include.search(key))) and not (exclude and exclude.search(key))
 
 
 def mergeable(key: str, specs: Sequence[dict[str, TensorSpec]]) -> bool:
@@ -43,11 +62,17 @@ def mergeable(key: str, specs: Sequence[dict[str, TensorSpec]]) -> bool:
     return True
 
 
-def align(inputs: InputSpecs, policy: str) -> NodeSpec:
-    """The output spec of a per-key merge under the key policy, or the mismatch error."""
+def align(inputs: InputSpecs, params: MergeParams) -> NodeSpec:
+    """The output spec of a per-key merge: keys policy, include/exclude and rest applied.
+
+    The plan is the set of keys to merge; every other key of the first input is
+    copied from it (or, with `rest: drop`, left out).
+    """
+    selected = key_filter(params)
     first = inputs.specs[0]
-    if len(inputs) > 1 and policy == "strict":
-        diffs = spec_differences(inputs.names, inputs.specs)
+    if len(inputs) > 1 and params.keys == "strict":
+        chosen = [{k: v for k, v in spec.items() if selected(k)} for spec in inputs.specs]
+        diffs = spec_differences(inputs.names, chosen)
         if diffs:
             shown = "\n".join(f"  {line}" for line in diffs[:MAX_LISTED])
             more = f"\n  ... and {len(diffs) - MAX_LISTED} more" if len(diffs) > MAX_LISTED else ""
@@ -56,14 +81,19 @@ def align(inputs: InputSpecs, policy: str) -> NodeSpec:
                 fix="merge models of one architecture, or set `keys: intersection` on the node"
                 " to merge the common keys and copy the rest from the first input",
             )
-    merged = [k for k in first if mergeable(k, inputs.specs)]
+    filtered = {k for k in first if not selected(k)}
+    merged = [k for k in first if k not in filtered and mergeable(k, inputs.specs)]
     merged_set = set(merged)
-    copied = [k for k in first if k not in merged_set]
-    not_float = sum(not first[k].is_float for k in copied)
-    notes: dict[str, Any] = {"merged": len(merged), "copied": len(copied), "not_shared": len(copied) - not_float}
+    copied = [k for k in first if k not in merged_set and (params.rest == "copy" or k not in filtered)]
+    not_float = sum(not first[k].is_float for k in copied if k not in filtered)
+    not_shared = len([k for k in copied if k not in filtered]) - not_float
+    notes: dict[str, Any] = {"merged": len(merged), "copied": len(copied), "not_shared": not_shared}
+    if filtered:
+        notes["filtered" if params.rest == "copy" else "dropped"] = len(filtered)
     if copied:
         notes["copied_keys"] = copied[:50]
-    return NodeSpec(tensors=dict(first), notes=notes)
+    tensors = {k: v for k, v in first.items() if k in merged_set or k in copied}
+    return NodeSpec(tensors=tensors, notes=notes, plan=merged_set)
 
 
 class ElementwiseOp(Op):
@@ -74,16 +104,16 @@ class ElementwiseOp(Op):
     """
 
     def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
-        return align(inputs, params.keys)
+        return align(inputs, params)
 
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> str:
-        return "merge" if mergeable(key, specs) else "copy"
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> str:
+        return "merge" if key in plan else "copy"
 
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> list[tuple[int, str]]:
-        return [(i, key) for i in range(len(specs))] if mergeable(key, specs) else [(0, key)]
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> list[tuple[int, str]]:
+        return [(i, key) for i in range(len(specs))] if key in plan else [(0, key)]
 
     def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend) -> Array:
-        if not mergeable(key, inputs.specs):
+        if key not in inputs.plan:
             return inputs.read(0, key)
         return self.combine([inputs.read(i, key) for i in range(len(inputs.specs))], params, xp)
 

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 from merger.errors import MergerError
 from merger.ops.base import Arity
 from merger.ops.elementwise import ElementwiseOp, MergeParams
+from merger.schedule import Scheduled, number
 
 if TYPE_CHECKING:
     from merger.arrays import Array, Backend
 
 
 class LerpParams(MergeParams):
-    alpha: float
+    alpha: Scheduled
 
 
 class Lerp(ElementwiseOp):
@@ -34,19 +35,21 @@ class Lerp(ElementwiseOp):
     summary = "(1-alpha)*A + alpha*B: interpolate two models (DNI)"
 
     def check(self, params: LerpParams, n_inputs: int) -> list[str]:
-        if not 0.0 <= params.alpha <= 1.0:
-            return [f"alpha={params.alpha} is outside [0, 1]: this extrapolates past the inputs"]
+        alpha = number(params.alpha)
+        if not 0.0 <= alpha <= 1.0:
+            return [f"alpha={alpha} is outside [0, 1]: this extrapolates past the inputs"]
         return []
 
     def combine(self, values: list[Array], params: LerpParams, xp: Backend) -> Array:
         a, b = values
-        out = a * (1.0 - params.alpha)
-        out += b * params.alpha
+        alpha = number(params.alpha)
+        out = a * (1.0 - alpha)
+        out += b * alpha
         return out
 
 
 class WeightedSumParams(MergeParams):
-    weights: list[float]
+    weights: list[Scheduled]
     normalize: bool = False
 
 
@@ -59,14 +62,15 @@ class WeightedSum(ElementwiseOp):
     summary = "sum of w_i * M_i (normalize: divide by the sum of weights)"
 
     def check(self, params: WeightedSumParams, n_inputs: int) -> list[str]:
-        if len(params.weights) != n_inputs:
+        weights = [number(w) for w in params.weights]
+        if len(weights) != n_inputs:
             raise MergerError(
                 f"weights has {len(params.weights)} values for {n_inputs} inputs",
                 fix="give one weight per input, in the order of inputs",
             )
-        if not all(math.isfinite(w) for w in params.weights):
+        if not all(math.isfinite(w) for w in weights):
             raise MergerError("weights must be finite numbers", fix="remove inf/nan from weights")
-        if params.normalize and math.isclose(sum(params.weights), 0.0, abs_tol=1e-12):
+        if params.normalize and math.isclose(sum(weights), 0.0, abs_tol=1e-12):
             raise MergerError(
                 "normalize: true with weights that sum to 0 divides by zero",
                 fix="use weights with a non-zero sum, or normalize: false",
@@ -74,11 +78,12 @@ class WeightedSum(ElementwiseOp):
         return []
 
     def combine(self, values: list[Array], params: WeightedSumParams, xp: Backend) -> Array:
-        out = values[0] * params.weights[0]
-        for value, weight in zip(values[1:], params.weights[1:], strict=True):
+        weights = [number(w) for w in params.weights]
+        out = values[0] * weights[0]
+        for value, weight in zip(values[1:], weights[1:], strict=True):
             out += value * weight
         if params.normalize:
-            out /= sum(params.weights)
+            out /= sum(weights)
         return out
 
 
@@ -99,7 +104,7 @@ class Average(ElementwiseOp):
 
 
 class AddDifferenceParams(MergeParams):
-    multiplier: float = 1.0
+    multiplier: Scheduled = 1.0
 
 
 class AddDifference(ElementwiseOp):
@@ -113,6 +118,6 @@ class AddDifference(ElementwiseOp):
     def combine(self, values: list[Array], params: AddDifferenceParams, xp: Backend) -> Array:
         a, b, c = values
         out = b - c
-        out *= params.multiplier
+        out *= number(params.multiplier)
         out += a
         return out

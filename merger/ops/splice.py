@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from merger.errors import MergerError
 from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, RandomParams, TensorInputs, seeded_rng
-from merger.ops.elementwise import MergeParams, align, mergeable
+from merger.ops.elementwise import MergeParams, align
 from merger.specs import TensorSpec
 
 if TYPE_CHECKING:
@@ -79,12 +79,12 @@ class Splice(Op):
     def spec(self, inputs: InputSpecs, params: SpliceParams) -> NodeSpec:
         import numpy as np
 
-        aligned = align(inputs, params.keys)
+        aligned = align(inputs, params)
         probs = np.asarray(_probabilities(params, len(inputs)), dtype=np.float64)
         plan: dict[str, Any] = {}
         taken = np.zeros(len(inputs))
         for key, spec in aligned.tensors.items():
-            if not mergeable(key, inputs.specs):
+            if key not in aligned.plan:
                 taken[0] += spec.numel
                 continue
             if params.granularity == "filter" and spec.shape:
