@@ -73,6 +73,24 @@ class Backend(Protocol):
         """Each element repeated `repeats` times along `axis` (numpy.repeat)."""
         ...
 
+    def abs(self, array: Array) -> Array: ...
+
+    def sign(self, array: Array) -> Array: ...
+
+    def where(self, condition: Array, a: Array, b: Array | float) -> Array: ...
+
+    def total(self, array: Array) -> float:
+        """The sum of all elements, as a Python float."""
+        ...
+
+    def row_sums(self, array: Array) -> Array:
+        """Sums over all but the first axis, as a column (rows, 1)."""
+        ...
+
+    def top_k_mask(self, values: Array, k: int) -> Array:
+        """A boolean array marking the `k` largest of `values` (flattened, then reshaped)."""
+        ...
+
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     wide = raw.astype(np.uint32)
@@ -125,6 +143,30 @@ class NumpyBackend:
     def repeat(self, array: np.ndarray, repeats: int, axis: int) -> np.ndarray:
         return np.repeat(array, repeats, axis=axis)
 
+    def abs(self, array: np.ndarray) -> Array:
+        return np.abs(array)
+
+    def sign(self, array: np.ndarray) -> Array:
+        return np.sign(array)
+
+    def where(self, condition: np.ndarray, a: np.ndarray, b: np.ndarray | float) -> Array:
+        return np.where(condition, a, b)
+
+    def total(self, array: np.ndarray) -> float:
+        return float(array.sum())
+
+    def row_sums(self, array: np.ndarray) -> Array:
+        return array.reshape(array.shape[0], -1).sum(axis=1, keepdims=True)
+
+    def top_k_mask(self, values: np.ndarray, k: int) -> np.ndarray:
+        flat = values.reshape(-1)
+        mask = np.zeros(flat.shape, dtype=bool)
+        if k >= flat.size:
+            mask[:] = True
+        elif k > 0:
+            mask[np.argpartition(-flat, k - 1)[:k]] = True
+        return mask.reshape(values.shape)
+
 
 class TorchBackend:
     """Maths on a torch device; bytes cross through pinned host buffers."""
@@ -172,6 +214,34 @@ class TorchBackend:
 
     def repeat(self, array: torch.Tensor, repeats: int, axis: int) -> torch.Tensor:
         return array.repeat_interleave(repeats, dim=axis)
+
+    def abs(self, array: torch.Tensor) -> torch.Tensor:
+        return array.abs()
+
+    def sign(self, array: torch.Tensor) -> torch.Tensor:
+        return array.sign()
+
+    def where(self, condition: torch.Tensor, a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+        import torch
+
+        return torch.where(condition, a, b)
+
+    def total(self, array: torch.Tensor) -> float:
+        return float(array.sum().item())
+
+    def row_sums(self, array: torch.Tensor) -> torch.Tensor:
+        return array.reshape(array.shape[0], -1).sum(dim=1, keepdim=True)
+
+    def top_k_mask(self, values: torch.Tensor, k: int) -> torch.Tensor:
+        import torch
+
+        flat = values.reshape(-1)
+        mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+        if k >= flat.numel():
+            mask[:] = True
+        elif k > 0:
+            mask[torch.topk(flat, k).indices] = True
+        return mask.reshape(values.shape)
 
 
 def cuda_possible() -> bool:

@@ -62,6 +62,10 @@ class SourceHandle:
         self._seen[self.identity] = self._spec
         return self._spec
 
+    def peek_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        """Bytes [start, stop) of tensor `key`, not digested (samples for the family check)."""
+        return self._open().read_into(key, start, stop, out)
+
     def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
         """Bytes [start, stop) of tensor `key`, digested on the way when the content hash is unknown.
 

@@ -43,6 +43,17 @@ class NodeResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+class _Peek:
+    """Reads a source without feeding its content hash (for samples)."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        data: memoryview = self._source.peek_into(key, start, stop, out)
+        return data
+
+
 class Executor:
     def __init__(self, plan: Plan, cache: Cache, *, device: str, progress: bool) -> None:
         self.plan = plan
@@ -130,6 +141,22 @@ class Executor:
                     hashes[ref.handle.name] = ref.handle.content_hash
         return hashes
 
+    def _check_family(self, node: PlannedNode, sources: list[ByteSource], specs: list[dict[str, TensorSpec]]) -> None:
+        """Warn when a merge's inputs look unrelated (sampled cosine similarity, see merger.family)."""
+        from merger.family import FAMILY_THRESHOLD, compare
+
+        peekers = [_Peek(s) if hasattr(s, "peek_into") else s for s in sources]
+        names = [ref.name for ref in node.inputs]
+        found = compare(peekers, specs, names)
+        node.spec.notes["family"] = {s.name: round(s.median, 4) for s in found if s.tensors}
+        for similarity in found:
+            if similarity.tensors and not similarity.related:
+                log.warning(
+                    f"node '{node.name}': input '{similarity.name}' looks unrelated to '{names[0]}'"
+                    f" (median cosine {similarity.median:.3f} over {similarity.tensors} weight tensors,"
+                    f" below {FAMILY_THRESHOLD}); merging models that do not share a parent gives garbage"
+                )
+
     def _compute(self, node: PlannedNode) -> EntryInfo:
         from merger.pipeline import Pipeline, RenamedSource
 
@@ -155,6 +182,8 @@ class Executor:
                     source = RenamedSource(source, ref.adaptation.rename)
                 sources.append(source)
                 specs.append(presented_spec(spec_of_input, ref.adaptation))
+            if node.op.family_check and len(sources) > 1:
+                self._check_family(node, sources, specs)
             metadata = node_metadata(self.plan, node.name, known, self._source_hashes())
             writer = SafetensorsWriter(tmp, spec, metadata, final_header=known is not None)
             Pipeline(node.op, node.keyed, sources, tuple(specs), backend).run(writer, node.spec, progress.advance)

@@ -19,8 +19,9 @@ from typing import Any
 
 from merger.archs import describe as describe_architecture
 from merger.errors import EXIT_USER_ERROR, MergerError
+from merger.family import FAMILY_THRESHOLD, compare
 from merger.io.safetensors_file import read_header
-from merger.io.sources import locate, open_source
+from merger.io.sources import TensorSource, locate, open_source
 from merger.progress import human_size
 from merger.provenance import parse_metadata
 from merger.report import REPORT_NAME
@@ -29,13 +30,22 @@ from merger.specs import ModelSpec, spec_differences, total_bytes, total_params
 MAX_DIFFERENCES = 10
 
 
-def model_spec(path: Path) -> ModelSpec:
+def open_model(path: Path) -> TensorSource:
     where = str(path)
-    source = open_source(locate(path, None, where=where), where=where)
-    try:
-        return dict(source.spec())
-    finally:
-        source.close()
+    return open_source(locate(path, None, where=where), where=where)
+
+
+def family(paths: list[Path], sources: list[TensorSource], specs: list[ModelSpec], names: list[str]) -> list[str]:
+    """How related the models are: sampled cosine similarity of each weight tensor to the first model's."""
+    found = compare(sources, [dict(s) for s in specs], names, max_tensors=64, max_elements=1 << 18)
+    lines = [f"family (cosine similarity to {names[0]}; below {FAMILY_THRESHOLD} reads as unrelated):"]
+    for similarity in found:
+        if not similarity.tensors:
+            lines.append(f"  {similarity.name}: no weight tensor in common to compare")
+            continue
+        lines.append(f"  {similarity.describe(names[0])}")
+        lines.append("    least similar: " + ", ".join(f"{key} {score:.4f}" for key, score in similarity.lowest))
+    return lines
 
 
 def provenance(path: Path) -> dict[str, Any] | None:
@@ -104,8 +114,12 @@ def describe(path: Path, spec: ModelSpec, *, max_keys: int) -> list[str]:
     return lines
 
 
+def display_names(paths: list[Path]) -> list[str]:
+    return [p.name if [q.name for q in paths].count(p.name) == 1 else str(p) for p in paths]
+
+
 def compatibility(paths: list[Path], specs: list[ModelSpec]) -> list[str]:
-    names = [p.name if [q.name for q in paths].count(p.name) == 1 else str(p) for p in paths]
+    names = display_names(paths)
     diffs = spec_differences(names, specs)
     if not diffs:
         return [f"compatible: all {len(paths)} models have the same {len(specs[0])} keys and shapes"]
@@ -122,12 +136,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="model files or Hugging Face folders")
     parser.add_argument("--keys", type=int, default=20, metavar="N", help="list the first N keys (-1: all)")
     args = parser.parse_args(argv)
+    sources: list[TensorSource] = []
     try:
-        specs = [model_spec(p) for p in args.files]
+        for path in args.files:
+            sources.append(open_model(path))
+        specs: list[ModelSpec] = [dict(s.spec()) for s in sources]
         blocks = [describe(p, s, max_keys=args.keys) for p, s in zip(args.files, specs, strict=True)]
         if len(specs) > 1:
             blocks.append(compatibility(args.files, specs))
+            blocks.append(family(args.files, sources, specs, display_names(args.files)))
     except MergerError as e:
         print(e.render(), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    finally:
+        for source in sources:
+            source.close()
     print("\n\n".join("\n".join(block) for block in blocks))

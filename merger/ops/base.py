@@ -115,6 +115,8 @@ class Op(ABC):
     random: ClassVar[bool] = False
     #: parameters that name a source or node (e.g. "base"): read as inputs placed before `inputs`
     references: ClassVar[tuple[str, ...]] = ()
+    #: a merge of models that should share a parent: warn when they look unrelated
+    family_check: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
     def check(self, params: Any, n_inputs: int) -> list[str]:

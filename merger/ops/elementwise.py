@@ -103,6 +103,8 @@ class ElementwiseOp(Op):
     (or float64), and casts the result to the first input's dtype.
     """
 
+    family_check = True
+
     def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
         return align(inputs, params)
 

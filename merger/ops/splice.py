@@ -50,6 +50,8 @@ def layer_of(key: str) -> str:
 class Splice(Op):
     """Each key (or each filter) drawn from one input, at random, seeded."""
 
+    family_check = True
+
     name = "splice"
     params_model = SpliceParams
     arity = Arity(2, None)

@@ -1,0 +1,148 @@
+"""select: a model made of chosen keys of several inputs (mergekit's passthrough).
+
+Two forms:
+
+    take: [{input: b, match: "layers\\.(1[0-9])\\."}]      # key by key: the first rule
+                                                            # whose regex finds the key picks
+                                                            # the input; others: the first input
+    slices: [{input: a, layers: [0, 16]}, {input: b, layers: [8, 24]}]
+                                                            # layer ranges, stacked and renumbered
+                                                            # (a's 0-15, then b's 8-23 as 16-31);
+                                                            # keys outside layers: the first input
+
+`layers` is the regex that finds a key's layer number (its first group).
+Tensors are copied unchanged, in chunks.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from merger.errors import MergerError
+from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, OpParams, TensorInputs
+from merger.specs import TensorSpec
+
+if TYPE_CHECKING:
+    from merger.arrays import Array, Backend
+
+DEFAULT_LAYERS = r"(?:^|\.)layers\.(\d+)\."
+
+
+class Take(OpParams):
+    input: str
+    match: str
+
+
+class Slice(OpParams):
+    input: str
+    layers: list[int] = Field(min_length=2, max_length=2)
+
+
+class SelectParams(OpParams):
+    take: list[Take] | None = None
+    slices: list[Slice] | None = None
+    layers: str = DEFAULT_LAYERS
+
+
+def _index(inputs: InputSpecs, name: str) -> int:
+    if name not in inputs.names:
+        raise MergerError(
+            f"'{name}' is not one of this node's inputs ({', '.join(inputs.names)})",
+            fix="name an input of the node (a glob source's files are name[0], name[1], ...)",
+        )
+    return inputs.names.index(name)
+
+
+def _compile(pattern: str, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise MergerError(f"{what} '{pattern}' is not a valid regular expression: {e}", fix="fix the regex") from None
+
+
+class Select(Op):
+    """Keys (or layer ranges) picked from several inputs, unchanged."""
+
+    name = "select"
+    params_model = SelectParams
+    arity = Arity(1, None)
+    summary = "keys or layer ranges picked from the inputs (passthrough)"
+
+    def check(self, params: SelectParams, n_inputs: int) -> list[str]:
+        if (params.take is None) == (params.slices is None):
+            raise MergerError("select takes either take: (key rules) or slices: (layer ranges)", fix="give one of them")
+        return []
+
+    def spec(self, inputs: InputSpecs, params: SelectParams) -> NodeSpec:
+        plan = self._take(inputs, params) if params.take is not None else self._slices(inputs, params)
+        tensors = {key: inputs.specs[i][source] for key, (i, source) in plan.items()}
+        counts: dict[str, int] = {}
+        for i, _ in plan.values():
+            counts[inputs.names[i]] = counts.get(inputs.names[i], 0) + 1
+        return NodeSpec(tensors=tensors, notes={"keys_from": counts}, plan=plan)
+
+    def _take(self, inputs: InputSpecs, params: SelectParams) -> dict[str, tuple[int, str]]:
+        assert params.take is not None
+        rules = [(_index(inputs, rule.input), _compile(rule.match, "match")) for rule in params.take]
+        plan: dict[str, tuple[int, str]] = {}
+        for key in inputs.specs[0]:
+            index = next((i for i, pattern in rules if pattern.search(key)), 0)
+            if key not in inputs.specs[index]:
+                raise MergerError(
+                    f"a take rule picks '{key}' from '{inputs.names[index]}', which has no such key",
+                    fix="narrow the rule's match, or pick the key from an input that has it",
+                )
+            plan[key] = (index, key)
+        return plan
+
+    def _slices(self, inputs: InputSpecs, params: SelectParams) -> dict[str, tuple[int, str]]:
+        assert params.slices is not None
+        pattern = _compile(params.layers, "layers")
+        layered: list[tuple[int, int, str]] = []  # (slice, input, key): a layer may be used twice
+        for number, piece in enumerate(params.slices):
+            index = _index(inputs, piece.input)
+            start, stop = piece.layers
+            by_layer: dict[int, list[str]] = {}
+            for key in inputs.specs[index]:
+                found = pattern.search(key)
+                if found and found.group(1) and found.group(1).isdigit():
+                    by_layer.setdefault(int(found.group(1)), []).append(key)
+            missing = [layer for layer in range(start, stop) if layer not in by_layer]
+            if missing or stop <= start:
+                raise MergerError(
+                    f"slice [{start}, {stop}) of '{piece.input}' asks for layers it lacks (e.g. {missing[:3]})"
+                    if missing
+                    else f"slice [{start}, {stop}) is empty",
+                    fix=f"'{piece.input}' has layers {min(by_layer, default=0)}..{max(by_layer, default=-1)}",
+                )
+            layered.extend((number, index, key) for layer in range(start, stop) for key in by_layer[layer])
+        plan: dict[str, tuple[int, str]] = {}
+        running: dict[tuple[int, int], int] = {}
+        stacked = False
+        for key in inputs.specs[0]:
+            if not pattern.search(key):
+                plan[key] = (0, key)
+                continue
+            if stacked:
+                continue
+            stacked = True
+            for number, index, source in layered:
+                found = pattern.search(source)
+                assert found is not None
+                new = running.setdefault((number, int(found.group(1))), len(running))
+                renamed = source[: found.start(1)] + str(new) + source[found.end(1) :]
+                plan[renamed] = (index, source)
+        return plan
+
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> str:
+        return "copy"
+
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> list[tuple[int, str]]:
+        return [plan[key]]
+
+    def tensor(self, key: str, inputs: TensorInputs, params: SelectParams, xp: Backend) -> Array:
+        index, source = inputs.plan[key]
+        return inputs.read(index, source)

@@ -1,0 +1,200 @@
+"""Merges of task vectors (theta_i - base): task arithmetic, TIES, DARE.
+
+One core, as mergekit's "generalized task arithmetic" (whose conventions these
+follow exactly, so that equal parameters give mergekit's results):
+
+    delta_i = theta_i - base                       (per tensor)
+    delta_i = sparsify(delta_i, density_i)         TIES: keep the top int(density * n) by |delta|
+                                                   DARE: drop each with probability 1 - density,
+                                                         rescale the rest by 1 / density
+    delta_i = w_i * delta_i
+    TIES sign election: s = sign(sum_i delta_i) (sum of the weighted trimmed deltas; +1 at 0);
+                        delta_i counts only where sign(delta_i) == s
+    mixed = sum_i delta_i
+    normalize: mixed /= sum_i w_i over the models that count there (1 where none does)
+    result = base + scale * mixed
+
+- `task_arithmetic`: Ilharco et al. 2023, "Editing Models with Task Arithmetic".
+- `ties`: Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models".
+- `dare_linear`, `dare_ties`: Yu et al. 2024, "Language Models are Super Mario" (DARE).
+`base` names the model the others were fine-tuned from; `inputs` are the
+fine-tuned models; `weights` and `density` take one number, or one per input;
+`scale` is mergekit's `lambda`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from merger.errors import MergerError
+from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, RandomParams, TensorInputs, seeded_rng
+from merger.ops.elementwise import MergeParams, align
+from merger.schedule import Scheduled, number
+from merger.specs import TensorSpec
+
+if TYPE_CHECKING:
+    from merger.arrays import Array, Backend
+
+PerModel = Scheduled | list[Scheduled]
+
+
+class TaskArithmeticParams(MergeParams):
+    base: str
+    weights: PerModel = 1.0
+    scale: Scheduled = 1.0
+    normalize: bool = False
+
+
+class TiesParams(TaskArithmeticParams):
+    density: PerModel = 1.0
+    normalize: bool = True
+    consensus: Literal["sum", "count"] = "sum"
+
+
+class DareParams(TaskArithmeticParams, RandomParams):
+    density: PerModel = 1.0
+    rescale: Literal["inverse_density", "l1", "none"] = "inverse_density"
+
+
+class DareTiesParams(DareParams):
+    consensus: Literal["sum", "count"] = "sum"
+
+
+def per_model(value: PerModel, n: int, name: str) -> list[float]:
+    """One value per fine-tuned model, from a number or a list."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise MergerError(
+                f"{name} has {len(value)} values for {n} models",
+                fix=f"give {name} one number for all, or one per input, in the order of inputs",
+            )
+        return [number(v) for v in value]
+    return [number(value)] * n
+
+
+class TaskVectorOp(Op):
+    """The shared core; subclasses choose sparsification and consensus."""
+
+    family_check = True
+
+    references = ("base",)
+    arity = Arity(1, None)
+    sparsify: ClassVar[str | None] = None  # "magnitude" | "random"
+    elects_sign: ClassVar[bool] = False
+
+    def check(self, params: Any, n_inputs: int) -> list[str]:
+        per_model(params.weights, n_inputs, "weights")
+        if hasattr(params, "density"):
+            for density in per_model(params.density, n_inputs, "density"):
+                if not 0.0 <= density <= 1.0:
+                    raise MergerError(f"density {density} is not between 0 and 1", fix="use a density in [0, 1]")
+        return []
+
+    def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
+        return align(inputs, params)  # input 0 is the base: what is not merged comes from it
+
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> str:
+        return "tensor" if key in plan else "copy"
+
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> list[tuple[int, str]]:
+        return [(i, key) for i in range(len(specs))] if key in plan else [(0, key)]
+
+    def _sparsified(self, key: str, delta: Array, density: float, index: int, params: Any, xp: Backend) -> Array:
+        if self.sparsify is None or density >= 1.0:
+            return delta
+        count = math.prod(delta.shape)
+        if density <= 0.0 or count == 0:
+            return delta * 0.0
+        if self.sparsify == "magnitude":
+            mask = xp.top_k_mask(xp.abs(delta), max(1, int(density * count)))
+            return xp.where(mask, delta, 0.0)
+        keep = seeded_rng(params.seed, f"{key}#{index}").random(count, dtype="float32") < density
+        kept = xp.where(xp.asarray(keep.reshape(tuple(delta.shape))), delta, 0.0)
+        if params.rescale == "inverse_density":
+            return kept / density
+        if params.rescale == "l1":
+            before, after = xp.total(xp.abs(delta)), xp.total(xp.abs(kept))
+            return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
+        return kept
+
+    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend) -> Array:
+        if key not in inputs.plan:
+            return inputs.read(0, key)
+        base = inputs.read(0, key)
+        n = len(inputs.specs) - 1
+        weights = per_model(params.weights, n, "weights")
+        densities = per_model(getattr(params, "density", 1.0), n, "density")
+        deltas = []
+        for i in range(n):
+            delta = self._sparsified(key, inputs.read(i + 1, key) - base, densities[i], i, params, xp)
+            deltas.append(delta * weights[i])
+        if self.elects_sign:
+            if params.consensus == "sum":
+                total = deltas[0] + 0.0
+                for delta in deltas[1:]:
+                    total += delta
+                majority = xp.where(total >= 0, 1.0, -1.0)
+            else:
+                count = xp.sign(deltas[0])
+                for delta in deltas[1:]:
+                    count += xp.sign(delta)
+                majority = xp.where(count >= 0, 1.0, -1.0)
+            mixed = base * 0.0
+            divisor = base * 0.0
+            for delta, weight in zip(deltas, weights, strict=True):
+                agrees = xp.sign(delta) == majority
+                mixed += xp.where(agrees, delta, 0.0)
+                divisor += xp.where(agrees, weight, 0.0)
+            divisor = xp.where(divisor == 0, 1.0, divisor)
+        else:
+            mixed = deltas[0] + 0.0
+            for delta in deltas[1:]:
+                mixed += delta
+            total_weight = sum(weights)
+            divisor = total_weight if abs(total_weight) >= 1e-8 else 1.0
+        if params.normalize:
+            mixed = mixed / divisor
+        scale = number(params.scale)
+        if scale != 1.0:
+            mixed = mixed * scale
+        return base + mixed
+
+
+class TaskArithmetic(TaskVectorOp):
+    """`base + scale * sum_i w_i (theta_i - base)` (divided by sum_i w_i with normalize)."""
+
+    name = "task_arithmetic"
+    params_model = TaskArithmeticParams
+    summary = "base + sum of weighted task vectors (theta_i - base)"
+
+
+class Ties(TaskVectorOp):
+    """TIES: trim each task vector to its top density, elect signs, average the agreeing values."""
+
+    name = "ties"
+    params_model = TiesParams
+    sparsify = "magnitude"
+    elects_sign = True
+    summary = "TIES: trim to top density, elect sign, mean of agreeing deltas"
+
+
+class DareLinear(TaskVectorOp):
+    """DARE: drop each delta with probability 1 - density, rescale the rest, add them up."""
+
+    name = "dare_linear"
+    params_model = DareParams
+    sparsify = "random"
+    random = True
+    summary = "DARE: random drop of deltas, rescaled, summed (seeded)"
+
+
+class DareTies(TaskVectorOp):
+    """DARE's random drop, then TIES's sign election."""
+
+    name = "dare_ties"
+    params_model = DareTiesParams
+    sparsify = "random"
+    elects_sign = True
+    random = True
+    summary = "DARE drop + TIES sign election (seeded)"
