@@ -152,10 +152,14 @@ def test_output_moved_away_from_its_report_has_no_run_line(
 def test_same_family_pair_is_compatible(models: Models, capsys: pytest.CaptureFixture[str]) -> None:
     out = inspect(capsys, models["a"], models["b_pth"])
     blocks = out.split("\n\n")
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert blocks[0].startswith(str(models["a"]))
     assert blocks[1].startswith(str(models["b_pth"]))
     assert blocks[2].strip() == "compatible: all 2 models have the same 8 keys and shapes"
+    family = blocks[3].splitlines()
+    assert family[0] == "family (cosine similarity to a.safetensors; below 0.5 reads as unrelated):"
+    assert family[1].startswith("  b.pth vs a.safetensors: median cosine 0.99")
+    assert family[1].endswith("over 3 weight tensors -> same family")
 
 
 def test_incompatible_pair_lists_the_differences(
@@ -168,7 +172,7 @@ def test_incompatible_pair_lists_the_differences(
     save_file(other, path)
 
     out = inspect(capsys, models["a"], path)
-    verdict = out.split("\n\n")[-1].splitlines()
+    verdict = out.split("\n\n")[-2].splitlines()
     assert verdict[0] == "not compatible for a strict merge: 8 differences"
     assert (
         "  'conv_first.weight' is [8, 3, 3, 3] in 'a.safetensors' but [4, 3, 3, 3] in 'narrow.safetensors'" in verdict
@@ -183,7 +187,7 @@ def test_many_differences_are_capped(models: Models, launch_dir: Path, capsys: p
     path = launch_dir / "unrelated.safetensors"
     save_file({f"layer{i}.weight": torch.zeros(1) for i in range(12)}, path)
     out = inspect(capsys, models["a"], path)
-    verdict = out.split("\n\n")[-1].splitlines()
+    verdict = out.split("\n\n")[-2].splitlines()
     assert verdict[0] == "not compatible for a strict merge: 20 differences"
     assert "  ... and 10 more" in verdict
     assert len([line for line in verdict if line.startswith("  '")]) == 10
