@@ -41,6 +41,30 @@ def zoo(models: Path) -> None:
         torch.save(fine_tune(base, i), models / "zoo" / f"m{i}.pth")
 
 
+def tiny_llm(seed: int) -> dict[str, torch.Tensor]:
+    """A Llama-shaped state dict: 4 layers of attention and MLP, embeddings, norms."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {"model.embed_tokens.weight": torch.randn(32, 16, generator=g), "model.norm.weight": torch.ones(16)}
+    for i in range(4):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj", "mlp.down_proj"):
+            sd[f"model.layers.{i}.{name}.weight"] = torch.randn(16, 16, generator=g)
+        sd[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(16)
+    sd["lm_head.weight"] = torch.randn(32, 16, generator=g)
+    return sd
+
+
+def llm_family(*names: str) -> Callable[[Path], None]:
+    """Hugging Face-style folders: `base`, and the other names as fine-tunes of it."""
+
+    def write(models: Path) -> None:
+        base = tiny_llm(0)
+        for i, name in enumerate(names):
+            (models / name).mkdir()
+            save_file(base if name == "base" else fine_tune(base, i + 1), models / name / "model.safetensors")
+
+    return write
+
+
 def named(*names: str) -> Callable[[Path], None]:
     def write(models: Path) -> None:
         base = tiny_state_dict(0)
@@ -52,6 +76,13 @@ def named(*names: str) -> Callable[[Path], None]:
 
 MODELS: dict[str, Callable[[Path], None]] = {
     "add_difference": named("target", "tuned", "base"),
+    "dare": llm_family("base", "math", "code"),
+    "model_stock": llm_family("base", "run1", "run2", "run3"),
+    "passthrough": llm_family("chat", "code"),
+    "per_layer": llm_family("chat", "code"),
+    "slerp": llm_family("chat", "code"),
+    "task_arithmetic": llm_family("base", "math", "code"),
+    "ties": llm_family("base", "math", "code", "chat"),
     "esrgan_cross_scale": cross_scale,
     "esrgan_dni": dni_pair,
     "esrgan_splice": dni_pair,
@@ -78,6 +109,10 @@ def test_example_recipe_runs(launch_dir: Path, name: str) -> None:
     assert all(node["status"] == "computed" for node in report["nodes"].values())
     for output in report["outputs"].values():
         assert Path(output["path"]).is_file()
+    if name == "passthrough":
+        (output,) = report["outputs"].values()
+        layers = {k.split(".")[2] for k in load(Path(output["path"])) if k.startswith("model.layers.")}
+        assert layers == {"0", "1", "2", "3", "4", "5"}
     if name.startswith("esrgan_x") or name == "esrgan_cross_scale":
         spandrel = pytest.importorskip("spandrel")
         expected = {"esrgan_x8": {8}, "esrgan_x2": {2}, "esrgan_cross_scale": {2}}[name]
