@@ -119,22 +119,23 @@ class Select(Op):
                     fix=f"'{piece.input}' has layers {min(by_layer, default=0)}..{max(by_layer, default=-1)}",
                 )
             layered.extend((number, index, key) for layer in range(start, stop) for key in by_layer[layer])
-        plan: dict[str, tuple[int, str]] = {}
+        stack: dict[str, tuple[int, str]] = {}
         running: dict[tuple[int, int], int] = {}
-        stacked = False
-        for key in inputs.specs[0]:
+        for number, index, source in layered:
+            found = pattern.search(source)
+            assert found is not None
+            new = running.setdefault((number, int(found.group(1))), len(running))
+            stack[source[: found.start(1)] + str(new) + source[found.end(1) :]] = (index, source)
+        plan: dict[str, tuple[int, str]] = {}
+        placed = False
+        for key in inputs.specs[0]:  # the first input's other keys, the stack where its layers were
             if not pattern.search(key):
                 plan[key] = (0, key)
-                continue
-            if stacked:
-                continue
-            stacked = True
-            for number, index, source in layered:
-                found = pattern.search(source)
-                assert found is not None
-                new = running.setdefault((number, int(found.group(1))), len(running))
-                renamed = source[: found.start(1)] + str(new) + source[found.end(1) :]
-                plan[renamed] = (index, source)
+            elif not placed:
+                plan.update(stack)
+                placed = True
+        if not placed:  # the first input has no layers: the stack goes last
+            plan.update(stack)
         return plan
 
     def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> str:

@@ -4,7 +4,7 @@ One core, as mergekit's "generalized task arithmetic" (whose conventions these
 follow exactly, so that equal parameters give mergekit's results):
 
     delta_i = theta_i - base                       (per tensor)
-    delta_i = sparsify(delta_i, density_i)         TIES: keep the top int(density * n) by |delta|
+    delta_i = sparsify(delta_i, density_i)         TIES: keep the top max(1, int(density * n)) by |delta|
                                                    DARE: drop each with probability 1 - density,
                                                          rescale the rest by 1 / density
     delta_i = w_i * delta_i
