@@ -88,7 +88,8 @@ class Backend(Protocol):
         ...
 
     def top_k_mask(self, values: Array, k: int) -> Array:
-        """A boolean array marking the `k` largest of `values` (flattened, then reshaped)."""
+        """A boolean array marking the `k` largest of `values`; among values equal to the k-th
+        largest, the first ones in C order (so every backend marks the same elements)."""
         ...
 
 
@@ -160,11 +161,11 @@ class NumpyBackend:
 
     def top_k_mask(self, values: np.ndarray, k: int) -> np.ndarray:
         flat = values.reshape(-1)
-        mask = np.zeros(flat.shape, dtype=bool)
-        if k >= flat.size:
-            mask[:] = True
-        elif k > 0:
-            mask[np.argpartition(-flat, k - 1)[:k]] = True
+        if k >= flat.size or k <= 0:
+            return np.full(values.shape, k > 0, dtype=bool)
+        threshold = np.partition(flat, flat.size - k)[flat.size - k]
+        mask = flat > threshold
+        mask[np.flatnonzero(flat == threshold)[: k - int(mask.sum())]] = True
         return mask.reshape(values.shape)
 
 
@@ -236,11 +237,11 @@ class TorchBackend:
         import torch
 
         flat = values.reshape(-1)
-        mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-        if k >= flat.numel():
-            mask[:] = True
-        elif k > 0:
-            mask[torch.topk(flat, k).indices] = True
+        if k >= flat.numel() or k <= 0:
+            return torch.full(values.shape, k > 0, dtype=torch.bool, device=flat.device)
+        threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+        mask = flat > threshold
+        mask[torch.nonzero(flat == threshold).reshape(-1)[: k - int(mask.sum().item())]] = True
         return mask.reshape(values.shape)
 
 

@@ -5,6 +5,7 @@ follow exactly, so that equal parameters give mergekit's results):
 
     delta_i = theta_i - base                       (per tensor)
     delta_i = sparsify(delta_i, density_i)         TIES: keep the top max(1, int(density * n)) by |delta|
+                                                         (of equal magnitudes at the cut, the first)
                                                    DARE: drop each with probability 1 - density,
                                                          rescale the rest by 1 / density
     delta_i = w_i * delta_i
@@ -17,6 +18,10 @@ follow exactly, so that equal parameters give mergekit's results):
 - `task_arithmetic`: Ilharco et al. 2023, "Editing Models with Task Arithmetic".
 - `ties`: Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models".
 - `dare_linear`, `dare_ties`: Yu et al. 2024, "Language Models are Super Mario" (DARE).
+Where several deltas tie at TIES's cut, merger keeps the first in C order;
+mergekit's torch.argsort breaks such ties in an unspecified order, so the
+two differ there (and only there: such ties are common in large float32
+tensors whose deltas are rounded to the base's precision).
 `base` names the model the others were fine-tuned from; `inputs` are the
 fine-tuned models; `weights` and `density` take one number, or one per input;
 `scale` is mergekit's `lambda`.
@@ -134,16 +139,15 @@ class TaskVectorOp(Op):
                 total = deltas[0] + 0.0
                 for delta in deltas[1:]:
                     total += delta
-                majority = xp.where(total >= 0, 1.0, -1.0)
             else:
-                count = xp.sign(deltas[0])
+                total = xp.sign(deltas[0])
                 for delta in deltas[1:]:
-                    count += xp.sign(delta)
-                majority = xp.where(count >= 0, 1.0, -1.0)
+                    total += xp.sign(delta)
+            positive = total >= 0  # the elected sign: + where the vote is 0
             mixed = base * 0.0
             divisor = base * 0.0
             for delta, weight in zip(deltas, weights, strict=True):
-                agrees = xp.sign(delta) == majority
+                agrees = xp.where(positive, delta > 0, delta < 0)  # a zero delta never agrees
                 mixed += xp.where(agrees, delta, 0.0)
                 divisor += xp.where(agrees, weight, 0.0)
             divisor = xp.where(divisor == 0, 1.0, divisor)
