@@ -159,7 +159,7 @@ class NumpyBackend:
     def row_sums(self, array: np.ndarray) -> Array:
         return array.reshape(array.shape[0], -1).sum(axis=1, keepdims=True)
 
-    def top_k_mask(self, values: np.ndarray, k: int) -> np.ndarray:
+    def top_k_mask(self, values: np.ndarray, k: int) -> Array:
         flat = values.reshape(-1)
         if k >= flat.size or k <= 0:
             return np.full(values.shape, k > 0, dtype=bool)
