@@ -210,7 +210,7 @@ class TorchBackend:
     def asarray(self, values: np.ndarray) -> torch.Tensor:
         import torch
 
-        host = torch.from_numpy(np.ascontiguousarray(values))
+        host = torch.from_numpy(np.ascontiguousarray(values).reshape(values.shape))  # keep a 0-d array 0-d
         return host.to(self.device)
 
     def repeat(self, array: torch.Tensor, repeats: int, axis: int) -> torch.Tensor:

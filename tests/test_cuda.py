@@ -20,6 +20,9 @@ from merger.ops.linear import (
     WeightedSum,
     WeightedSumParams,
 )
+from merger.ops.model_stock import ModelStock, ModelStockParams
+from merger.ops.slerp import Slerp, SlerpParams
+from merger.ops.task_vectors import DareTies, DareTiesParams, TaskArithmetic, TaskArithmeticParams, Ties, TiesParams
 from merger.pipeline import PIECE_BYTES, Pipeline
 from merger.specs import TensorSpec
 from tests.conftest import BytesSource, Collector
@@ -63,6 +66,33 @@ def test_cuda_equals_cpu(op: Op, params: Any, n: int, dtype: str) -> None:
         gpu = xp.load(results["cuda"][key], tensor.dtype, tensor.shape).astype(np.float64)
         scale = np.maximum(np.abs(cpu), 1e-30)
         assert float(np.max(np.abs(cpu - gpu) / scale, initial=0.0)) <= 1e-6, key
+
+
+WHOLE_TENSOR_CASES: list[tuple[Op, Any, int]] = [
+    (Slerp(), SlerpParams(t=0.3), 2),
+    (TaskArithmetic(), TaskArithmeticParams(base="m0", weights=[0.6, 0.4]), 3),
+    (Ties(), TiesParams(base="m0", weights=[1.0, 0.5], density=0.4), 3),
+    (DareTies(), DareTiesParams(base="m0", weights=0.5, density=0.5, seed=3), 3),
+    (ModelStock(), ModelStockParams(base="m0"), 4),
+]
+
+
+@pytest.mark.parametrize(("op", "params", "n"), WHOLE_TENSOR_CASES, ids=[c[0].name for c in WHOLE_TENSOR_CASES])
+def test_cuda_equals_cpu_for_whole_tensor_methods(op: Op, params: Any, n: int) -> None:
+    """Methods with reductions (norms, dot products, top-k): equal within 1e-6 of each tensor's scale."""
+    sources, specs = make_inputs(n, "F32")
+    spec = op.spec(InputSpecs(tuple(f"m{i}" for i in range(n)), specs), params)
+    results = {}
+    for name, backend in (("cpu", NumpyBackend()), ("cuda", TorchBackend("cuda"))):
+        collector = Collector()
+        Pipeline(op, params, list(sources), specs, backend).run(collector, spec, lambda key, nbytes: None)
+        results[name] = collector.joined()
+    xp = NumpyBackend()
+    for key, tensor in spec.tensors.items():
+        cpu = xp.load(results["cpu"][key], tensor.dtype, tensor.shape).astype(np.float64)
+        gpu = xp.load(results["cuda"][key], tensor.dtype, tensor.shape).astype(np.float64)
+        scale = max(float(np.max(np.abs(cpu), initial=0.0)), 1e-30)
+        assert float(np.max(np.abs(cpu - gpu), initial=0.0)) <= 1e-6 * scale, key
 
 
 def test_auto_device_picks_cuda() -> None:
