@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 from merger.errors import MergerError
 from merger.job import prepare, run
 from merger.ops import builtin_registry
+from merger.ops.base import InputSpecs, NodeSpec, Op
 from merger.report import RunContext
+from merger.specs import TensorSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,6 +117,30 @@ class Collector:
         for key, data in self.chunks:
             out[key] = out.get(key, b"") + data
         return out
+
+
+def spec_of(model: StateDict) -> dict[str, TensorSpec]:
+    from merger.tensor_bytes import dtype_code
+
+    return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in model.items()}
+
+
+def pipeline_outputs(
+    op: Op, params: Any, models: list[StateDict], backend: Any, names: tuple[str, ...] | None = None
+) -> tuple[NodeSpec, StateDict]:
+    """(NodeSpec, outputs) of `op` on in-memory models, computed by the real executor pipeline."""
+    from merger.pipeline import Pipeline
+    from merger.tensor_bytes import tensor_from_buffer
+
+    specs = tuple(spec_of(m) for m in models)
+    spec = op.spec(InputSpecs(names or tuple(f"m{i}" for i in range(len(models))), specs), params)
+    collector = Collector()
+    Pipeline(op, params, [BytesSource.of(m) for m in models], specs, backend).run(
+        collector, spec, lambda key, nbytes: None
+    )
+    joined = collector.joined()
+    out = {k: tensor_from_buffer(bytearray(joined[k]), t.dtype, t.shape) for k, t in spec.tensors.items()}
+    return spec, out
 
 
 def load(path: Path) -> StateDict:

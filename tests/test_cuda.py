@@ -42,6 +42,18 @@ def make_inputs(n: int, dtype: str) -> tuple[list[BytesSource], tuple[dict[str, 
     return sources, tuple(specs)
 
 
+def cpu_and_cuda(op: Op, params: Any, n: int, dtype: str) -> tuple[Any, dict[str, dict[str, bytes]]]:
+    """The node spec, and the bytes the pipeline writes on numpy and on CUDA."""
+    sources, specs = make_inputs(n, dtype)
+    spec = op.spec(InputSpecs(tuple(f"m{i}" for i in range(n)), specs), params)
+    results = {}
+    for name, backend in (("cpu", NumpyBackend()), ("cuda", TorchBackend("cuda"))):
+        collector = Collector()
+        Pipeline(op, params, list(sources), specs, backend).run(collector, spec, lambda key, nbytes: None)
+        results[name] = collector.joined()
+    return spec, results
+
+
 CASES: list[tuple[Op, Any, int]] = [
     (Lerp(), LerpParams(alpha=0.3), 2),
     (WeightedSum(), WeightedSumParams(weights=[0.5, 0.3, 0.2], normalize=True), 3),
@@ -53,13 +65,7 @@ CASES: list[tuple[Op, Any, int]] = [
 @pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
 @pytest.mark.parametrize(("op", "params", "n"), CASES, ids=[c[0].name for c in CASES])
 def test_cuda_equals_cpu(op: Op, params: Any, n: int, dtype: str) -> None:
-    sources, specs = make_inputs(n, dtype)
-    spec = op.spec(InputSpecs(tuple(f"m{i}" for i in range(n)), specs), params)
-    results = {}
-    for name, backend in (("cpu", NumpyBackend()), ("cuda", TorchBackend("cuda"))):
-        collector = Collector()
-        Pipeline(op, params, list(sources), specs, backend).run(collector, spec, lambda key, nbytes: None)
-        results[name] = collector.joined()
+    spec, results = cpu_and_cuda(op, params, n, dtype)
     xp = NumpyBackend()
     for key, tensor in spec.tensors.items():
         cpu = xp.load(results["cpu"][key], tensor.dtype, tensor.shape).astype(np.float64)
@@ -80,13 +86,7 @@ WHOLE_TENSOR_CASES: list[tuple[Op, Any, int]] = [
 @pytest.mark.parametrize(("op", "params", "n"), WHOLE_TENSOR_CASES, ids=[c[0].name for c in WHOLE_TENSOR_CASES])
 def test_cuda_equals_cpu_for_whole_tensor_methods(op: Op, params: Any, n: int) -> None:
     """Methods with reductions (norms, dot products, top-k): equal within 1e-6 of each tensor's scale."""
-    sources, specs = make_inputs(n, "F32")
-    spec = op.spec(InputSpecs(tuple(f"m{i}" for i in range(n)), specs), params)
-    results = {}
-    for name, backend in (("cpu", NumpyBackend()), ("cuda", TorchBackend("cuda"))):
-        collector = Collector()
-        Pipeline(op, params, list(sources), specs, backend).run(collector, spec, lambda key, nbytes: None)
-        results[name] = collector.joined()
+    spec, results = cpu_and_cuda(op, params, n, "F32")
     xp = NumpyBackend()
     for key, tensor in spec.tensors.items():
         cpu = xp.load(results["cpu"][key], tensor.dtype, tensor.shape).astype(np.float64)

@@ -27,19 +27,18 @@ from merger.ops.linear import (
     WeightedSum,
     WeightedSumParams,
 )
-from merger.pipeline import Pipeline
 from merger.specs import TensorSpec
-from merger.tensor_bytes import tensor_from_buffer
-from tests.conftest import BytesSource, Collector, RunRecipe, expect_error, fine_tune, load, tiny_state_dict
+from tests.conftest import (
+    RunRecipe,
+    expect_error,
+    fine_tune,
+    load,
+    pipeline_outputs,
+    tiny_state_dict,
+)
 
 StateDict = dict[str, torch.Tensor]
 INT_KEY = "bn.num_batches_tracked"
-
-
-def _spec_of(sd: StateDict) -> dict[str, TensorSpec]:
-    from merger.tensor_bytes import dtype_code
-
-    return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
 
 
 BACKENDS = {"numpy": NumpyBackend, "torch": lambda: TorchBackend("cpu")}
@@ -55,17 +54,7 @@ def backend(request: pytest.FixtureRequest) -> Any:
 
 def run_pipeline(op: Op, params: Any, models: list[StateDict], names: tuple[str, ...] | None = None) -> Any:
     """(NodeSpec, outputs) of `op` computed by the real executor pipeline on the current backend."""
-    specs = tuple(_spec_of(m) for m in models)
-    spec = op.spec(InputSpecs(names or tuple(f"m{i}" for i in range(len(models))), specs), params)
-    collector = Collector()
-    pipeline = Pipeline(op, params, [BytesSource.of(m) for m in models], specs, CURRENT["backend"])
-    pipeline.run(collector, spec, lambda key, nbytes: None)
-    joined = collector.joined()
-    out: StateDict = {}
-    for key, tensor_spec in spec.tensors.items():
-        data = bytearray(joined[key])
-        out[key] = tensor_from_buffer(data, tensor_spec.dtype, tensor_spec.shape)
-    return spec, out
+    return pipeline_outputs(op, params, models, CURRENT["backend"], names)
 
 
 def _family(n: int, *, dtype: torch.dtype = torch.float32) -> list[StateDict]:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from merger.arrays import NumpyBackend, TorchBackend
-from merger.ops.base import InputSpecs, Op
+from merger.ops.base import Op
 from merger.ops.task_vectors import (
     DareLinear,
     DareParams,
@@ -28,10 +28,14 @@ from merger.ops.task_vectors import (
     Ties,
     TiesParams,
 )
-from merger.pipeline import Pipeline
-from merger.specs import TensorSpec
-from merger.tensor_bytes import tensor_from_buffer
-from tests.conftest import BytesSource, Collector, RunRecipe, expect_error, fine_tune, load, tiny_state_dict
+from tests.conftest import (
+    RunRecipe,
+    expect_error,
+    fine_tune,
+    load,
+    pipeline_outputs,
+    tiny_state_dict,
+)
 
 StateDict = dict[str, torch.Tensor]
 INT_KEY = "bn.num_batches_tracked"
@@ -45,23 +49,9 @@ def xp(request: pytest.FixtureRequest) -> Any:
     return BACKENDS[request.param]()
 
 
-def _spec_of(sd: StateDict) -> dict[str, TensorSpec]:
-    from merger.tensor_bytes import dtype_code
-
-    return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
-
-
 def run_pipeline(op: Op, params: Any, models: list[StateDict], backend: Any) -> StateDict:
     """The outputs of `op` computed by the real executor pipeline (input 0 is the base)."""
-    specs = tuple(_spec_of(m) for m in models)
-    names = ("base", *(f"m{i}" for i in range(1, len(models))))
-    spec = op.spec(InputSpecs(names, specs), params)
-    collector = Collector()
-    Pipeline(op, params, [BytesSource.of(m) for m in models], specs, backend).run(
-        collector, spec, lambda key, nbytes: None
-    )
-    joined = collector.joined()
-    return {key: tensor_from_buffer(bytearray(joined[key]), ts.dtype, ts.shape) for key, ts in spec.tensors.items()}
+    return pipeline_outputs(op, params, models, backend, ("base", *(f"m{i}" for i in range(1, len(models)))))[1]
 
 
 # --- the golden computations (plain torch, float32) ------------------------------------------------
