@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from merger.arrays import NumpyBackend, TorchBackend
 from merger.errors import MergerError
 from merger.job import prepare, run
 from merger.ops import builtin_registry
@@ -141,6 +142,21 @@ def pipeline_outputs(
     joined = collector.joined()
     out = {k: tensor_from_buffer(bytearray(joined[k]), t.dtype, t.shape) for k, t in spec.tensors.items()}
     return spec, out
+
+
+#: the array backends a pipeline can compute on here (torch on the CPU stands in for CUDA)
+BACKENDS: dict[str, Callable[[], Any]] = {"numpy": NumpyBackend, "torch": lambda: TorchBackend("cpu")}
+
+
+def assert_states_close(got: StateDict, expected: StateDict, *, ordered: bool = False, **tol: float) -> None:
+    """Same keys (in order, if `ordered`), same dtypes, float tensors close, others equal."""
+    assert (list(got) == list(expected)) if ordered else (sorted(got) == sorted(expected))
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype, key
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, **tol, msg=lambda m, k=key: f"{k}: {m}")
+        else:
+            assert torch.equal(got[key], value), key
 
 
 def load(path: Path) -> StateDict:

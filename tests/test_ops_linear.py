@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.arrays import NumpyBackend, TorchBackend
 from merger.errors import MergerError
 from merger.ops.base import InputSpecs, Op
 from merger.ops.elementwise import MergeParams
@@ -29,7 +28,9 @@ from merger.ops.linear import (
 )
 from merger.specs import TensorSpec
 from tests.conftest import (
+    BACKENDS,
     RunRecipe,
+    assert_states_close,
     expect_error,
     fine_tune,
     load,
@@ -41,7 +42,6 @@ StateDict = dict[str, torch.Tensor]
 INT_KEY = "bn.num_batches_tracked"
 
 
-BACKENDS = {"numpy": NumpyBackend, "torch": lambda: TorchBackend("cpu")}
 CURRENT: dict[str, Any] = {}
 
 
@@ -89,16 +89,6 @@ def _golden(models: list[StateDict], fn: Callable[[list[torch.Tensor]], torch.Te
     return out
 
 
-def _assert_state_close(got: StateDict, expected: StateDict, **tol: float) -> None:
-    assert list(got) == list(expected)
-    for key, value in expected.items():
-        assert got[key].dtype == value.dtype, key
-        if value.is_floating_point():
-            torch.testing.assert_close(got[key], value, **tol, msg=lambda m, k=key: f"{k}: {m}")
-        else:
-            assert torch.equal(got[key], value), key
-
-
 # --- lerp -------------------------------------------------------------------------------------------
 
 
@@ -107,7 +97,7 @@ def test_lerp_direct(alpha: float) -> None:
     models = _family(2)
     out = _apply(Lerp(), LerpParams(alpha=alpha), models)
     expected = _golden(models, lambda v: (1 - alpha) * v[0] + alpha * v[1])
-    _assert_state_close(out, expected)
+    assert_states_close(out, expected, ordered=True)
     assert out[INT_KEY].item() == 7
 
 
@@ -145,7 +135,7 @@ def test_lerp_end_to_end(models: dict[str, Path], run_recipe: RunRecipe, alpha: 
     out = load(Path(report["outputs"]["blend"]["path"]))
     a, b = load(models["a"]), load(models["b"])
     expected = _golden([a, b], lambda v: (1 - alpha) * v[0] + alpha * v[1])
-    _assert_state_close(dict(sorted(out.items())), dict(sorted(expected.items())))
+    assert_states_close(dict(sorted(out.items())), dict(sorted(expected.items())), ordered=True)
     if alpha == 0:
         for key in a:
             assert torch.equal(out[key], a[key])
@@ -164,7 +154,7 @@ def test_weighted_sum_direct(weights: list[float]) -> None:
     models = _family(len(weights))
     out = _apply(WeightedSum(), WeightedSumParams(weights=weights), models)
     expected = _golden(models, lambda v: sum((w * x for w, x in zip(weights, v, strict=True)), torch.zeros(())))
-    _assert_state_close(out, expected)
+    assert_states_close(out, expected, ordered=True)
 
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 2.0], [3.0, -1.0, 0.5]])
@@ -173,7 +163,7 @@ def test_weighted_sum_normalize_direct(weights: list[float]) -> None:
     total = sum(weights)
     out = _apply(WeightedSum(), WeightedSumParams(weights=weights, normalize=True), models)
     expected = _golden(models, lambda v: sum((w * x for w, x in zip(weights, v, strict=True)), torch.zeros(())) / total)
-    _assert_state_close(out, expected)
+    assert_states_close(out, expected, ordered=True)
 
 
 def test_weighted_sum_wrong_number_of_weights() -> None:
@@ -276,7 +266,7 @@ def test_average_direct_three_inputs() -> None:
     models = _family(3)
     out = _apply(Average(), MergeParams(), models)
     expected = _golden(models, lambda v: torch.stack(v).mean(dim=0))
-    _assert_state_close(out, expected)
+    assert_states_close(out, expected, ordered=True)
     assert out[INT_KEY].item() == 7
 
 
@@ -322,7 +312,7 @@ def test_add_difference_direct(multiplier: float) -> None:
     models = _family(3)
     out = _apply(AddDifference(), AddDifferenceParams(multiplier=multiplier), models)
     expected = _golden(models, lambda v: v[0] + multiplier * (v[1] - v[2]))
-    _assert_state_close(out, expected)
+    assert_states_close(out, expected, ordered=True)
 
 
 def test_add_difference_default_multiplier_is_one() -> None:
@@ -406,7 +396,7 @@ def test_output_dtype_is_first_inputs_dtype() -> None:
     b = tiny_state_dict(2, dtype=torch.float32)
     out = _apply(Lerp(), LerpParams(alpha=0.5), [a, b])
     expected = _golden([a, b], lambda v: 0.5 * v[0] + 0.5 * v[1])
-    _assert_state_close(out, expected, rtol=1e-3, atol=1e-3)
+    assert_states_close(out, expected, rtol=1e-3, atol=1e-3, ordered=True)
     assert out["conv_first.weight"].dtype == torch.float16
     out2 = _apply(Lerp(), LerpParams(alpha=0.5), [b, a])
     assert out2["conv_first.weight"].dtype == torch.float32

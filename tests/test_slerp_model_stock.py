@@ -10,7 +10,6 @@ t * mean(models) + (1 - t) * base.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.arrays import NumpyBackend, TorchBackend
 from merger.ops.base import Op
 from merger.ops.model_stock import ModelStock, ModelStockParams
 from merger.ops.slerp import Slerp, SlerpParams
-from tests.conftest import RunRecipe, fine_tune, load, pipeline_outputs, tiny_state_dict
+from tests.conftest import BACKENDS, RunRecipe, assert_states_close, fine_tune, load, pipeline_outputs, tiny_state_dict
 
 StateDict = dict[str, torch.Tensor]
+TOL = {"rtol": 1e-5, "atol": 1e-6}
 INT_KEY = "bn.num_batches_tracked"
-BACKENDS: dict[str, Callable[[], Any]] = {"numpy": NumpyBackend, "torch": lambda: TorchBackend("cpu")}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -38,20 +36,6 @@ def xp(request: pytest.FixtureRequest) -> Any:
 def run_pipeline(op: Op, params: Any, models: list[StateDict], backend: Any) -> StateDict:
     """The outputs of `op` computed by the real executor pipeline."""
     return pipeline_outputs(op, params, models, backend, tuple(f"m{i}" for i in range(len(models))))[1]
-
-
-def _about(key: str) -> Callable[[str], str]:
-    return lambda message: f"{key}: {message}"
-
-
-def _close(got: StateDict, expected: StateDict) -> None:
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert got[key].dtype == value.dtype, key
-        if value.is_floating_point():
-            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=_about(key))
-        else:
-            assert torch.equal(got[key], value), key
 
 
 def _per_key(models: list[StateDict], fn: Any) -> StateDict:
@@ -83,7 +67,7 @@ def _pair() -> tuple[StateDict, StateDict]:
 def test_slerp_direct(xp: Any, t: float) -> None:
     a, b = _pair()
     out = run_pipeline(Slerp(), SlerpParams(t=t), [a, b], xp)
-    _close(out, _per_key([a, b], lambda x, y: g_slerp(x, y, t)))
+    assert_states_close(out, _per_key([a, b], lambda x, y: g_slerp(x, y, t)), **TOL)
 
 
 def test_slerp_is_not_lerp_for_angled_tensors(xp: Any) -> None:
@@ -135,7 +119,7 @@ def test_slerp_end_to_end(models: dict[str, Path], run_recipe: RunRecipe) -> Non
     )
     out = load(Path(report["outputs"]["s"]["path"]))
     a, b = load(models["a"]), load(models["b"])
-    _close(out, _per_key([a, b], lambda x, y: g_slerp(x, y, 0.4)))
+    assert_states_close(out, _per_key([a, b], lambda x, y: g_slerp(x, y, 0.4)), **TOL)
     assert report["nodes"]["s"]["op"] == "slerp"
     assert report["nodes"]["s"]["keys"]["merged"] == 7
 
@@ -174,7 +158,7 @@ def _stock_family(n: int) -> list[StateDict]:
 def test_model_stock_direct(xp: Any, n: int) -> None:
     models = _stock_family(n)
     out = run_pipeline(ModelStock(), ModelStockParams(base="m0"), models, xp)
-    _close(out, _per_key(models, g_model_stock))
+    assert_states_close(out, _per_key(models, g_model_stock), **TOL)
 
 
 def test_model_stock_ratio_by_hand(xp: Any) -> None:
@@ -195,7 +179,7 @@ def test_model_stock_filter_wise_per_row(xp: Any) -> None:
     models = [base, fine_tune(base, 40, scale=0.5), fine_tune(base, 41, scale=0.5), fine_tune(base, 42, scale=0.5)]
     out = run_pipeline(ModelStock(), ModelStockParams(base="m0", filter_wise=True), models, xp)
     expected = _per_key(models, lambda *v: g_model_stock(*v, filter_wise=True))
-    _close(out, expected)
+    assert_states_close(out, expected, **TOL)
     # per row, not per tensor: the whole-tensor ratio gives another result
     whole = _per_key(models, g_model_stock)
     assert not torch.allclose(out["w"], whole["w"], rtol=1e-4, atol=1e-4)
@@ -249,6 +233,6 @@ def test_model_stock_end_to_end(models: dict[str, Path], launch_dir: Path, run_r
     )
     out = load(Path(report["outputs"]["ms"]["path"]))
     sds = [base, *(load(launch_dir / "models" / f"{name}.safetensors") for name in names)]
-    _close(out, _per_key(sds, g_model_stock))
+    assert_states_close(out, _per_key(sds, g_model_stock), **TOL)
     assert report["nodes"]["ms"]["op"] == "model_stock"
     assert report["nodes"]["ms"]["keys"]["merged"] == 7

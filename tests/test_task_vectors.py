@@ -8,7 +8,6 @@ directly through the real `merger.pipeline.Pipeline` on both array backends.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.arrays import NumpyBackend, TorchBackend
 from merger.ops.base import Op
 from merger.ops.task_vectors import (
     DareLinear,
@@ -29,7 +27,9 @@ from merger.ops.task_vectors import (
     TiesParams,
 )
 from tests.conftest import (
+    BACKENDS,
     RunRecipe,
+    assert_states_close,
     expect_error,
     fine_tune,
     load,
@@ -38,10 +38,9 @@ from tests.conftest import (
 )
 
 StateDict = dict[str, torch.Tensor]
+TOL = {"rtol": 1e-5, "atol": 1e-6}
 INT_KEY = "bn.num_batches_tracked"
 SOURCES = {"base": "models/base.safetensors", "a": "models/a.safetensors", "b": "models/b.safetensors"}
-
-BACKENDS: dict[str, Callable[[], Any]] = {"numpy": NumpyBackend, "torch": lambda: TorchBackend("cpu")}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -145,20 +144,6 @@ def _run(run_recipe: RunRecipe, node: dict[str, Any], **settings: Any) -> tuple[
     return load(Path(report["outputs"]["m"]["path"])), report
 
 
-def _about(key: str) -> Callable[[str], str]:
-    return lambda message: f"{key}: {message}"
-
-
-def _close(got: StateDict, expected: StateDict) -> None:
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert got[key].dtype == value.dtype, key
-        if value.is_floating_point():
-            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=_about(key))
-        else:
-            assert torch.equal(got[key], value), key
-
-
 # --- task_arithmetic --------------------------------------------------------------------------------
 
 
@@ -175,7 +160,7 @@ def test_task_arithmetic_end_to_end(
     per = weights if isinstance(weights, list) else [weights, weights]
     sds = {n: load(models[n]) for n in ("base", "a", "b")}
     expected = golden_state(sds, lambda base, fts: g_task_arithmetic(base, fts, per, scale, normalize))
-    _close(out, expected)
+    assert_states_close(out, expected, **TOL)
     assert report["nodes"]["m"]["op"] == "task_arithmetic"
     assert report["nodes"]["m"]["keys"]["merged"] == 7
     assert report["nodes"]["m"]["keys"]["copied"] == 1
@@ -192,7 +177,9 @@ def test_task_arithmetic_direct(xp: Any) -> None:
     fam = _family()
     params = TaskArithmeticParams(base="base", weights=[0.25, 0.9], scale=1.5)
     out = run_pipeline(TaskArithmetic(), params, [fam["base"], fam["a"], fam["b"]], xp)
-    _close(out, golden_state(fam, lambda base, fts: g_task_arithmetic(base, fts, [0.25, 0.9], 1.5)))
+    assert_states_close(
+        out, golden_state(fam, lambda base, fts: g_task_arithmetic(base, fts, [0.25, 0.9], 1.5)), rtol=1e-5, atol=1e-6
+    )
 
 
 # --- ties -------------------------------------------------------------------------------------------
@@ -220,7 +207,7 @@ def test_ties_end_to_end(
     expected = golden_state(
         sds, lambda base, fts: g_ties(base, fts, per, density, normalize=normalize, consensus=consensus)
     )
-    _close(out, expected)
+    assert_states_close(out, expected, **TOL)
     assert report["nodes"]["m"]["op"] == "ties"
 
 
@@ -228,7 +215,9 @@ def test_ties_direct(xp: Any) -> None:
     fam = _family()
     params = TiesParams(base="base", density=0.4, weights=[0.5, 1.5], scale=0.8)
     out = run_pipeline(Ties(), params, [fam["base"], fam["a"], fam["b"]], xp)
-    _close(out, golden_state(fam, lambda base, fts: g_ties(base, fts, [0.5, 1.5], 0.4, scale=0.8)))
+    assert_states_close(
+        out, golden_state(fam, lambda base, fts: g_ties(base, fts, [0.5, 1.5], 0.4, scale=0.8)), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_ties_hand_computed_election(xp: Any) -> None:
