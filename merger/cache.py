@@ -32,6 +32,17 @@ from merger.io.safetensors_file import file_sha256
 from merger.memo import SourceMemo
 
 
+DEFAULT_CACHE_DIR = "outputs/cache"
+CACHE_DIR_VARIABLE = "MERGER_CACHE_DIR"
+
+
+def cache_location(setting: str | None, launch_dir: Path) -> Path:
+    """Where the cache is: the `cache_dir` setting (the command line's), else $MERGER_CACHE_DIR,
+    else outputs/cache; relative paths are relative to the launch directory."""
+    chosen = setting or os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR
+    return launch_dir / Path(chosen).expanduser()
+
+
 @dataclass(frozen=True)
 class EntryInfo:
     key: str

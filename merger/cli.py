@@ -29,7 +29,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from merger.config_check import checked_recipe_data
+from merger.config_check import checked_recipe_data, override_keys
 from merger.errors import EXIT_USER_ERROR, MergerError
 from merger.hydra_errors import explain_hydra_error
 from merger.recipe_source import PACKAGE_LINE, RecipeDirSource, find_recipe
@@ -59,7 +59,9 @@ def check_package_line(path: Path, label: str) -> None:
         )
 
 
-def recipe_data(cfg: DictConfig, choice: str | None, launch_dir: Path) -> tuple[dict[str, Any], str, Path | None]:
+def recipe_data(
+    cfg: DictConfig, choice: str | None, launch_dir: Path, overrides: list[str]
+) -> tuple[dict[str, Any], str, Path | None]:
     """Checked, resolved recipe data from a composed config (its hydra node ignored)."""
     file = find_recipe(choice, launch_dir) if choice else None
     label = _label(file, launch_dir) if file else "the command line"
@@ -70,7 +72,7 @@ def recipe_data(cfg: DictConfig, choice: str | None, launch_dir: Path) -> tuple[
     if "hydra" in config:
         with open_dict(config):
             del config["hydra"]
-    return checked_recipe_data(config, label), label, file
+    return checked_recipe_data(config, label, override_keys(overrides)), label, file
 
 
 def _split_args(args: list[str]) -> tuple[bool, list[str], bool]:
@@ -137,7 +139,7 @@ def preflight(overrides: list[str], multirun: bool, launch_dir: Path) -> None:
             except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
                 raise explain_hydra_error(e, job, launch_dir, functools.partial(_recipe_keys, job)) from None
             choice = cfg.hydra.runtime.choices.get("recipe")
-            data, label, _ = recipe_data(cfg, choice, launch_dir)
+            data, label, _ = recipe_data(cfg, choice, launch_dir, job)
             prepared = prepare(data, registry, file=label, launch_dir=launch_dir, seen=seen)
             prepared.catalog.close()
 
@@ -153,7 +155,7 @@ def _task(cfg: DictConfig) -> None:
     launch_dir = Path(hc.runtime.cwd)
     choice = hc.runtime.choices.get("recipe")
     try:
-        data, label, file = recipe_data(cfg, choice, launch_dir)
+        data, label, file = recipe_data(cfg, choice, launch_dir, list(hc.overrides.task))
         prepared = prepare(data, builtin_registry(), file=label, launch_dir=launch_dir)
         context = RunContext(
             recipe_name=choice,

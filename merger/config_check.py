@@ -4,6 +4,9 @@ Done on the DictConfig while interpolations are still visible:
 - every top-level key that is not a section or a run setting is a variable,
   and must be used by some interpolation: an unused one is almost always a
   typo (`node:` for `nodes:`), so it is an error with a "did you mean";
+- `${oc.env:VAR}` reads the environment: refused in what a recipe file
+  wrote unless the command line says `allow_env=true` (values the command
+  line itself gives are the user's own and may read it);
 - interpolations are resolved, and a failure names the key.
 """
 
@@ -63,6 +66,34 @@ def check_variables(config: DictConfig, file: str) -> None:
             )
 
 
+_ENV_READ = re.compile(r"\$\{\s*oc\.env\s*:\s*([^,}]*)")
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys that command-line overrides set (`a.b=1`, `+c=2`, `~d`)."""
+    return {o.split("=", 1)[0].lstrip("+~").strip() for o in overrides if o.split("=", 1)[0].strip()}
+
+
+def _given_on_command_line(path: str, keys: set[str]) -> bool:
+    return any(path == key or path.startswith((key + ".", key + "[")) for key in keys)
+
+
+def check_environment_reads(config: DictConfig, file: str, command_line: set[str]) -> None:
+    """A recipe file reads the environment only where the user allowed it (allow_env=true)."""
+    if config.get("allow_env") is True:
+        return
+    for path, value in _walk(config, ""):
+        if isinstance(value, str) and _ENV_READ.search(value) and not _given_on_command_line(path, command_line):
+            variable = _ENV_READ.search(value)
+            name = variable.group(1).strip() if variable else "?"
+            raise MergerError(
+                f"'{value}' reads the environment variable {name}; a recipe may read the environment"
+                " only when you allow it",
+                where=f"{file}, {path}",
+                fix="if you trust this recipe, run with allow_env=true; or give the value on the command line",
+            )
+
+
 def resolve(config: DictConfig, file: str) -> dict[str, Any]:
     """Plain data with every interpolation resolved."""
     for path, value in _walk(config, ""):
@@ -91,7 +122,9 @@ def resolve(config: DictConfig, file: str) -> dict[str, Any]:
     return {str(k): v for k, v in data.items()}
 
 
-def checked_recipe_data(config: DictConfig, file: str) -> dict[str, Any]:
+def checked_recipe_data(config: DictConfig, file: str, command_line: set[str] | None = None) -> dict[str, Any]:
+    """`command_line`: the keys the command line set (see `override_keys`)."""
+    check_environment_reads(config, file, command_line or set())
     data = resolve(config, file)
     check_variables(config, file)
     return data

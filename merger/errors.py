@@ -8,6 +8,7 @@ short block and exits with status 2; no traceback.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 EXIT_USER_ERROR = 2
@@ -39,6 +40,16 @@ class MergerError(Exception):
 
     def __str__(self) -> str:
         return self.render()
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: object) -> str:
+    """Text that came from a file (a key, a name, a path), safe to print: control
+    characters, line breaks and bidirectional overrides are escaped, so a crafted key
+    cannot redraw the terminal or forge lines of an error block."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:

@@ -16,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException, OverrideParseException
 
 from merger.errors import MergerError, did_you_mean, suggestion
-from merger.recipe_source import RecipeCodeError, available_recipes
+from merger.recipe_source import RecipeFileError, available_recipes
 
 MULTIRUN_HINT = "add -m (--multirun) to run one job per value, or quote the value: key='a,b'"
 GRAMMAR_HINT = "write overrides as key=value, a sweep as -m key=a,b,c (see Hydra's override grammar)"
@@ -77,7 +77,7 @@ def explain_hydra_error(
     `known_keys` lists the recipe's top-level keys (for "did you mean"), when asked.
     """
     for item in _cause_chain(error):
-        if isinstance(item, RecipeCodeError):
+        if isinstance(item, RecipeFileError):
             return item.error
         if isinstance(item, yaml.MarkedYAMLError):
             return _yaml_error(item)

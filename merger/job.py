@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merger.cache import Cache
+from merger.cache import Cache, cache_location
 from merger.catalog import SourceCatalog, SpecsSeen
 from merger.errors import MergerError
 from merger.executor import Executor
@@ -35,10 +35,6 @@ class Prepared:
     previews: list[PreviewImage]
 
 
-def cache_root(cache_dir: str, launch_dir: Path) -> Path:
-    return launch_dir / Path(cache_dir).expanduser()
-
-
 def prepare(
     data: Mapping[str, Any], registry: OpRegistry, *, file: str, launch_dir: Path, seen: SpecsSeen | None = None
 ) -> Prepared:
@@ -55,7 +51,7 @@ def prepare(
             check_cuda(recipe.settings.device)
         except MergerError as e:
             raise e.located(file) from None
-    cache = Cache(cache_root(recipe.settings.cache_dir, launch_dir))
+    cache = Cache(cache_location(recipe.settings.cache_dir, launch_dir))
     previews = preview_images(recipe.settings.preview, launch_dir, where=recipe.where("preview"))
     catalog = SourceCatalog(recipe, launch_dir, cache.memo, seen)
     try:

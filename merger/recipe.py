@@ -20,7 +20,19 @@ from merger.ops.base import Op, OpParams
 from merger.ops.registry import OpRegistry
 
 SECTIONS = ("sources", "nodes", "outputs")
-SETTINGS = ("device", "cache_dir", "seed", "progress", "preview", "description")
+SETTINGS = (
+    "device",
+    "cache_dir",
+    "cache_max_size",
+    "cache_verify",
+    "allow_env",
+    "nonfinite",
+    "seed",
+    "progress",
+    "preview",
+    "description",
+)
+
 OUTPUT_SUFFIXES = (".safetensors", ".pth")
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -48,7 +60,11 @@ class OutputModel(_Strict):
 
 class Settings(_Strict):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    cache_dir: str = "outputs/cache"
+    cache_dir: str | None = None  # None: $MERGER_CACHE_DIR, else outputs/cache
+    cache_max_size: int | str | None = None  # collect the cache down to this size at the end of a run
+    cache_verify: bool = False  # re-hash every cache entry the run uses
+    allow_env: bool = False  # ${oc.env:...} in recipe files (the command line's to set)
+    nonfinite: Literal["warn", "error"] = "warn"  # NaN/inf in inputs or outputs: a warning, or an error
     seed: int = 0
     progress: bool = True
     preview: bool | str | list[str] | None = None  # sample | image paths: SR outputs upscale them

@@ -10,6 +10,7 @@ to the directory merger runs in) and `builtin` (the package's own). A missing
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSou
 from omegaconf import OmegaConf
 
 from merger.errors import MergerError
+from merger.limits import MAX_RECIPE_BYTES
+from merger.recipe_file import check_package, check_recipe_data, check_size, check_yaml_shape
 
 GROUP = "recipe"
 BUILTIN = "builtin"
@@ -48,33 +51,37 @@ def available_recipes(launch_dir: Path) -> list[str]:
     return sorted(names)
 
 
-class RecipeCodeError(ConfigLoadError):
-    """A recipe file names code to run; carries the MergerError to show."""
+class RecipeFileError(ConfigLoadError):
+    """A recipe file broke a rule of `merger.recipe_file`; carries the MergerError to show."""
 
     def __init__(self, error: MergerError) -> None:
         super().__init__(error.what)
         self.error = error
 
 
-def refuse_code(data: Any, label: str) -> None:
-    """Nothing in a recipe may name code to run: no `_target_` anywhere, the hydra section included."""
-    pending: list[tuple[str, Any]] = [("", data)]
-    while pending:
-        path, value = pending.pop()
-        if isinstance(value, dict):
-            for key, child in value.items():
-                child_path = f"{path}.{key}" if path else str(key)
-                if key == "_target_":
-                    raise RecipeCodeError(
-                        MergerError(
-                            f"recipes may not name code to run, but '{child_path}' does",
-                            where=f"{label}, {child_path}",
-                            fix="remove the _target_ key: a recipe names models and ops, never Python objects",
-                        )
-                    )
-                pending.append((child_path, child))
-        elif isinstance(value, list):
-            pending.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+def load_recipe_file(file: Path) -> tuple[Any, dict[str, str | None]]:
+    """The checked config of one recipe file, and its header (see merger.recipe_file)."""
+    label = str(file)
+    with open(file, "rb") as f:
+        check_size(os.fstat(f.fileno()).st_size, label)
+        raw = f.read(MAX_RECIPE_BYTES + 1)
+    check_size(len(raw), label)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergerError(
+            f"the recipe file is not UTF-8 text (byte {e.start})", where=label, fix="save it as UTF-8"
+        ) from None
+    header = ConfigSource._get_header_dict(text[:512])
+    check_package(header.get("package"), label)
+    check_yaml_shape(text, label)
+    stream = io.StringIO(text)
+    stream.name = label
+    config = OmegaConf.load(stream)
+    check_recipe_data(
+        OmegaConf.to_container(config, resolve=False), label, global_package=header["package"] == "_global_"
+    )
+    return config, header
 
 
 class RecipeDirSource(ConfigSource):
@@ -99,11 +106,10 @@ class RecipeDirSource(ConfigSource):
         file = self._root() / inner if inner else None
         if file is None or not file.is_file():
             raise ConfigLoadError(f"Config not found : {config_path}")
-        with open(file, encoding="utf-8") as f:
-            header = ConfigSource._get_header_dict(f.read(512))
-            f.seek(0)
-            config = OmegaConf.load(f)
-        refuse_code(OmegaConf.to_container(config, resolve=False), str(file))
+        try:
+            config, header = load_recipe_file(file)
+        except MergerError as e:
+            raise RecipeFileError(e) from None
         return ConfigResult(
             config=config,
             path=f"{self.scheme()}://{self.path}",

@@ -322,7 +322,8 @@ def test_no_outputs(outputs: Any) -> None:
 def test_settings_defaults() -> None:
     settings = build(recipe_data()).settings
     assert settings.device == "auto"
-    assert settings.cache_dir == "outputs/cache"
+    assert settings.cache_dir is None  # the cache's place: $MERGER_CACHE_DIR, else outputs/cache
+    assert (settings.allow_env, settings.cache_verify, settings.nonfinite) == (False, False, "warn")
     assert settings.seed == 0
     assert settings.progress is True
     assert settings.description is None
