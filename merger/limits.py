@@ -13,7 +13,7 @@ MIB = 1024 * KIB
 #: tensors one model file (or folder) may declare
 MAX_TENSORS = 1_000_000
 #: a safetensors header's JSON (the safetensors library's own limit)
-MAX_HEADER_BYTES = 100 * MIB
+MAX_HEADER_BYTES = 100_000_000
 #: a sharded folder's model.safetensors.index.json
 MAX_INDEX_BYTES = 64 * MIB
 #: nesting of any JSON merger reads (headers, metadata, indexes, provenance, reports)

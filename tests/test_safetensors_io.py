@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from merger.errors import MergerError
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
+from merger.limits import MAX_JSON_DEPTH, MAX_TENSORS
 from merger.specs import TensorSpec
 from tests.conftest import expect_error, tiny_state_dict
 
@@ -390,3 +393,321 @@ def test_malformed_error_has_fix_and_where(tmp_path: Path) -> None:
     error = expect_error(lambda: read_header(path))
     assert error.where == str(path)
     assert error.fix and "re-save" in error.fix
+
+
+# --- what the safetensors library refuses, merger refuses: one message per case -------------------
+
+F32_2 = b'{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
+
+
+def _why(tmp_path: Path, header: bytes, data: bytes = b"", *, length: int | None = None, library: bool = True) -> str:
+    """The reason read_header gives for refusing a file with this raw header and data
+    (which the library refuses too, unless `library` is false)."""
+    path = _raw_file(tmp_path / "case.safetensors", header, data, length=length)
+    error = expect_error(lambda: read_header(path))
+    prefix = f"'{path}' is not a valid safetensors file: "
+    assert error.what.startswith(prefix)
+    assert error.where == str(path)
+    if library:
+        with pytest.raises(Exception):  # noqa: B017 - the library raises SafetensorError
+            safe_open(str(path), framework="numpy").__enter__()
+    else:
+        safe_open(str(path), framework="numpy").__enter__()
+    return error.what[len(prefix) :]
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "why"),
+    [
+        # numbers: not finite, not integers, out of range
+        (
+            b'{"w":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}',
+            8,
+            "header is not JSON: NaN is not a JSON number",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,8]}}',
+            8,
+            "header is not JSON: Infinity is not a JSON number",
+        ),
+        (b'{"__metadata__":{"k":-Infinity}}', 0, "header is not JSON: -Infinity is not a JSON number"),
+        (b'{"w":{"dtype":"F32","shape":[1e999],"data_offsets":[0,8]}}', 8, "header has a number out of range: 1e999"),
+        (
+            b'{"w":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}',
+            8,
+            "'w' has dimension 2.0, not an integer in 0..2**64-1",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[2e0],"data_offsets":[0,8]}}',
+            8,
+            "'w' has dimension 2.0, not an integer in 0..2**64-1",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}',
+            4,
+            "'w' has dimension true, not an integer in 0..2**64-1",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[null],"data_offsets":[0,4]}}',
+            4,
+            "'w' has dimension null, not an integer in 0..2**64-1",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[2,-0],"data_offsets":[0,0]}}',
+            0,
+            "'w' has dimension -0.0, not an integer in 0..2**64-1",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,0]}}',
+            0,
+            "'w' has dimension -1, not an integer in 0..2**64-1",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[18446744073709551616,0],"data_offsets":[0,0]}}',
+            0,
+            "'w' has dimension 1.8446744073709552e+19, not an integer in 0..2**64-1",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0.0,8]}}',
+            8,
+            "'w' has data offset 0.0, not an integer in 0..2**64-1",
+        ),
+        (
+            b'{"w":{"dtype":"U8","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}}',
+            0,
+            "'w' has shape [4294967296, 4294967296, 0], whose size overflows 64 bits",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}}',
+            0,
+            "'w' has shape [4611686018427387904], whose size overflows 64 bits",
+        ),
+        # byte ranges: overlaps, holes, bytes after the last tensor
+        (
+            b'{"a":' + F32_2 + b',"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}',
+            12,
+            "'b' has byte range 4..12, which overlaps 'a' (0..8)",
+        ),
+        (b'{"a":' + F32_2 + b',"b":' + F32_2 + b"}", 8, "'b' has byte range 0..8, which overlaps 'a' (0..8)"),
+        (
+            b'{"a":' + F32_2 + b',"b":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}',
+            8,
+            "'b' has byte range 4..4, which overlaps 'a' (0..8)",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}',
+            12,
+            "'w' has byte range 4..12, but the data before it ends at 0: a hole",
+        ),
+        (
+            b'{"a":' + F32_2 + b',"b":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}}',
+            16,
+            "'b' has byte range 12..16, but the data before it ends at 8: a hole",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}}',
+            4,
+            "'w' has byte range 4..0, which ends before it begins",
+        ),
+        (b'{"w":' + F32_2 + b"}", 9, "1 byte after the last tensor's data (not in the header)"),
+        (b'{"w":' + F32_2 + b"}", 13, "5 bytes after the last tensor's data (not in the header)"),
+        (b"{}", 3, "3 bytes after the last tensor's data (not in the header)"),
+        (b'{"w":' + F32_2 + b"}", 7, "'w' has byte range 0..8 that does not fit in the 7 bytes of data"),
+        # duplicate keys, at every level
+        (
+            b'{"__metadata__":{},"__metadata__":{},"w":' + F32_2 + b"}",
+            8,
+            "header repeats the key '__metadata__' in one object",
+        ),
+        (
+            b'{"w":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+            8,
+            "header repeats the key 'dtype' in one object",
+        ),
+        # encodings
+        (b'{"\xff":' + F32_2 + b"}", 8, "header is not JSON: not UTF-8 (byte 0xff at offset 2)"),
+        (
+            '{"w":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'.encode("utf-16"),
+            0,
+            "header is not JSON: not UTF-8 (byte 0xff at offset 0)",
+        ),
+        (
+            "{}".encode("utf-16-le"),
+            0,
+            "header is not JSON: Expecting property name enclosed in double quotes at line 1 column 2",
+        ),
+        (b"\xef\xbb\xbf{}", 0, "header is not JSON: it starts with a UTF-8 byte-order mark"),
+        (
+            b'{"\\ud800":' + F32_2 + b"}",
+            8,
+            "header is not JSON: lone UTF-16 surrogate \\ud800 (no character) at offset 2",
+        ),
+        (b'{"a\x01":' + F32_2 + b"}", 8, "header is not JSON: Invalid control character at line 1 column 4"),
+        (b"", 0, "header is not JSON: Expecting value at line 1 column 1"),
+        (b"{}\x00", 0, "header is not JSON: Extra data at line 1 column 3"),
+        (b"tensors", 0, "header is not JSON: Expecting value at line 1 column 1"),
+        # metadata: a map of strings to strings
+        (b'{"__metadata__":{"k":1}}', 0, "__metadata__ value of 'k' is the number 1, not a string"),
+        (b'{"__metadata__":{"k":{"nested":"x"}}}', 0, "__metadata__ value of 'k' is an object, not a string"),
+        (b'{"__metadata__":{"k":null}}', 0, "__metadata__ value of 'k' is null, not a string"),
+        (b'{"__metadata__":{"k":true}}', 0, "__metadata__ value of 'k' is true, not a string"),
+        (b'{"__metadata__":[]}', 0, "__metadata__ is a list of 0 items, not a JSON object"),
+        (b'{"__metadata__":""}', 0, "__metadata__ is the string '', not a JSON object"),
+        # entries
+        (b'{"w":null}', 0, "malformed entry for 'w': null, not an object with dtype, shape, data_offsets"),
+        (
+            b'{"w":["F32",[2]]}',
+            8,
+            "malformed entry for 'w': a list of 2 items, not an object with dtype, shape, data_offsets",
+        ),
+        (b'{"w":{"dtype":"F32","shape":[0]}}', 0, "malformed entry for 'w': it has no data_offsets"),
+        (
+            b'{"w":{"dtype":["F32"],"shape":[0],"data_offsets":[0,0]}}',
+            0,
+            "malformed entry for 'w': its dtype is a list of 1 item, not a string",
+        ),
+        (
+            b'{"w":{"dtype":{"F32":[]},"shape":[0],"data_offsets":[0,0]}}',
+            0,
+            "malformed entry for 'w': its dtype is an object, not a string",
+        ),
+        (b'{"w":{"dtype":"f32","shape":[0],"data_offsets":[0,0]}}', 0, "'w' has unknown dtype 'f32'"),
+        (
+            b'{"w":{"dtype":"F32","shape":{"0":2},"data_offsets":[0,8]}}',
+            8,
+            "malformed entry for 'w': its shape is an object, not a list",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8,8]}}',
+            8,
+            "malformed entry for 'w': its data_offsets are a list of 3 items, not [begin, end]",
+        ),
+        (
+            b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}',
+            8,
+            "'w' has byte range 0..8 (8 bytes), but F32[4] takes 16 bytes",
+        ),
+        (b"[]", 0, "header is a list of 0 items, not a JSON object"),
+    ],
+)
+def test_refused_like_the_library(tmp_path: Path, header: bytes, data: int, why: str) -> None:
+    assert _why(tmp_path, header, bytes(data)) == why
+
+
+def test_refused_header_length(tmp_path: Path) -> None:
+    from merger.limits import MAX_HEADER_BYTES
+
+    assert (
+        _why(tmp_path, b"{}", length=2**62) == f"header length {2**62} is implausible (over {MAX_HEADER_BYTES} bytes)"
+    )
+    assert _why(tmp_path, b"{}", length=4096) == "truncated header (4096 bytes declared, 2 in the file)"
+
+
+@pytest.mark.parametrize(
+    ("header", "data"),
+    [
+        (b'{"w":["F32",[2],[0,8]]}', 8),  # serde reads a struct from the list of its fields
+        (b'{"w":{"dtype":{"F32":null},"shape":[2],"data_offsets":[0,8]}}', 8),  # and an enum from {"variant": null}
+        (b'{"w":{"shape":[2],"extra":[1.5,-0,{"x":null}],"data_offsets":[0,8],"dtype":"F32"}}', 8),  # unknown fields
+        (b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":' + b"[" * 60 + b"]" * 60 + b"}}", 8),
+        (
+            b'\t\r\n {"__metadata__":null,"\\u0077":{"d\\u0074ype":"F\\u0033\\u0032",'
+            b'"shape":[2],"data_offsets":[0,8]}}  ',
+            8,
+        ),
+        (b'{"w":{"dtype":"U8","shape":[0,4294967296,4294967296],"data_offsets":[0,0]}}', 0),  # 0 first: no overflow
+        (
+            b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}',
+            0,
+        ),
+        (b'{"\\ud83d\\ude00":' + F32_2 + b',"__metadata__":{"k":"\\u00e9\\\\ud800"}}', 8),
+        (b"{}", 0),
+    ],
+)
+def test_read_like_the_library(tmp_path: Path, header: bytes, data: int) -> None:
+    path = _raw_file(tmp_path / "case.safetensors", header, bytes(data))
+    ours = read_header(path)
+    with safe_open(str(path), framework="numpy") as f:
+        assert list(ours.tensors) == sorted(f.keys(), key=lambda k: (*ours.offsets[k], k))
+        for key in f.keys():  # noqa: SIM118 - safe_open is no mapping
+            assert (ours.tensors[key].dtype, list(ours.tensors[key].shape)) == (
+                f.get_slice(key).get_dtype(),
+                f.get_slice(key).get_shape(),
+            )
+        assert ours.metadata == (f.metadata() or {})
+
+
+def test_duplicate_keys_the_library_reads(tmp_path: Path) -> None:
+    """The library keeps the last of two equal keys (except __metadata__ and the fields of an
+    entry); merger refuses them all: which tensor a name means must not depend on the reader."""
+    assert _why(tmp_path, b'{"w":' + F32_2 + b',"w":' + F32_2 + b"}", bytes(8), library=False) == (
+        "header repeats the key 'w' in one object"
+    )
+    twice = b'{"\\u001b[2J":' + F32_2 + b',"\\u001b[2J":' + F32_2 + b"}"
+    assert _why(tmp_path, twice, bytes(8), library=False) == "header repeats the key '\\x1b[2J' in one object"
+    metadata = b'{"__metadata__":{"k":"1","k":"2"}}'
+    assert _why(tmp_path, metadata, library=False) == "header repeats the key 'k' in one object"
+
+
+def test_unsupported_dtype_the_library_reads(tmp_path: Path) -> None:
+    path = _raw_file(tmp_path / "c64.safetensors", b'{"w":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}', bytes(8))
+    with safe_open(str(path), framework="numpy") as f:
+        assert f.get_slice("w").get_dtype() == "C64"
+    assert "'w' has unsupported dtype C64 (merger reads F64, F32," in expect_error(lambda: read_header(path)).what
+
+
+def test_deep_nesting_is_refused_without_recursion(tmp_path: Path) -> None:
+    for depth in (63, 1000, 200_000):
+        nest = b"[" * depth + b"]" * depth
+        header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":' + nest + b"}}"
+        # the library allows 127 levels (serde_json's limit), merger MAX_JSON_DEPTH
+        assert _why(tmp_path, header, bytes(8), library=depth > 125) == (
+            f"header nests {depth + 2} levels deep, more than the {MAX_JSON_DEPTH} allowed (MAX_JSON_DEPTH)"
+        )
+        metadata = b'{"__metadata__":{"k":' + nest + b"}}"
+        assert _why(tmp_path, metadata).startswith(f"header nests {depth + 2} levels deep")
+    unbalanced = b'{"__metadata__":' + b'{"k":' * 500_000
+    assert _why(tmp_path, unbalanced).startswith("header nests 500001 levels deep")
+
+
+def test_tensor_limit_refused_before_parsing(tmp_path: Path) -> None:
+    import tracemalloc
+
+    entries = b",".join(b'"%d":["F32",[0],[0,0]]' % i for i in range(MAX_TENSORS + 1))
+    path = _raw_file(tmp_path / "many.safetensors", b'{"__metadata__":{},' + entries + b"}")
+    size = path.stat().st_size
+    tracemalloc.start()
+    start = time.perf_counter()
+    error = expect_error(lambda: read_header(path))
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert error.what.endswith(
+        f"header declares about {MAX_TENSORS + 1} tensors, more than the {MAX_TENSORS} allowed (MAX_TENSORS)"
+    )
+    # the header's bytes and a few copies of them, never a million parsed entries
+    assert peak < 5 * size, (peak, size)
+    assert elapsed < 3, elapsed
+
+
+def test_tensor_limit_is_not_off_by_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import merger.io.safetensors_file as safetensors_file
+
+    monkeypatch.setattr(safetensors_file, "MAX_TENSORS", 100)
+    for count, metadata in ((100, b'"__metadata__":{},'), (100, b""), (101, b'"__metadata__":{"k":"v"},')):
+        entries = b",".join(b'"%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(count))
+        path = _raw_file(tmp_path / "many.safetensors", b"{" + metadata + entries + b"}")
+        if count <= 100:
+            assert len(read_header(path).tensors) == count
+        else:
+            with pytest.raises(
+                MergerError, match=r"declares about 101 tensors, more than the 100 allowed \(MAX_TENSORS\)"
+            ):
+                read_header(path)
+
+
+def test_os_errors_are_merger_errors(tmp_path: Path) -> None:
+    error = expect_error(lambda: read_header(tmp_path))
+    assert error.what == f"cannot read '{tmp_path}': Is a directory"
+    error = expect_error(lambda: read_header(tmp_path / "absent.safetensors"))
+    assert error.what == f"cannot read '{tmp_path / 'absent.safetensors'}': No such file or directory"

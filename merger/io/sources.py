@@ -10,15 +10,17 @@ reports its spec, reads one tensor at a time and says which files make it up
 from __future__ import annotations
 
 import importlib.resources
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from merger.errors import MergerError
-from merger.io.pth import PTH_SUFFIXES, load_state_dict
+from merger.errors import MergerError, shown
+from merger.io.pth import PTH_SUFFIXES, PthSource
 from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, read_header
+from merger.limits import MAX_INDEX_BYTES, MAX_TENSORS
 from merger.specs import TensorSpec
+from merger.strict_json import JSONError, kind, loads_strict, short
 
 if TYPE_CHECKING:
     pass
@@ -106,7 +108,7 @@ def _folder_files(folder: Path, where: str) -> tuple[Path, ...]:
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise MergerError(
-                f"shard '{missing[0]}' named in '{index}' is missing",
+                f"shard '{shown(missing[0])}' named in '{index}' is missing",
                 where=where,
                 fix="download or copy every shard the index names into the folder",
             )
@@ -122,15 +124,75 @@ def _folder_files(folder: Path, where: str) -> tuple[Path, ...]:
 
 
 def _read_index(index: Path, where: str) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {str(k): str(v) for k, v in weight_map.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise MergerError(
-            f"'{index}' is not a valid safetensors index (no weight_map)",
+    """A sharded folder's weight_map (tensor name -> shard file), read strictly.
+
+    The index is at most MAX_INDEX_BYTES of strict JSON (see merger.strict_json),
+    names at most MAX_TENSORS tensors, and every shard it names is a file of the
+    folder: no absolute path, no `..`, nothing a symlink takes outside the folder
+    (except into the `blobs` folder of a Hugging Face cache, whose snapshot
+    folders hold symlinks to `../../blobs/<hash>`).
+    """
+
+    def bad(why: str) -> MergerError:
+        return MergerError(
+            f"'{index}' is not a valid safetensors index: {why}",
             where=where,
             fix="re-save the model with save_pretrained(..., safe_serialization=True)",
-        ) from None
+        )
+
+    try:
+        with open(index, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(MAX_INDEX_BYTES + 1) if size <= MAX_INDEX_BYTES else b""
+    except OSError as e:
+        raise MergerError(f"cannot read '{index}': {e.strerror}", where=where) from None
+    if size > MAX_INDEX_BYTES or len(data) > MAX_INDEX_BYTES:
+        raise bad(f"it is {max(size, len(data))} bytes, more than the {MAX_INDEX_BYTES} allowed (MAX_INDEX_BYTES)")
+    try:
+        parsed = loads_strict(data, what="it")
+    except JSONError as e:
+        raise bad(f"{e} (expected a JSON object with a weight_map)" if "not JSON" in e.reason else str(e)) from None
+    if not isinstance(parsed, dict):
+        raise bad(f"it is {kind(parsed)}, not a JSON object with a weight_map")
+    if "weight_map" not in parsed:
+        raise bad("it has no weight_map")
+    weight_map = parsed["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise bad(f"its weight_map is {kind(weight_map)}, not an object")
+    if len(weight_map) > MAX_TENSORS:
+        raise bad(f"its weight_map names {len(weight_map)} tensors, more than the {MAX_TENSORS} allowed (MAX_TENSORS)")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise bad(f"its weight_map gives '{short(key)}' {kind(shard)}, not a shard file name")
+
+    folder = index.parent
+    root = folder.resolve()
+    hub_blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+
+    def outside(name: str) -> str | None:
+        """Why shard `name` is not a file of the folder, or None when it is."""
+        if not name:
+            return "an empty name"
+        if "\x00" in name:
+            return "a name with a NUL character"
+        relative = Path(name)
+        if relative.anchor:
+            return "an absolute path"
+        if ".." in relative.parts:
+            return "a path that climbs out of the folder with '..'"
+        try:
+            target = (folder / relative).resolve()
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+            return "a path that cannot be resolved (a symlink loop?)"
+        if target.is_relative_to(root) or (hub_blobs is not None and target.is_relative_to(hub_blobs)):
+            return None
+        return f"a path that a symlink takes outside the folder, to '{shown(target)}'"
+
+    for shard in sorted(set(weight_map.values())):
+        problem = outside(shard)
+        if problem is not None:
+            raise bad(f"the shard '{short(shard)}' is {problem}; shards must be files inside the folder")
+    return weight_map
 
 
 class SafetensorsSource:
@@ -156,41 +218,6 @@ class SafetensorsSource:
     def close(self) -> None:
         for reader in self._readers:
             reader.close()
-
-
-class PthSource:
-    """A PyTorch checkpoint: memory-mapped, unwrapped, read key by key."""
-
-    def __init__(self, path: Path, key: str | None) -> None:
-        from merger.tensor_bytes import dtype_code
-
-        self._tensors = load_state_dict(path, key)
-        self._spec = {}
-        for name, tensor in self._tensors.items():
-            try:
-                self._spec[name] = TensorSpec(dtype_code(tensor.dtype), tuple(tensor.shape))
-            except ValueError:
-                raise MergerError(
-                    f"tensor '{name}' in '{path}' has dtype {tensor.dtype}, which merger does not merge",
-                    where=str(path),
-                    fix="save the weights as float32, float16, bfloat16 or an integer dtype",
-                ) from None
-        self._bytes: dict[str, memoryview] = {}
-
-    def spec(self) -> dict[str, TensorSpec]:
-        return self._spec
-
-    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
-        from merger.tensor_bytes import tensor_memoryview
-
-        data = self._bytes.get(key)
-        if data is None:
-            data = self._bytes[key] = tensor_memoryview(self._tensors[key].contiguous())
-        return data[start:stop]
-
-    def close(self) -> None:
-        self._tensors = {}
-        self._bytes = {}
 
 
 def open_source(location: SourceLocation, *, where: str) -> TensorSource:
