@@ -9,12 +9,15 @@ and remembered for the next run.
 from __future__ import annotations
 
 import glob
+import itertools
 from pathlib import Path
 from typing import Any
 
-from merger.errors import MergerError
+from merger.errors import MergerError, os_error_block
 from merger.hashing import new_tensor_hasher, source_content_hash
+from merger.io.pth import PthSource
 from merger.io.sources import SourceLocation, TensorSource, locate, open_source, resolve_path
+from merger.limits import MAX_GLOB_FILES
 from merger.memo import MemoEntry, SourceMemo, source_identity
 from merger.recipe import Recipe, SourceDef
 from merger.specs import TensorSpec
@@ -51,9 +54,34 @@ class SourceHandle:
 
     def _open(self) -> TensorSource:
         if self._reader is None:
-            self._reader = open_source(self.location, where=self.where)
+            try:
+                self._reader = self._open_reader()
+            except MergerError as e:
+                raise self._located(e) from None
+            except OSError as e:
+                raise self._located(os_error_block(e)) from None
             self._spec = self._reader.spec()
         return self._reader
+
+    def _open_reader(self) -> TensorSource:
+        """The file's reader; a checkpoint is unpickled once, then read through its remembered layout."""
+        if self.location.kind != "pth":
+            return open_source(self.location, where=self.where)
+        layout = self._memo.get_layout(self.identity)
+        if layout is not None:
+            try:
+                return PthSource(self.location.path, self.location.key, layout=layout)
+            except MergerError:
+                pass  # a damaged memo entry: parse the file itself
+        reader = PthSource(self.location.path, self.location.key)
+        self._memo.put_layout(self.identity, reader.layout())
+        return reader
+
+    def _located(self, error: MergerError) -> MergerError:
+        """An error in the model file, told with the recipe and `sources.<name>` that brought it in."""
+        if error.where and error.where.startswith(self.where):
+            return error
+        return error.located(self.where)
 
     def spec(self) -> dict[str, TensorSpec]:
         if self._spec is None:
@@ -72,7 +100,12 @@ class SourceHandle:
         Ranges of a tensor are digested when they come in order from its start;
         a range read again (the same source twice in one node) is not.
         """
-        view = self._open().read_into(key, start, stop, out)
+        try:
+            view = self._open().read_into(key, start, stop, out)
+        except OSError as e:
+            raise self._located(os_error_block(e)) from None
+        except MergerError as e:
+            raise self._located(e) from None
         if self.content_hash is None and key not in self._digests:
             hasher, fed = self._hashing.get(key) or (new_tensor_hasher(), 0)
             if fed == start:
@@ -139,7 +172,13 @@ class SourceCatalog:
         where = recipe.where(f"sources.{source.name}")
         if source.glob is not None:
             pattern = str(launch_dir / Path(source.glob).expanduser())
-            matches = sorted(glob.glob(pattern, recursive=True))
+            matches = sorted(itertools.islice(glob.iglob(pattern, recursive=True), MAX_GLOB_FILES + 1))
+            if len(matches) > MAX_GLOB_FILES:
+                raise MergerError(
+                    f"glob '{source.glob}' matches more than {MAX_GLOB_FILES} files, the limit",
+                    where=where,
+                    fix="narrow the pattern, or average in several steps",
+                )
             if not matches:
                 raise MergerError(
                     f"glob '{source.glob}' matches no files",

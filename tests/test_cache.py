@@ -61,7 +61,9 @@ def test_commit_then_lookup(tmp_path: Path) -> None:
     assert (found.key, found.path, found.sha256, found.bytes) == (KEY, info.path, _sha(data), len(data))
     record = json.loads(info.path.with_name(info.path.name + ".json").read_text())
     st = info.path.stat()
-    assert record == {"sha256": _sha(data), "bytes": len(data), "stat": [st.st_size, st.st_mtime_ns, st.st_ino]}
+    assert (record["sha256"], record["bytes"]) == (_sha(data), len(data))
+    assert record["head"] == [len(data), _sha(data)]  # a short file is pinned whole
+    assert record["pin"] == [st.st_size, st.st_ino, st.st_ctime_ns, st.st_mtime_ns]
     assert st.st_mode & 0o777 == 0o444  # entries are read-only
     assert list((cache.root / "tmp").iterdir()) == []
 
@@ -100,30 +102,110 @@ def test_commit_same_key_twice_keeps_first(tmp_path: Path) -> None:
     assert list((cache.root / "tmp").iterdir()) == []
 
 
-def test_lookup_recomputes_missing_record(tmp_path: Path) -> None:
+def test_object_without_record_is_moved_aside_never_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
     cache = Cache(tmp_path / "cache")
     data = b"some entry"
     info = cache.commit(_tmp_with(cache, data), KEY, _sha(data))
-    record = info.path.with_name(info.path.name + ".json")
-    record.unlink()
-    found = cache.lookup(KEY)
-    assert found is not None
-    assert found.sha256 == _sha(data)
-    assert found.bytes == len(data)
-    saved = json.loads(record.read_text())
-    assert (saved["sha256"], saved["bytes"]) == (_sha(data), len(data))
+    info.path.with_name(info.path.name + ".json").unlink()
+    assert cache.lookup(KEY) is None
+    assert not info.path.exists()
+    assert [p.name.split(".")[0] for p in (cache.root / "quarantine").iterdir()] == [KEY]
 
 
-def test_lookup_recomputes_corrupt_record(tmp_path: Path) -> None:
+def test_young_object_without_record_is_not_served_nor_moved(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    path = cache.path(KEY)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"another run is committing this")
+    assert cache.lookup(KEY) is None
+    assert path.exists()
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"version": 2}', "[]", '{"version": 1, "sha256": "x"}'])
+def test_object_with_a_bad_record_is_moved_aside(tmp_path: Path, damage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
     cache = Cache(tmp_path / "cache")
     data = b"another entry"
     info = cache.commit(_tmp_with(cache, data), KEY, _sha(data))
-    record = info.path.with_name(info.path.name + ".json")
-    record.write_text("{not json")
+    os.chmod(info.path.with_name(info.path.name + ".json"), 0o644)
+    info.path.with_name(info.path.name + ".json").write_text(damage)
+    assert cache.lookup(KEY) is None
+    assert not info.path.exists()
+
+
+def _write_in_place(path: Path, offset: int, data: bytes, *, keep_mtime: bool) -> None:
+    st = path.stat()
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    os.chmod(path, st.st_mode & 0o777)
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_object_altered_in_place_is_never_served(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    data = b"h" * 5000 + b"tail of the entry"
+    info = cache.commit(_tmp_with(cache, data), KEY, _sha(data))
+    _write_in_place(info.path, 4990, b"XX", keep_mtime=True)  # same size, mtime restored, past the pinned head
+    assert info.path.stat().st_size == len(data)
+    assert cache.lookup(KEY) is None
+    assert not info.path.exists()
+    assert len(list((cache.root / "quarantine").iterdir())) == 2  # the object and its record
+
+
+def test_object_whose_head_changed_is_never_served(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    data = b"entry bytes " * 10
+    info = cache.commit(_tmp_with(cache, data), KEY, _sha(data))
+    _write_in_place(info.path, 0, b"Z", keep_mtime=True)
+    assert cache.lookup(KEY) is None
+
+
+def test_object_truncated_is_never_served(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    data = b"entry bytes " * 10
+    info = cache.commit(_tmp_with(cache, data), KEY, _sha(data))
+    os.chmod(info.path, 0o644)
+    os.truncate(info.path, 20)
+    assert cache.lookup(KEY) is None
+
+
+def test_object_whose_inode_times_moved_is_rehashed_and_served(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    data = b"entry bytes " * 10
+    info = cache.commit(_tmp_with(cache, data), KEY, _sha(data))
+    before = json.loads(info.path.with_name(info.path.name + ".json").read_text())["pin"]
+    os.link(info.path, tmp_path / "an output")  # moves the object's ctime, as placing an output does
     found = cache.lookup(KEY)
-    assert found is not None
-    assert found.sha256 == _sha(data)
-    assert json.loads(record.read_text())["sha256"] == _sha(data)
+    assert found is not None and found.sha256 == _sha(data)
+    after = json.loads(info.path.with_name(info.path.name + ".json").read_text())["pin"]
+    assert after != before and after[2] == info.path.stat().st_ctime_ns  # re-pinned after the full check
+
+
+def test_cache_verify_rehashes_every_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = b"entry bytes " * 10
+    cache = Cache(tmp_path / "cache")
+    cache.commit(_tmp_with(cache, data), KEY, _sha(data))
+    hashed: list[Path] = []
+    import merger.cache
+
+    real = merger.cache.file_sha256
+    monkeypatch.setattr("merger.cache.file_sha256", lambda p: hashed.append(p) or real(p))
+    assert cache.lookup(KEY) is not None and hashed == []  # the cheap pins hold: no full hash
+    assert Cache(tmp_path / "cache", verify=True).lookup(KEY) is not None and len(hashed) == 1
+
+
+def test_lookup_records_last_use(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    data = b"entry"
+    info = cache.commit(_tmp_with(cache, data), KEY, _sha(data))
+    record = info.path.with_name(info.path.name + ".json")
+    os.utime(record, (1000, 1000))
+    assert cache.lookup(KEY) is not None
+    assert record.stat().st_mtime > 1000
 
 
 def test_cache_creates_nothing_until_written(tmp_path: Path) -> None:
