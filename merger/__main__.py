@@ -1,4 +1,4 @@
-from merger.cli import main
+from merger.command import merger
 
 if __name__ == "__main__":
-    main()
+    merger()

@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from merger.config_check import checked_recipe_data, override_keys
-from merger.errors import EXIT_USER_ERROR, MergerError
+from merger.errors import MergerError
+from merger.failure import fail, wants_traceback
 from merger.hydra_errors import explain_hydra_error
 from merger.recipe_source import PACKAGE_LINE, RecipeDirSource, find_recipe
 
@@ -121,27 +122,56 @@ def _recipe_keys(overrides: list[str]) -> list[str]:
     return sorted(str(k) for k in cfg)
 
 
+def job_output_dir(cfg: DictConfig, launch_dir: Path, index: int, sweep_dir: Path | None) -> Path:
+    """Where Hydra will put this job's outputs (its `${now:...}` read a moment early). In a sweep,
+    `sweep_dir` is the sweep's directory, resolved once (as Hydra does), from the first job."""
+    try:
+        if sweep_dir is None:
+            return launch_dir / str(cfg.hydra.run.dir)
+        return sweep_dir / str(cfg.hydra.sweep.subdir)
+    except OmegaConfBaseException:  # ${hydra.job.num}: not known until the sweep runs
+        return (sweep_dir or launch_dir / "outputs") / str(index)
+
+
+def sweep_root(cfg: DictConfig, launch_dir: Path) -> Path:
+    try:
+        return launch_dir / str(cfg.hydra.sweep.dir)
+    except OmegaConfBaseException:
+        return launch_dir / "outputs" / "multirun"
+
+
 def preflight(overrides: list[str], multirun: bool, launch_dir: Path) -> None:
     """Compose and validate every job; raises MergerError on the first problem."""
     from merger.catalog import SpecsSeen
     from merger.job import prepare
     from merger.ops import builtin_registry
+    from merger.output_targets import OutputTarget, check_sweep_targets
+    from merger.recipe import Recipe
 
     registry = builtin_registry()
     seen: SpecsSeen = {}
+    recipes: list[Recipe] = []
+    targets: list[list[OutputTarget]] = []
+    sweep_dir: Path | None = None
     jobs, total = job_overrides(overrides, multirun)
     if total > len(jobs):
         print(f"merger: checking the first {len(jobs)} of {total} jobs before the sweep starts", file=sys.stderr)
     with initialize_config_module(config_module="merger.conf", version_base="1.3"):
-        for job in jobs:
+        for index, job in enumerate(jobs):
             try:
                 cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
                 raise explain_hydra_error(e, job, launch_dir, functools.partial(_recipe_keys, job)) from None
             choice = cfg.hydra.runtime.choices.get("recipe")
             data, label, _ = recipe_data(cfg, choice, launch_dir, job)
-            prepared = prepare(data, registry, file=label, launch_dir=launch_dir, seen=seen)
+            if multirun and sweep_dir is None:
+                sweep_dir = sweep_root(cfg, launch_dir)
+            output_dir = job_output_dir(cfg, launch_dir, index, sweep_dir)
+            prepared = prepare(data, registry, file=label, launch_dir=launch_dir, seen=seen, output_dir=output_dir)
             prepared.catalog.close()
+            recipes.append(prepared.plan.recipe)
+            targets.append(prepared.targets or [])
+    check_sweep_targets(recipes, targets)
 
 
 def _task(cfg: DictConfig) -> None:
@@ -166,24 +196,25 @@ def _task(cfg: DictConfig) -> None:
             output_dir=Path(hc.runtime.output_dir),
         )
         run(prepared, context)
-    except MergerError as e:
-        print(e.render(), file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
+    except Exception as e:
+        raise SystemExit(fail(e, traceback=wants_traceback(sys.argv))) from None
 
 
 _hydra_main = hydra.main(version_base="1.3", config_path="conf", config_name="config")(_task)
 
 
-def main() -> None:
+def run(argv: list[str]) -> None:
+    """The `merger` command: pre-flight, then Hydra's app (see merger.command for the entry point)."""
+    sys.argv = argv  # Hydra reads its arguments from sys.argv
     Plugins.instance().register(RecipeDirSource)
-    multirun, overrides, skip = _split_args(sys.argv[1:])
-    try:
-        if not skip:
-            preflight(overrides, multirun, Path(os.getcwd()))
-        _hydra_main()
-    except MergerError as e:
-        print(e.render(), file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("merger: interrupted; no partial output or cache entry was kept", file=sys.stderr)
-        sys.exit(130)
+    multirun, overrides, skip = _split_args(argv[1:])
+    if not skip:
+        preflight(overrides, multirun, Path(os.getcwd()))
+    _hydra_main()
+
+
+def main() -> None:
+    """`python -m merger`, and older entry points: the same as the `merger` command."""
+    from merger.command import merger
+
+    merger()

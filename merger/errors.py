@@ -8,6 +8,7 @@ short block and exits with status 2; no traceback.
 from __future__ import annotations
 
 import difflib
+import errno
 import re
 from collections.abc import Iterable
 
@@ -29,11 +30,13 @@ class MergerError(Exception):
         return MergerError(self.what, where=inner, fix=self.fix)
 
     def render(self) -> str:
-        lines = [f"merger: error: {self.what}"]
-        if self.where:
-            lines.append(f"  where: {self.where}")
-        if self.fix:
-            fix_lines = self.fix.splitlines() or [""]
+        """The block; control characters other than the line breaks merger itself puts in are escaped."""
+        what, where, fix = (_escape_but_lines(part) if part else part for part in (self.what, self.where, self.fix))
+        lines = [f"merger: error: {what}"]
+        if where:
+            lines.append(f"  where: {shown(where)}")
+        if fix:
+            fix_lines = fix.splitlines() or [""]
             lines.append(f"  fix:   {fix_lines[0]}")
             lines.extend(f"         {line}" for line in fix_lines[1:])
         return "\n".join(lines)
@@ -52,6 +55,10 @@ def shown(text: object) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
+def _escape_but_lines(text: str) -> str:
+    return "\n".join(shown(line) for line in text.split("\n"))
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """The closest candidate to a misspelt `name`, or None when nothing is close."""
     matches = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
@@ -66,3 +73,28 @@ def suggestion(name: str, candidates: Iterable[str], *, kind: str) -> str:
     if close:
         return f"did you mean '{close}'? Known {kind}: {known}"
     return f"use one of the known {kind}: {known}"
+
+
+OS_FIXES: dict[int, str] = {
+    errno.ENOSPC: "free space on that disk, or point cache_dir or the output at another disk",
+    errno.EDQUOT: "free space within your quota, or write elsewhere",
+    errno.EFBIG: "the file would be larger than the filesystem or your file-size limit (ulimit -f) allows",
+    errno.EROFS: "that filesystem is read-only: choose a writable directory",
+    errno.EACCES: "you lack permission there: choose a directory you can write to, or fix its permissions",
+    errno.EPERM: "you lack permission there: choose a directory you can write to, or fix its permissions",
+    errno.EMFILE: "too many files are open: raise the limit (ulimit -n 4096) or merge fewer models at once",
+    errno.ENFILE: "the system has too many files open: close other programs or merge fewer models at once",
+    errno.ENOENT: "a file or directory vanished while merger used it: check the path and run again",
+    errno.EIO: "the disk reported an I/O error: check the disk, or copy the files elsewhere",
+    errno.ENAMETOOLONG: "the path is too long: use a shorter one",
+}
+
+
+def os_error_block(error: OSError) -> MergerError:
+    name = error.filename if error.filename is not None else ""
+    place = f" ({shown(name)})" if name else ""
+    return MergerError(
+        f"{error.strerror or error}{place}",
+        where=shown(name) if name else None,
+        fix=OS_FIXES.get(error.errno or 0, "check the file and the disk, then run again"),
+    )

@@ -13,13 +13,15 @@ same node twice: the second waits, then finds the first one's entry.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from merger.cache import Cache, EntryInfo
+from merger.cache import Cache, EntryInfo, cache_error
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
 from merger.keys import node_key, provisional_key
+from merger.nonfinite import nonfinite_error
 from merger.plan import Plan, PlannedNode, presented_spec
 from merger.progress import Progress
 from merger.provenance import node_metadata
@@ -41,6 +43,42 @@ class NodeResult:
     seconds: float
     entry: EntryInfo
     notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nonfinite(self) -> dict[str, Any]:
+        """{"output": {key: count}, "inputs": {source: {key: count}}}, as far as any were found."""
+        found: dict[str, Any] = self.entry.notes.get(NONFINITE_NOTE, {})
+        return found
+
+
+NONFINITE_NOTE = "nonfinite"
+
+
+class _NonFiniteWatch:
+    """Counts a node's non-finite values as its pipeline reports them; raises under `nonfinite: error`."""
+
+    def __init__(self, node: PlannedNode, where: str) -> None:
+        self._node = node
+        self._where = where
+        self._lock = threading.Lock()
+        self.output: dict[str, int] = {}
+        self.inputs: dict[str, dict[str, int]] = {}
+
+    def __call__(self, index: int | None, key: str, count: int) -> None:
+        name = "output" if index is None else f"input '{self._node.inputs[index].name}'"
+        with self._lock:
+            counts = self.output if index is None else self.inputs.setdefault(self._node.inputs[index].name, {})
+            counts[key] = counts.get(key, 0) + count
+        if self._node.nonfinite == "error":
+            raise nonfinite_error(self._where, f"node '{self._node.name}': its {name}", key, counts[key])
+
+    def notes(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        if self.output:
+            found["output"] = self.output
+        if self.inputs:
+            found["inputs"] = self.inputs
+        return {NONFINITE_NOTE: found} if found else {}
 
 
 class _Peek:
@@ -118,7 +156,12 @@ class Executor:
                 key = self._known_key(node)
                 entry = self.cache.lookup(key) if key else None
                 if entry is None:
-                    entry = self._compute(node)
+                    try:
+                        entry = self._compute(node)
+                    except OSError as e:
+                        raise cache_error(e, f"compute node '{node.name}'").located(
+                            self.plan.recipe.where(f"nodes.{node.name}")
+                        ) from None
                     return NodeResult(
                         node.name,
                         node.op.name,
@@ -129,9 +172,23 @@ class Executor:
                         dict(node.spec.notes),
                     )
         assert key is not None
+        self._recheck_nonfinite(node, entry)
         return NodeResult(
             node.name, node.op.name, key, "cached", time.perf_counter() - start, entry, dict(node.spec.notes)
         )
+
+    def _recheck_nonfinite(self, node: PlannedNode, entry: EntryInfo) -> None:
+        """A cached entry's recorded non-finite values fail a node that now says `nonfinite: error`."""
+        found = entry.notes.get(NONFINITE_NOTE, {})
+        if node.nonfinite != "error" or not found:
+            return
+        where = self.plan.recipe.where(f"nodes.{node.name}")
+        if found.get("output"):
+            key, count = next(iter(found["output"].items()))
+            raise nonfinite_error(where, f"node '{node.name}': its output", key, count)
+        name, counts = next(iter(found["inputs"].items()))
+        key, count = next(iter(counts.items()))
+        raise nonfinite_error(where, f"node '{node.name}': its input '{name}'", key, count)
 
     def _source_hashes(self) -> dict[str, str | None]:
         hashes: dict[str, str | None] = {}
@@ -165,6 +222,7 @@ class Executor:
         known = self._known_key(node)
         tmp = self.cache.new_tmp(known or node.name)
         progress = Progress(node.name, len(spec), sum(s.nbytes for s in spec.values()), enabled=self.progress)
+        watch = _NonFiniteWatch(node, self.plan.recipe.where(f"nodes.{node.name}"))
         entry_readers: list[SafetensorsReader] = []
         writer: SafetensorsWriter | None = None
         try:
@@ -186,7 +244,11 @@ class Executor:
                 self._check_family(node, sources, specs)
             metadata = node_metadata(self.plan, node.name, known, self._source_hashes())
             writer = SafetensorsWriter(tmp, spec, metadata, final_header=known is not None)
-            Pipeline(node.op, node.keyed, sources, tuple(specs), backend).run(writer, node.spec, progress.advance)
+            watched = frozenset(i for i, ref in enumerate(node.inputs) if ref.handle is not None)
+            pipeline = Pipeline(
+                node.op, node.keyed, sources, tuple(specs), backend, watched=watched, on_nonfinite=watch
+            )
+            pipeline.run(writer, node.spec, progress.advance)
             for ref in node.inputs:
                 if ref.handle is not None:
                     ref.handle.finish_hash()
@@ -202,7 +264,8 @@ class Executor:
             progress.close()
             for reader in entry_readers:
                 reader.close()
-        entry = self.cache.commit(tmp, key, sha)
+        made = {"kind": "node", "node": node.name, "op": node.op.name, "recipe": self.plan.recipe.file}
+        entry = self.cache.commit(tmp, key, sha, made=made, notes=watch.notes())
         for ref in node.inputs:
             if ref.handle is not None:
                 ref.handle.remember()

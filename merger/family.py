@@ -83,7 +83,7 @@ def compare(
     """Each model after the first, compared with the first on sampled weight tensors."""
     import numpy as np
 
-    from merger.arrays import NumpyBackend
+    from merger.arrays import FLOAT8_TABLES, NumpyBackend, float8_to_f32
 
     xp = NumpyBackend()
     keys = _candidates(specs, max_tensors)
@@ -92,6 +92,8 @@ def compare(
     def sampled(source: Peekable, spec: TensorSpec, key: str) -> np.ndarray:
         parts = _sample(source, key, spec, max_elements)
         size = DTYPE_SIZES[spec.dtype]
+        if spec.dtype in FLOAT8_TABLES:  # numpy has no float8: widen through a table
+            return np.concatenate([float8_to_f32(p, spec.dtype) for p in parts]).astype(np.float64)
         return np.concatenate([xp.load(p, spec.dtype, (len(p) // size,)) for p in parts]).astype(np.float64)
 
     for key in keys:
@@ -99,7 +101,9 @@ def compare(
         for i, source in enumerate(sources[1:]):
             b = sampled(source, specs[i + 1][key], key)
             norms = math.sqrt(float(a @ a)) * math.sqrt(float(b @ b))
-            scores[i].append((key, float(a @ b) / norms if norms > 0 else 0.0))
+            score = float(a @ b) / norms if norms > 0 else 0.0
+            if math.isfinite(score):  # a tensor with NaN or inf says nothing here (merger.nonfinite reports it)
+                scores[i].append((key, score))
     results = []
     for name, found in zip(names[1:], scores, strict=True):
         values = sorted(score for _, score in found)

@@ -103,6 +103,13 @@ def explain_hydra_error(
             where=f"the command line: {next((o for o in overrides if o.startswith(key + '=')), key)}",
             fix=f"{hint}to add a new key use +{key}=...; the recipe's keys: {', '.join(keys)}",
         )
+    found = re.search(r"In '(recipe/[^']+)': \w+ raised while composing config:\n(.+)", message)
+    if found:
+        return MergerError(
+            f"the recipe cannot be merged into merger's config: {found.group(2).strip()}",
+            where=f"{found.group(1)}.yaml",
+            fix="sources, nodes and outputs are mappings of name: definition (not lists); check the recipe's keys",
+        )
     found = re.search(r"Ambiguous value for argument '([^']+)'", message)
     if found:
         return MergerError(f"'{found.group(1)}' lists several values", where="the command line", fix=MULTIRUN_HINT)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from merger.archs import describe as describe_architecture
-from merger.errors import EXIT_USER_ERROR, MergerError
+from merger.errors import EXIT_USER_ERROR, MergerError, shown
 from merger.family import FAMILY_THRESHOLD, compare
 from merger.io.safetensors_file import read_header
 from merger.io.sources import TensorSource, locate, open_source
@@ -44,7 +44,7 @@ def family(paths: list[Path], sources: list[TensorSource], specs: list[ModelSpec
             lines.append(f"  {similarity.name}: no weight tensor in common to compare")
             continue
         lines.append(f"  {similarity.describe(names[0])}")
-        lines.append("    least similar: " + ", ".join(f"{key} {score:.4f}" for key, score in similarity.lowest))
+        lines.append("    least similar: " + ", ".join(f"{shown(key)} {score:.4f}" for key, score in similarity.lowest))
     return lines
 
 
@@ -86,11 +86,11 @@ def describe(path: Path, spec: ModelSpec, *, max_keys: int) -> list[str]:
     architecture = describe_architecture(spec)
     if architecture:
         lines.append(f"  architecture: {architecture}")
-    width = min(max((len(k) for k in spec), default=0), 60)
-    shown = list(spec.items()) if max_keys < 0 else list(spec.items())[:max_keys]
-    lines.extend(f"    {key:<{width}}  {t.dtype:<5} {list(t.shape)}" for key, t in shown)
-    if len(shown) < len(spec):
-        lines.append(f"    ... {len(spec) - len(shown)} more (--keys -1 lists all)")
+    width = min(max((len(shown(k)) for k in spec), default=0), 60)
+    listed = list(spec.items()) if max_keys < 0 else list(spec.items())[:max_keys]
+    lines.extend(f"    {shown(key):<{width}}  {t.dtype:<5} {list(t.shape)}" for key, t in listed)
+    if len(listed) < len(spec):
+        lines.append(f"    ... {len(spec) - len(listed)} more (--keys -1 lists all)")
     made = provenance(path)
     if made:
         lines.append(f"  made by merger {made.get('version')}, key {made.get('key')}")

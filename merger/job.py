@@ -8,19 +8,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from merger.cache import Cache, cache_location
+from merger.cache_admin import collect, max_size_setting
 from merger.catalog import SourceCatalog, SpecsSeen
 from merger.errors import MergerError
-from merger.executor import Executor
+from merger.executor import Executor, NodeResult
 from merger.graph import build_graph
+from merger.nonfinite import describe
 from merger.ops.registry import OpRegistry
+from merger.output_targets import OutputTarget, check_output_targets, output_targets
 from merger.placement import OutputResult, place_output
 from merger.plan import Plan, build_plan
 from merger.preview import PreviewImage, preview_images, render
+from merger.progress import human_size
 from merger.recipe import build_recipe
 from merger.report import RunContext, build_report, summary, write_report
 
@@ -33,14 +37,32 @@ class Prepared:
     catalog: SourceCatalog
     cache: Cache
     previews: list[PreviewImage]
+    targets: list[OutputTarget] | None  # where the outputs land, when the output directory was known
+    max_cache_bytes: int | None  # cache_max_size: collect the cache to this size after the run
+
+    def source_files(self) -> list[Path]:
+        return [f for h in self.catalog.all() for f in (h.location.path, *h.location.files)]
+
+    def check_targets(self, output_dir: Path) -> list[OutputTarget]:
+        """The outputs' files in `output_dir`, checked (see merger.output_targets)."""
+        targets = output_targets(self.plan.recipe, output_dir)
+        check_output_targets(self.plan.recipe, targets, self.source_files(), self.cache.root)
+        return targets
 
 
 def prepare(
-    data: Mapping[str, Any], registry: OpRegistry, *, file: str, launch_dir: Path, seen: SpecsSeen | None = None
+    data: Mapping[str, Any],
+    registry: OpRegistry,
+    *,
+    file: str,
+    launch_dir: Path,
+    seen: SpecsSeen | None = None,
+    output_dir: Path | None = None,
 ) -> Prepared:
     """Validate everything that can be checked from specs alone; reads no tensor data.
 
-    `seen` shares the specs of files already opened between the jobs of one pre-flight.
+    `seen` shares the specs of files already opened between the jobs of one pre-flight;
+    with `output_dir`, the outputs' places are checked too.
     """
     recipe = build_recipe(data, registry, file=file)
     graph = build_graph(recipe)
@@ -51,21 +73,38 @@ def prepare(
             check_cuda(recipe.settings.device)
         except MergerError as e:
             raise e.located(file) from None
-    cache = Cache(cache_location(recipe.settings.cache_dir, launch_dir))
+    cache = Cache(cache_location(recipe.settings.cache_dir, launch_dir), verify=recipe.settings.cache_verify)
     previews = preview_images(recipe.settings.preview, launch_dir, where=recipe.where("preview"))
     catalog = SourceCatalog(recipe, launch_dir, cache.memo, seen)
     try:
         plan = build_plan(recipe, graph, catalog, registry)
+        max_bytes = max_size_setting(recipe.settings.cache_max_size)
+        prepared = Prepared(plan, catalog, cache, previews, None, max_bytes)
+        if output_dir is not None:
+            prepared = replace(prepared, targets=prepared.check_targets(output_dir))
     except BaseException:
         catalog.close()
         raise
-    return Prepared(plan, catalog, cache, previews)
+    return prepared
+
+
+def nonfinite_warnings(results: Mapping[str, NodeResult]) -> list[str]:
+    """One line per node whose inputs or output hold NaN or inf (computed now, or recorded with the entry)."""
+    lines = []
+    for name, result in results.items():
+        found = result.nonfinite
+        for source, counts in found.get("inputs", {}).items():
+            lines.append(f"node '{name}': its input '{source}' holds {describe(counts)}")
+        if found.get("output"):
+            lines.append(f"node '{name}': its output holds {describe(found['output'])}")
+    return lines
 
 
 def run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
     """Materialise the plan, place the outputs, write the report; returns the report."""
     start = time.perf_counter()
     plan = prepared.plan
+    targets = {t.name: t for t in prepared.check_targets(context.output_dir)}
     for warning in plan.warnings:
         log.warning(warning)
     prepared.cache.remove_stale_tmp()
@@ -76,13 +115,29 @@ def run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
         results = executor.run()
     finally:
         prepared.catalog.close()
+    warnings = nonfinite_warnings(results)
     outputs: dict[str, OutputResult] = {}
     for name, output in plan.recipe.outputs.items():
-        outputs[name] = place_output(output, results[output.node], prepared.cache, context.output_dir)
+        node = results[output.node]
+        outputs[name] = place_output(
+            output, node, prepared.cache, targets[name], nonfinite=plan.nodes[output.node].nonfinite
+        )
+        if outputs[name].overflow:
+            warnings.append(f"output '{name}': the cast to {output.dtype} made {describe(outputs[name].overflow)}")
+    for warning in warnings:
+        log.warning(warning)
     previews = render({name: out.path for name, out in outputs.items()}, prepared.previews, context.output_dir)
     report = build_report(plan, results, outputs, context, device=executor.device, seconds=time.perf_counter() - start)
+    report["warnings"].extend(warnings)
     if previews:
         report["previews"] = previews
     write_report(context.output_dir, report)
     log.info(summary(report))
+    if prepared.max_cache_bytes is not None:
+        used = {r.key for r in results.values()} | {o.entry_key for o in outputs.values()}
+        freed = collect(prepared.cache, max_size=prepared.max_cache_bytes, keep=used)
+        log.info(
+            f"merger: cache_max_size {human_size(prepared.max_cache_bytes)}: removed {len(freed.removed)} files"
+            f" ({human_size(freed.freed)}); the cache now holds {human_size(freed.bytes_after)}"
+        )
     return report

@@ -6,7 +6,9 @@ computes; a writer thread streams the results into the entry file (hashing
 it and starting write-back as it goes). Per-key ops (lerp, sums, ...) are fed
 in chunks of PIECE_BYTES across all inputs (each input's chunk shrinks as
 inputs are added), so memory holds a few chunks whatever the model size, the
-tensor size or the number of inputs; other ops get whole tensors.
+tensor size or the number of inputs; other ops get whole tensors. Non-finite
+values are counted off the compute thread: in what the reader reads from the
+watched inputs (sources) and in what the writer writes (see merger.nonfinite).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from merger.arrays import Array, Backend
+from merger.nonfinite import count_nonfinite
 from merger.ops.base import NodeSpec, Op
 from merger.specs import DTYPE_SIZES, TensorSpec
 
@@ -38,6 +41,10 @@ class ByteSource(Protocol):
 
 class ChunkWriter(Protocol):
     def write_chunk(self, key: str, data: memoryview) -> None: ...
+
+
+#: called with (input index, or None for the output; tensor key; how many non-finite values a chunk held)
+NonFiniteSink = Callable[[int | None, str, int], None]
 
 
 class RenamedSource:
@@ -113,7 +120,12 @@ class Pipeline:
         sources: list[ByteSource],
         specs: tuple[dict[str, TensorSpec], ...],
         backend: Backend,
+        *,
+        watched: frozenset[int] = frozenset(),
+        on_nonfinite: NonFiniteSink | None = None,
     ) -> None:
+        """`watched`: the inputs whose reads are counted for non-finite values (with the output's
+        writes) and reported to `on_nonfinite`, which may raise to stop the node."""
         self.op = op
         self.params_for: Callable[[str], Any] = params.for_key if hasattr(params, "for_key") else (lambda key: params)
         self.sources = sources
@@ -122,6 +134,14 @@ class Pipeline:
         self._plan: Any = None
         self._pool = _Pool(backend_allocator(backend))
         self._stop = threading.Event()
+        self._watched = watched if on_nonfinite else frozenset()
+        self._on_nonfinite = on_nonfinite
+
+    def _count(self, index: int | None, key: str, data: memoryview, code: str) -> None:
+        if self._on_nonfinite is not None:
+            found = count_nonfinite(data, code)
+            if found:
+                self._on_nonfinite(index, key, found)
 
     # --- stage 1: read -----------------------------------------------------------------------
 
@@ -135,7 +155,9 @@ class Pipeline:
                 start, stop = 0, spec.nbytes
             buffer = self._pool.get(stop - start)
             fetched.buffers.append(buffer)
-            fetched.data[(index, key)] = self.sources[index].read_into(key, start, stop, memoryview(buffer))
+            fetched.data[(index, key)] = data = self.sources[index].read_into(key, start, stop, memoryview(buffer))
+            if index in self._watched:
+                self._count(index, key, data, spec.dtype)
         return fetched
 
     def _reader(self, pieces: Iterator[Piece], out: queue.Queue[Any]) -> None:
@@ -150,7 +172,7 @@ class Pipeline:
 
     # --- stage 3: write ----------------------------------------------------------------------
 
-    def _writer(self, writer: ChunkWriter, jobs: queue.Queue[Any], errors: list[BaseException]) -> None:
+    def _writer(self, writer: ChunkWriter, node: NodeSpec, jobs: queue.Queue[Any], errors: list[BaseException]) -> None:
         while True:
             job = jobs.get()
             if job is _DONE:
@@ -160,6 +182,7 @@ class Pipeline:
                 self._pool.put(buffers)
                 continue
             try:
+                self._count(None, key, data, node.tensors[key].dtype)
                 writer.write_chunk(key, data)
             except BaseException as e:
                 errors.append(e)
@@ -190,7 +213,7 @@ class Pipeline:
         reader = threading.Thread(
             target=self._reader, args=(plan_pieces(self.op, self.specs, node), read_queue), daemon=True
         )
-        writing = threading.Thread(target=self._writer, args=(writer, write_queue, errors), daemon=True)
+        writing = threading.Thread(target=self._writer, args=(writer, node, write_queue, errors), daemon=True)
         reader.start()
         writing.start()
         finished = False
@@ -245,6 +268,8 @@ class _TensorInputs:
         if data is None:
             buffer = bytearray(spec.nbytes)
             data = self._pipeline.sources[index].read_into(key, 0, spec.nbytes, memoryview(buffer))
+            if index in self._pipeline._watched:
+                self._pipeline._count(index, key, data, spec.dtype)
         return self._pipeline.backend.load(data, spec.dtype, spec.shape)
 
 

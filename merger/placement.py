@@ -5,25 +5,32 @@ hard-linked (or copied across filesystems). A dtype or format change makes an
 artifact (the entry cast, or saved as `.pth`), itself cached under a key
 derived from the node's, so a re-run links it too. The output appears
 atomically: linked or copied to a temporary name beside it, then renamed.
-A `.pth` output gets its provenance in a `.json` beside it.
+A `.pth` output gets its provenance in a `.json` beside it. The sha256 the
+report gives is that of the file now at the path: the entry's, checked when
+it was looked up, for a link; the one computed while copying, for a copy.
+Where the output may land was checked before the run (merger.output_targets).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import mmap
 import os
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from merger.archs import esrgan
 from merger.atomic import tmp_path_for, write_text_atomic
 from merger.cache import Cache, EntryInfo
 from merger.errors import MergerError
-from merger.executor import NodeResult
+from merger.executor import NONFINITE_NOTE, NodeResult
 from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, SafetensorsWriter, file_sha256, read_header
 from merger.keys import artifact_key
+from merger.nonfinite import NonFiniteCounts, nonfinite_error
+from merger.output_targets import OutputTarget
 from merger.provenance import DTYPE_FIELD, parse_metadata
 from merger.recipe import OutputDef
 from merger.specs import DTYPE_NAMES, DTYPE_SIZES, TensorSpec
@@ -40,64 +47,110 @@ class OutputResult:
     bytes: int
     dtype: str
     how: str  # "linked" | "copied"
+    entry_key: str  # the cache entry placed (the node's, or the artifact made from it)
+    overflow: dict[str, int] = field(default_factory=dict)  # tensor -> values the cast made non-finite
 
 
 def output_format(path: str) -> str:
     return "pth" if path.lower().endswith(".pth") else "safetensors"
 
 
-def place_output(output: OutputDef, node: NodeResult, cache: Cache, output_dir: Path) -> OutputResult:
-    """Put node's entry (or an artifact made from it) at the output's path."""
+def place_output(
+    output: OutputDef, node: NodeResult, cache: Cache, target: OutputTarget, *, nonfinite: str = "warn"
+) -> OutputResult:
+    """Put node's entry (or an artifact made from it) at the output's path. `nonfinite: error`
+    refuses an output whose cast (to float16, say) made values infinite, before it is placed."""
     try:
-        return _place(output, node, cache, output_dir)
+        return _place(output, node, cache, target, nonfinite)
     except OSError as e:
         raise MergerError(
-            f"cannot write output '{output.name}': {e.strerror or e} ({e.filename or output.path})",
+            f"cannot write output '{output.name}': {e.strerror or e} ({e.filename or target.path})",
             where=f"outputs.{output.name}.path",
-            fix="choose a path in a writable directory (relative paths land in the run's output directory)",
+            fix=PLACE_FIXES.get(
+                e.errno or 0,
+                "choose a path in a writable directory (relative paths land in the run's output directory)",
+            ),
         ) from None
 
 
-def _place(output: OutputDef, node: NodeResult, cache: Cache, output_dir: Path) -> OutputResult:
+PLACE_FIXES = {
+    errno.ENOSPC: "free space on that disk, or write the output to another disk",
+    errno.EFBIG: "the file is larger than this filesystem or your file-size limit (ulimit -f) allows",
+    errno.EROFS: "that filesystem is read-only: choose a path in a writable directory",
+}
+
+
+def _overflow(node: NodeResult, artifact: EntryInfo) -> dict[str, int]:
+    """Tensors with more non-finite values in the artifact than in the node's entry (a cast overflowed)."""
+    before = node.nonfinite.get("output", {})
+    after: dict[str, int] = artifact.notes.get(NONFINITE_NOTE, {}).get("output", {})
+    return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+
+
+def _place(output: OutputDef, node: NodeResult, cache: Cache, target: OutputTarget, nonfinite: str) -> OutputResult:
     fmt = output_format(output.path)
     suffix = ".pth" if fmt == "pth" else ".safetensors"
     key = artifact_key(node.key, output.dtype, fmt, output.layout)
     artifact = cache.lookup(key, suffix)
     if artifact is None:
         with cache.lock(key):
-            artifact = cache.lookup(key, suffix) or _make_artifact(cache, node.entry, output, fmt, key)
-    target = output_dir / Path(output.path).expanduser()
-    how = link_or_copy(artifact.path, target)
-    if fmt == "pth":
+            artifact = cache.lookup(key, suffix) or _make_artifact(cache, node, output, fmt, key)
+    overflow = _overflow(node, artifact)
+    if overflow and nonfinite == "error":
+        first, count = next(iter(overflow.items()))
+        raise nonfinite_error(f"outputs.{output.name}", f"output '{output.name}' cast to {output.dtype}", first, count)
+    how, sha = link_or_copy(artifact, target.path)
+    if how == "linked":
+        cache.placed(artifact)
+    elif sha != artifact.sha256:
+        target.path.unlink(missing_ok=True)
+        cache.quarantine(artifact.path, "its copy's sha256 differs from its record")
+        raise MergerError(
+            f"the cache entry of output '{output.name}' changed while it was copied",
+            where=f"outputs.{output.name}",
+            fix="run again: the damaged entry was moved aside and will be computed again",
+        )
+    if target.side is not None:
         provenance = parse_metadata(read_header(node.entry.path).metadata) or {}
         if output.dtype != "keep":
             provenance["dtype"] = output.dtype
-        write_text_atomic(target.with_suffix(".json"), json.dumps(provenance, indent=2) + "\n")
-    return OutputResult(output.name, node.name, target, artifact.sha256, artifact.bytes, output.dtype, how)
+        write_text_atomic(target.side, json.dumps(provenance, indent=2) + "\n")
+    return OutputResult(
+        output.name, node.name, target.path, sha, artifact.bytes, output.dtype, how, artifact.key, overflow
+    )
 
 
-def link_or_copy(source: Path, target: Path) -> str:
-    if target.is_dir():
-        raise MergerError(
-            f"output path '{target}' is a directory",
-            where="outputs",
-            fix="give the output a file path ending in .safetensors or .pth",
-        )
+def link_or_copy(entry: EntryInfo, target: Path) -> tuple[str, str]:
+    """Put the entry at `target` atomically: ("linked" | "copied", sha256 of the file now there)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(target)
     try:
         try:
-            os.link(source, tmp)
-            how = "linked"
-        except OSError:
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            how = "copied"
+            os.link(entry.path, tmp)
+            how, sha = "linked", entry.sha256
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            how, sha = "copied", copy_hashed(entry.path, tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return how
+    return how, sha
+
+
+def copy_hashed(source: Path, target: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    """Copy `source` to a new file `target` (fsynced); the sha256 of the bytes written."""
+    sha = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(source, "rb", buffering=0) as src, open(target, "xb", buffering=0) as dst:
+        while n := src.readinto(buffer):
+            sha.update(view[:n])
+            done = 0
+            while done < n:
+                done += dst.write(view[done:n]) or 0
+        os.fsync(dst.fileno())
+    return sha.hexdigest()
 
 
 def _cast_spec(spec: TensorSpec, dtype: str) -> TensorSpec:
@@ -106,15 +159,21 @@ def _cast_spec(spec: TensorSpec, dtype: str) -> TensorSpec:
     return TensorSpec(DTYPE_NAMES[dtype], spec.shape)
 
 
-def _make_artifact(cache: Cache, entry: EntryInfo, output: OutputDef, fmt: str, key: str) -> EntryInfo:
-    header = read_header(entry.path)
+def _make_artifact(cache: Cache, node: NodeResult, output: OutputDef, fmt: str, key: str) -> EntryInfo:
+    header = read_header(node.entry.path)
+    made = {"kind": "artifact", "of": node.key, "node": node.name, "dtype": output.dtype, "format": fmt}
+    if output.layout is not None:
+        made["layout"] = output.layout
+    notes: dict[str, Any] = {}
     if output.dtype != "keep" or output.layout is not None:
         variant_key = key if fmt == "safetensors" else key + "-variant"
-        variant = _write_variant(cache, header, output.dtype, _layout_rename(header, output), variant_key)
+        rename = _layout_rename(header, output)
+        variant = _write_variant(cache, header, output.dtype, rename, variant_key, made)
         if fmt == "safetensors":
             return variant
         header = read_header(variant.path)
-    return _write_pth(cache, header, key)
+        notes = variant.notes
+    return _write_pth(cache, header, key, made, notes)
 
 
 def _layout_rename(header: SafetensorsHeader, output: OutputDef) -> dict[str, str] | None:
@@ -127,9 +186,10 @@ def _layout_rename(header: SafetensorsHeader, output: OutputDef) -> dict[str, st
 
 
 def _write_variant(
-    cache: Cache, header: SafetensorsHeader, dtype: str, rename: dict[str, str] | None, key: str
+    cache: Cache, header: SafetensorsHeader, dtype: str, rename: dict[str, str] | None, key: str, made: dict[str, Any]
 ) -> EntryInfo:
-    """The entry with float tensors cast to `dtype` and keys renamed, in chunks (numpy)."""
+    """The entry with float tensors cast to `dtype` and keys renamed, in chunks (numpy); the
+    non-finite values of the result are counted (a cast to float16 may overflow)."""
     from merger.arrays import select_backend
 
     specs = {(rename or {}).get(k, k): _cast_spec(s, dtype) for k, s in header.tensors.items()}
@@ -139,6 +199,7 @@ def _write_variant(
     writer = SafetensorsWriter(tmp, specs, metadata)
     reader = SafetensorsReader(header)
     buffer = memoryview(bytearray(VARIANT_CHUNK * 8))
+    counts = NonFiniteCounts()
     try:
         for name, spec in header.tensors.items():
             new_name = (rename or {}).get(name, name)
@@ -149,6 +210,7 @@ def _write_variant(
                 data = reader.read_into(name, start * size, stop * size, buffer)
                 if target.dtype != spec.dtype:
                     data = xp.store(xp.load(data, spec.dtype, (stop - start,)), target.dtype)
+                counts.add(new_name, data, target.dtype)
                 writer.write_chunk(new_name, data)
         sha = writer.finish()
     except BaseException:
@@ -156,10 +218,13 @@ def _write_variant(
         raise
     finally:
         reader.close()
-    return cache.commit(tmp, key, sha)
+    notes = {NONFINITE_NOTE: {"output": counts.counts}} if counts.counts else {}
+    return cache.commit(tmp, key, sha, made=made, notes=notes)
 
 
-def _write_pth(cache: Cache, header: SafetensorsHeader, key: str) -> EntryInfo:
+def _write_pth(
+    cache: Cache, header: SafetensorsHeader, key: str, made: dict[str, Any], notes: dict[str, Any]
+) -> EntryInfo:
     """`torch.save` of the bare state dict, its tensors viewing a memory map of the entry."""
     tmp = cache.new_tmp(key, ".pth")
     try:
@@ -167,7 +232,7 @@ def _write_pth(cache: Cache, header: SafetensorsHeader, key: str) -> EntryInfo:
             _save_views(mapped, header, tmp)
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
-        return cache.commit(tmp, key, file_sha256(tmp), ".pth")
+        return cache.commit(tmp, key, file_sha256(tmp), ".pth", made=made, notes=notes)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -38,6 +38,7 @@ class PlannedNode:
     inputs: tuple[InputRef, ...]
     spec: NodeSpec
     keyed: KeyedParams  # the parameters key by key (per-layer schedules resolved)
+    nonfinite: str = "warn"  # warn | error: NaN or inf in the inputs read or the output
 
     @property
     def seed(self) -> int | None:
@@ -110,7 +111,8 @@ def _plan_node(
         spec.notes["schedules"] = keyed.usage()
         for resolved in keyed.distinct():
             warnings.extend(w for w in op.check(resolved, n_models) if w not in warnings)
-    return PlannedNode(node.name, op, params, inputs, spec, keyed), warnings
+    nonfinite = node.nonfinite or recipe.settings.nonfinite
+    return PlannedNode(node.name, op, params, inputs, spec, keyed, nonfinite), warnings
 
 
 def build_plan(recipe: Recipe, graph: Graph, catalog: SourceCatalog, registry: OpRegistry) -> Plan:

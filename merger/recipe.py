@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merger.errors import MergerError, did_you_mean
+from merger.limits import MAX_RECIPE_NODES
 from merger.ops.base import Op, OpParams
 from merger.ops.registry import OpRegistry
 
@@ -56,6 +57,7 @@ class OutputModel(_Strict):
     path: str | None = None
     dtype: Literal["keep", "float32", "float16", "bfloat16"] = "keep"
     layout: Literal["old", "new", "basicsr"] | None = None
+    overwrite: bool = False  # replace an existing file that merger did not write
 
 
 class Settings(_Strict):
@@ -86,6 +88,7 @@ class NodeDef:
     inputs: tuple[str, ...]
     params: OpParams
     refs: tuple[tuple[str, str], ...] = ()  # (parameter, name) for parameters naming a model: base
+    nonfinite: str | None = None  # warn | error: this node's NaN/inf policy (None: the run's)
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -100,6 +103,12 @@ class OutputDef:
     path: str
     dtype: str  # keep | float32 | float16 | bfloat16
     layout: str | None = None  # ESRGAN key layout: old | new | basicsr
+    overwrite: bool = False  # may replace an existing file that merger did not write
+
+    @property
+    def side_file(self) -> str | None:
+        """The provenance file written beside a `.pth` output."""
+        return os.path.splitext(self.path)[0] + ".json" if self.path.lower().endswith(".pth") else None
 
 
 @dataclass(frozen=True)
@@ -230,9 +239,16 @@ def _node(name: str, raw: Any, registry: OpRegistry, where: str) -> NodeDef:
             where=f"{where}.inputs",
             fix="write inputs: [a, b] with the names of sources or other nodes",
         )
+    nonfinite = fields.pop("nonfinite", None)
+    if nonfinite not in (None, "warn", "error"):
+        raise MergerError(
+            f"nonfinite must be warn or error, got {nonfinite!r}",
+            where=f"{where}.nonfinite",
+            fix="nonfinite: error fails the run when the node's inputs or output hold NaN or inf",
+        )
     params = _params(op, fields, where)
     refs = tuple((p, getattr(params, p)) for p in op.references if getattr(params, p, None) is not None)
-    return NodeDef(name, op_name, tuple(inputs), params, refs)
+    return NodeDef(name, op_name, tuple(inputs), params, refs, nonfinite)
 
 
 def _params(op: Op, fields: dict[str, Any], where: str) -> OpParams:
@@ -258,13 +274,19 @@ def _output(name: str, raw: Any, where: str) -> OutputDef:
     except ValidationError as e:
         raise validation_error(e, OutputModel, where=where, what="an output") from None
     path = model.path or f"{name}.safetensors"
+    if any(ord(c) < 32 or ord(c) == 127 for c in path) or not path.strip():
+        raise MergerError(
+            f"output path {path!r} is empty or holds a control character (NUL, a line break, ...)",
+            where=f"{where}.path",
+            fix="give a plain file name such as blend.safetensors",
+        )
     if not path.lower().endswith(OUTPUT_SUFFIXES):
         raise MergerError(
             f"output path '{path}' has an unknown format",
             where=f"{where}.path",
             fix="end the path in .safetensors (recommended) or .pth",
         )
-    return OutputDef(name, model.node or name, path, model.dtype, model.layout)
+    return OutputDef(name, model.node or name, path, model.dtype, model.layout, model.overwrite)
 
 
 RESERVED_FILES = ("merge_report.json", "merger.log", "sweep_report.json")
@@ -274,9 +296,7 @@ def _check_output_paths(outputs: dict[str, OutputDef], file: str) -> None:
     """Two outputs (or an output and a .pth's provenance .json, or the run report) may not share a file."""
     taken: dict[str, str] = {name: "merger's own run files" for name in RESERVED_FILES}
     for output in outputs.values():
-        paths = [os.path.normpath(output.path)]
-        if output.path.lower().endswith(".pth"):
-            paths.append(os.path.normpath(os.path.splitext(output.path)[0] + ".json"))
+        paths = [os.path.normpath(p) for p in (output.path, output.side_file) if p is not None]
         for path in paths:
             other = taken.get(path)
             if other is not None or path.startswith(".hydra" + os.sep):
@@ -290,6 +310,14 @@ def _check_output_paths(outputs: dict[str, OutputDef], file: str) -> None:
 
 def build_recipe(config: Mapping[str, Any], registry: OpRegistry, *, file: str) -> Recipe:
     """Validate resolved config data into a Recipe (references are checked by the graph)."""
+    for section in SECTIONS:
+        entries = config.get(section)
+        if isinstance(entries, Mapping) and len(entries) > MAX_RECIPE_NODES:
+            raise MergerError(
+                f"'{section}' has {len(entries)} entries, more than the limit of {MAX_RECIPE_NODES}",
+                where=f"{file}, {section}",
+                fix="split the work into several recipes (a glob source counts as one entry)",
+            )
     sources = {n: _source(n, raw, f"{file}, sources.{n}") for n, raw in _mapping(config, "sources", file).items()}
     nodes = {n: _node(n, raw, registry, f"{file}, nodes.{n}") for n, raw in _mapping(config, "nodes", file).items()}
     outputs = {n: _output(n, raw, f"{file}, outputs.{n}") for n, raw in _mapping(config, "outputs", file).items()}

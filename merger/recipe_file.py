@@ -111,8 +111,9 @@ def check_package(package: str | None, label: str) -> None:
     if package != "_global_" and not (
         package is not None and package.startswith("_global_.") and not package.startswith("_global_.hydra")
     ):
+        said = f"says its package is '{shown(package)}'" if package else "has no package line"
         raise _refuse(
-            f"the recipe file's package is '{shown(package)}'; recipe files use '# @package _global_'",
+            f"the recipe file {said}; recipe files use '# @package _global_'",
             label,
             None,
             "make '# @package _global_' the file's first line",

@@ -67,6 +67,7 @@ def build_report(
                 "seconds": round(r.seconds, 4),
                 "bytes": r.entry.bytes,
                 **({"keys": r.notes} if r.notes else {}),
+                **({"nonfinite": r.nonfinite} if r.nonfinite else {}),
             }
             for name, r in results.items()
         },
@@ -78,6 +79,7 @@ def build_report(
                 "bytes": o.bytes,
                 "dtype": o.dtype,
                 "placed": o.how,
+                **({"overflow": o.overflow} if o.overflow else {}),
             }
             for name, o in outputs.items()
         },

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from merger.errors import MergerError
+from merger.errors import MergerError, shown
 
 
 class _Strict(BaseModel):
@@ -104,7 +104,8 @@ class _Resolved:
                 indices[key] = int(found.group(1))
             except (TypeError, ValueError):
                 raise MergerError(
-                    f"blocks '{schedule.blocks}' reads '{found.group(1)}' from '{key}', not a block number",
+                    f"blocks '{schedule.blocks}' reads '{shown(found.group(1))}' from '{shown(key)}',"
+                    " not a block number",
                     where=where,
                     fix=r"make the first group match digits, e.g. (\d+)",
                 ) from None
@@ -113,7 +114,7 @@ class _Resolved:
         unmatched = [k for k in keys if k not in indices]
         if unmatched and schedule.default is None:
             raise MergerError(
-                f"{len(unmatched)} keys match no block (e.g. '{unmatched[0]}'), and the gradient has no default",
+                f"{len(unmatched)} keys match no block (e.g. '{shown(unmatched[0])}'), and the gradient has no default",
                 where=where,
                 fix="add default: <value> for the keys outside the blocks",
             )

@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from merger.errors import shown
+
 #: safetensors dtype code -> bytes per element
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8,
@@ -79,11 +81,13 @@ def spec_differences(names: Sequence[str], specs: Sequence[ModelSpec]) -> list[s
         for key, tensor in first.items():
             other = spec.get(key)
             if other is None:
-                lines.append(f"'{key}' is in '{first_name}' {tensor.describe()} but not in '{name}'")
+                lines.append(f"'{shown(key)}' is in '{first_name}' {tensor.describe()} but not in '{name}'")
             elif other.shape != tensor.shape:
-                lines.append(f"'{key}' is {list(tensor.shape)} in '{first_name}' but {list(other.shape)} in '{name}'")
+                lines.append(
+                    f"'{shown(key)}' is {list(tensor.shape)} in '{first_name}' but {list(other.shape)} in '{name}'"
+                )
         lines.extend(
-            f"'{key}' is in '{name}' {other.describe()} but not in '{first_name}'"
+            f"'{shown(key)}' is in '{name}' {other.describe()} but not in '{first_name}'"
             for key, other in spec.items()
             if key not in first
         )

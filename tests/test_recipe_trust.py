@@ -97,7 +97,7 @@ def test_defaults_name_only_recipe_files(tmp_path: Path, defaults: str) -> None:
 @pytest.mark.parametrize("package", ["hydra", "_global_.hydra", "_group_", "_global_.hydra.job"])
 def test_package_must_be_global(tmp_path: Path, package: str) -> None:
     error = refusal(tmp_path, f"# @package {package}\njob:\n  env_set: {{A: b}}\n")
-    assert f"the recipe file's package is '{package}'" in error.what
+    assert f"the recipe file says its package is '{package}'" in error.what
 
 
 @pytest.mark.parametrize("key", ["_target_", "_partial_", "_args_", "()"])

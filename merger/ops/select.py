@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from merger.errors import MergerError
+from merger.errors import MergerError, shown
 from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, OpParams, TensorInputs
 from merger.specs import TensorSpec
 
@@ -92,7 +92,7 @@ class Select(Op):
             index = next((i for i, pattern in rules if pattern.search(key)), 0)
             if key not in inputs.specs[index]:
                 raise MergerError(
-                    f"a take rule picks '{key}' from '{inputs.names[index]}', which has no such key",
+                    f"a take rule picks '{shown(key)}' from '{inputs.names[index]}', which has no such key",
                     fix="narrow the rule's match, or pick the key from an input that has it",
                 )
             plan[key] = (index, key)

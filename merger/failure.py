@@ -1,0 +1,115 @@
+"""How a failure reaches the user: one short block and a non-zero exit, never a traceback.
+
+A user error is a MergerError already (exit 2). Errors the environment raises
+(a full disk, a file-size limit, too many open files, a read-only or vanished
+directory) arrive as OSError and get a block with a fix for their errno; any
+other exception is a bug in merger, told in a block that asks for a report
+(exit 1). `-v` (`--verbose`) on merger's command line, or HYDRA_FULL_ERROR=1,
+shows the traceback instead, for bug reports.
+
+Signals: SIGTERM (a scheduler's stop) is turned into an orderly exit, so
+temporary files are removed on the way out as for Ctrl-C; SIGKILL cannot be,
+and the next run removes what a killed one left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import NoReturn
+
+from merger.errors import EXIT_USER_ERROR, MergerError, os_error_block, shown
+
+EXIT_BUG = 1
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+VERBOSE_FLAGS = ("-v", "--verbose")
+INTERRUPTED = "merger: interrupted; no partial output or cache entry was kept"
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that clean-up code runs."""
+
+
+def wants_traceback(argv: list[str]) -> bool:
+    return any(a in VERBOSE_FLAGS for a in argv) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def without_verbose(argv: list[str]) -> list[str]:
+    return [a for a in argv if a not in VERBOSE_FLAGS]
+
+
+def explain(error: BaseException) -> tuple[MergerError, int]:
+    """The block for any exception, and the exit status."""
+    if isinstance(error, MergerError):
+        return error, EXIT_USER_ERROR
+    if isinstance(error, OSError):
+        return os_error_block(error), EXIT_USER_ERROR
+    if isinstance(error, MemoryError):
+        block = MergerError(
+            "out of memory", fix="merge smaller models, close other programs, or use a machine with more memory"
+        )
+        return block, EXIT_USER_ERROR
+    text = str(error).strip().splitlines()
+    block = MergerError(
+        f"unexpected {type(error).__name__}: {shown(text[0]) if text else ''}".rstrip(": "),
+        fix="this is a bug in merger: run again with -v to see the traceback, and report it",
+    )
+    return block, EXIT_BUG
+
+
+def fail(error: BaseException, *, traceback: bool) -> int:
+    """Print the block (or re-raise for the traceback); returns the exit status."""
+    if traceback and not isinstance(error, MergerError):
+        raise error
+    block, status = explain(error)
+    print(block.render(), file=sys.stderr)
+    return status
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+def prepare_process() -> None:
+    """Process-wide set-up for the command: SIGTERM cleans up; Python warnings (torch's among them)
+    go to the job's log file, not the terminal; the open-files limit is raised to its maximum."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+    logging.captureWarnings(True)
+    captured = logging.getLogger("py.warnings")
+    captured.addHandler(logging.NullHandler())  # until Hydra's logging config gives it the log file
+    captured.propagate = False
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def command(body: Callable[[list[str]], None], argv: list[str]) -> NoReturn:
+    """Run a console command's `body(argv)` (argv without -v) with merger's failure rules; exits."""
+    traceback = wants_traceback(argv)
+    if traceback:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra, and jobs in other processes, show tracebacks too
+    prepare_process()
+    try:
+        body(without_verbose(argv))
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        print(INTERRUPTED.replace("interrupted", "terminated"), file=sys.stderr)
+        sys.exit(EXIT_TERMINATED)
+    except SystemExit:
+        raise
+    except Exception as e:
+        sys.exit(fail(e, traceback=traceback))
+    sys.exit(0)
