@@ -15,7 +15,6 @@ from typing import Any
 
 from merger.errors import MergerError, os_error_block
 from merger.hashing import new_tensor_hasher, source_content_hash
-from merger.io.pth import PthSource
 from merger.io.sources import SourceLocation, TensorSource, locate, open_source, resolve_path
 from merger.limits import MAX_GLOB_FILES
 from merger.memo import MemoEntry, SourceMemo, source_identity
@@ -67,6 +66,8 @@ class SourceHandle:
         """The file's reader; a checkpoint is unpickled once, then read through its remembered layout."""
         if self.location.kind != "pth":
             return open_source(self.location, where=self.where)
+        from merger.io.pth import PthSource  # the unpickler: only for checkpoints
+
         layout = self._memo.get_layout(self.identity)
         if layout is not None:
             try:

@@ -11,7 +11,6 @@ beside the file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,9 +22,10 @@ from merger.family import FAMILY_THRESHOLD, compare
 from merger.io.safetensors_file import read_header
 from merger.io.sources import TensorSource, locate, open_source
 from merger.progress import human_size
-from merger.provenance import parse_metadata
+from merger.provenance import Provenance
 from merger.report import REPORT_NAME
 from merger.specs import ModelSpec, spec_differences, total_bytes, total_params
+from merger.strict_json import loads_strict
 
 MAX_DIFFERENCES = 10
 
@@ -48,32 +48,72 @@ def family(paths: list[Path], sources: list[TensorSource], specs: list[ModelSpec
     return lines
 
 
-def provenance(path: Path) -> dict[str, Any] | None:
-    if path.suffix == ".safetensors":
-        return parse_metadata(read_header(path).metadata)
-    sidecar = path.with_suffix(".json")
-    if path.suffix == ".pth" and sidecar.is_file():
-        try:
-            data = json.loads(sidecar.read_text())
-        except ValueError:
-            return None
-        return data if isinstance(data, dict) and "key" in data else None
-    return None
+MAX_SIDE_FILE_BYTES = 16 * 1024 * 1024
+
+
+def _side_file(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SIDE_FILE_BYTES + 1)
+    except OSError:
+        return None
+    return raw if len(raw) <= MAX_SIDE_FILE_BYTES else None
+
+
+def provenance(path: Path) -> Provenance | str | None:
+    """How merger made the file; a line saying why when what the file says is malformed; None if not merger's."""
+    try:
+        if path.suffix == ".safetensors":
+            return Provenance.from_metadata(read_header(path).metadata)
+        raw = _side_file(path.with_suffix(".json")) if path.suffix == ".pth" else None
+        return Provenance.from_json(raw) if raw is not None else None
+    except ValueError as e:
+        return f"  provenance: unreadable ({shown(e)})"
 
 
 def run_context(path: Path) -> dict[str, Any] | None:
-    """This file's run, from a merge_report.json beside it that lists it."""
-    report_path = path.parent / REPORT_NAME
-    if not report_path.is_file():
-        return None
+    """This file's run, from a merge_report.json beside it that lists it (None if absent or malformed)."""
+    raw = _side_file(path.parent / REPORT_NAME)
     try:
-        report = json.loads(report_path.read_text())
+        report = loads_strict(raw, what="the run report") if raw is not None else None
     except ValueError:
         return None
-    for name, output in report.get("outputs", {}).items():
-        if Path(output.get("path", "")).name == path.name:
-            return {"output": name, "report": str(report_path), **{k: report.get(k) for k in ("recipe", "overrides")}}
+    if not isinstance(report, dict) or not isinstance(report.get("outputs"), dict):
+        return None
+    outputs: dict[str, Any] = report["outputs"]
+    for name, output in outputs.items():
+        if isinstance(output, dict) and isinstance(output.get("path"), str) and Path(output["path"]).name == path.name:
+            recipe = report.get("recipe") if isinstance(report.get("recipe"), dict) else {}
+            overrides: list[Any] = report["overrides"] if isinstance(report.get("overrides"), list) else []
+            return {
+                "output": str(name),
+                "report": str(path.parent / REPORT_NAME),
+                "recipe": recipe,
+                "overrides": [str(o) for o in overrides],
+            }
     return None
+
+
+def _made_lines(made: Provenance) -> list[str]:
+    lines = [f"  made by merger {shown(made.version)}, key {shown(made.key)}"]
+    for name, origin in made.sources.items():
+        lines.append(f"    source {shown(name)}: {shown(origin.hash[:16])}  {shown(origin.path)}")
+    if made.dtype:
+        lines.append(f"    cast to {shown(made.dtype)}")
+    lines.append("    recipe:")
+    lines.extend(f"      {shown(line)}" for line in made.recipe.splitlines())
+    return lines
+
+
+def _run_line(context: dict[str, Any]) -> str:
+    recipe = context["recipe"]
+    git: dict[str, Any] = recipe["git"] if isinstance(recipe.get("git"), dict) else {}
+    commit: str = git["commit"] if isinstance(git.get("commit"), str) else "?"
+    git_text = f", git {commit[:12]}{' (dirty)' if git.get('dirty') is True else ''}" if git else ""
+    return shown(
+        f"  run: output '{context['output']}' of recipe {recipe.get('name')}{git_text};"
+        f" overrides {' '.join(context['overrides']) or '(none)'}"
+    )
 
 
 def describe(path: Path, spec: ModelSpec, *, max_keys: int) -> list[str]:
@@ -92,25 +132,13 @@ def describe(path: Path, spec: ModelSpec, *, max_keys: int) -> list[str]:
     if len(listed) < len(spec):
         lines.append(f"    ... {len(spec) - len(listed)} more (--keys -1 lists all)")
     made = provenance(path)
-    if made:
-        lines.append(f"  made by merger {made.get('version')}, key {made.get('key')}")
-        sources = made.get("sources")
-        if isinstance(sources, dict):
-            for name, info in sources.items():
-                lines.append(f"    source {name}: {info.get('hash', '?')[:16]}  {info.get('path', '?')}")
-        if made.get("dtype"):
-            lines.append(f"    cast to {made['dtype']}")
-        lines.append("    recipe:")
-        lines.extend(f"      {line}" for line in str(made.get("recipe", "")).splitlines())
+    if isinstance(made, str):
+        lines.append(made)
+    elif made is not None:
+        lines.extend(_made_lines(made))
     context = run_context(path)
     if context:
-        recipe = context.get("recipe") or {}
-        git = recipe.get("git") or {}
-        git_text = f", git {git.get('commit', '?')[:12]}{' (dirty)' if git.get('dirty') else ''}" if git else ""
-        lines.append(
-            f"  run: output '{context['output']}' of recipe {recipe.get('name')}{git_text};"
-            f" overrides {' '.join(context.get('overrides') or []) or '(none)'}"
-        )
+        lines.append(_run_line(context))
     return lines
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from merger.cache import Cache, cache_location
-from merger.cache_admin import collect, max_size_setting
 from merger.catalog import SourceCatalog, SpecsSeen
 from merger.errors import MergerError
 from merger.executor import Executor, NodeResult
@@ -78,7 +77,11 @@ def prepare(
     catalog = SourceCatalog(recipe, launch_dir, cache.memo, seen)
     try:
         plan = build_plan(recipe, graph, catalog, registry)
-        max_bytes = max_size_setting(recipe.settings.cache_max_size)
+        max_bytes = None
+        if recipe.settings.cache_max_size is not None:
+            from merger.cache_admin import max_size_setting
+
+            max_bytes = max_size_setting(recipe.settings.cache_max_size)
         prepared = Prepared(plan, catalog, cache, previews, None, max_bytes)
         if output_dir is not None:
             prepared = replace(prepared, targets=prepared.check_targets(output_dir))
@@ -134,6 +137,8 @@ def run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
     write_report(context.output_dir, report)
     log.info(summary(report))
     if prepared.max_cache_bytes is not None:
+        from merger.cache_admin import collect
+
         used = {r.key for r in results.values()} | {o.entry_key for o in outputs.values()}
         freed = collect(prepared.cache, max_size=prepared.max_cache_bytes, keep=used)
         log.info(

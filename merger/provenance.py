@@ -11,12 +11,14 @@ the same length, and patched when the entry is committed.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from merger import __version__
 from merger.plan import Plan
+from merger.strict_json import loads_strict
 
 PLACEHOLDER_HASH = "0" * 64
 KEY_FIELD = "merger.key"
@@ -87,3 +89,60 @@ def parse_metadata(metadata: dict[str, str]) -> dict[str, Any] | None:
     if DTYPE_FIELD in metadata:
         result["dtype"] = metadata[DTYPE_FIELD]
     return result
+
+
+@dataclass(frozen=True)
+class SourceOrigin:
+    hash: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a file says about how merger made it, checked (files come from anywhere)."""
+
+    key: str
+    version: str | None
+    sources: dict[str, SourceOrigin]
+    recipe: str
+    dtype: str | None
+
+    @classmethod
+    def from_fields(cls, fields: Any, sources: Any) -> Provenance:
+        """From decoded fields (key, version, recipe, dtype) and the decoded sources; ValueError if malformed."""
+        if not isinstance(fields, dict) or not isinstance(fields.get("key"), str):
+            raise ValueError("no key")
+        if not isinstance(sources, dict):
+            raise ValueError("its sources are not a mapping")
+        origins = {}
+        for name, info in sources.items():
+            if not isinstance(info, dict) or not all(isinstance(info.get(k, ""), str) for k in ("hash", "path")):
+                raise ValueError(f"source {name!r} is malformed")
+            origins[str(name)] = SourceOrigin(info.get("hash", "?"), info.get("path", "?"))
+        texts = [fields.get(k) for k in ("version", "recipe", "dtype")]
+        if not all(t is None or isinstance(t, str) for t in texts):
+            raise ValueError("a field is not text")
+        version, recipe, dtype = texts
+        return cls(fields["key"], version, origins, recipe or "", dtype)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> Provenance | None:
+        """From a safetensors file's metadata; None for a file merger did not make; ValueError if malformed."""
+        if KEY_FIELD not in metadata:
+            return None
+        sources = loads_strict(metadata.get(SOURCES_FIELD, "{}").encode(), what="merger.sources")
+        fields = {
+            "key": metadata[KEY_FIELD],
+            "version": metadata.get(VERSION_FIELD),
+            "recipe": metadata.get(RECIPE_FIELD),
+            "dtype": metadata.get(DTYPE_FIELD),
+        }
+        return cls.from_fields(fields, sources)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Provenance:
+        """From the `.json` beside a `.pth` (what `parse_metadata` gave when it was written)."""
+        data = loads_strict(raw, what="the provenance file")
+        if not isinstance(data, dict):
+            raise ValueError("not a mapping")
+        return cls.from_fields(data, data.get("sources", {}))

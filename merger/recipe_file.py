@@ -25,7 +25,6 @@ before Hydra sees it:
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -73,14 +72,9 @@ def check_size(size: int, label: str) -> None:
         )
 
 
-def check_yaml_shape(text: str, label: str) -> None:
-    """Refuse YAML whose aliases would expand past the limits, before anything is built from it."""
-    stream = io.StringIO(text)
-    stream.name = label  # YAML errors name the file
-    try:
-        root = yaml.compose(stream, Loader=yaml.SafeLoader)
-    except RecursionError:
-        raise _refuse("the recipe's YAML is nested too deeply", label, None, "flatten it") from None
+def check_yaml_shape(root: yaml.Node | None, label: str) -> None:
+    """Refuse YAML whose aliases would expand past the limits, before anything is built from it
+    (`root`: the composed node graph, in which an alias is a second reference to one node)."""
     if root is None:
         return
     seen: set[int] = set()

@@ -18,6 +18,7 @@ from typing import Any
 from hydra.core.object_type import ObjectType
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
 from omegaconf import OmegaConf
+from omegaconf._utils import get_yaml_loader
 
 from merger.errors import MergerError
 from merger.limits import MAX_RECIPE_BYTES
@@ -59,6 +60,29 @@ class RecipeFileError(ConfigLoadError):
         self.error = error
 
 
+def _checked_yaml(text: str, label: str) -> Any:
+    """The YAML document, parsed once with OmegaConf's loader, its node graph checked before it is built."""
+    stream = io.StringIO(text)
+    stream.name = label  # YAML errors name the file
+    loader = get_yaml_loader()(stream)
+    try:
+        try:
+            root = loader.get_single_node()
+        except RecursionError:
+            raise MergerError("the recipe's YAML is nested too deeply", where=label, fix="flatten it") from None
+        check_yaml_shape(root, label)
+        data = loader.construct_document(root) if root is not None else None
+    finally:
+        loader.dispose()
+    if data is not None and not isinstance(data, dict):
+        raise MergerError(
+            f"the recipe file holds a {type(data).__name__}, not a mapping of keys",
+            where=label,
+            fix="write the recipe as key: value lines (sources:, nodes:, outputs:)",
+        )
+    return data
+
+
 def load_recipe_file(file: Path) -> tuple[Any, dict[str, str | None]]:
     """The checked config of one recipe file, and its header (see merger.recipe_file)."""
     label = str(file)
@@ -74,10 +98,7 @@ def load_recipe_file(file: Path) -> tuple[Any, dict[str, str | None]]:
         ) from None
     header = ConfigSource._get_header_dict(text[:512])
     check_package(header.get("package"), label)
-    check_yaml_shape(text, label)
-    stream = io.StringIO(text)
-    stream.name = label
-    config = OmegaConf.load(stream)
+    config = OmegaConf.create(_checked_yaml(text, label) or {})
     check_recipe_data(
         OmegaConf.to_container(config, resolve=False), label, global_package=header["package"] == "_global_"
     )

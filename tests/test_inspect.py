@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from merger.inspect_cli import main
-from tests.conftest import RunRecipe, tiny_state_dict
+from tests.conftest import RunRecipe, run_cli, tiny_state_dict
 
 Models = dict[str, Path]
 
@@ -240,3 +240,35 @@ def test_inspect_names_the_architecture(capsys: pytest.CaptureFixture[str]) -> N
     main([str(demo), "--keys", "0"])
     out = capsys.readouterr().out
     assert "  architecture: ESRGAN (RRDBNet), layout old, scale 2x, 2 blocks, 24 filters, in 3, out 3" in out
+
+
+@pytest.mark.parametrize(
+    ("sources", "reason"),
+    [
+        ('{"x": 5}', "source 'x' is malformed"),
+        ("[" * 5000 + "]" * 5000, "nests 5000 levels deep"),
+        ("[1, 2]", "its sources are not a mapping"),
+        ('{"x": {"hash": 5}}', "source 'x' is malformed"),
+        ("{not json", "merger.sources"),
+    ],
+)
+def test_malformed_provenance_is_one_line_not_a_crash(tmp_path: Path, sources: str, reason: str) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata={"merger.key": "k\x1b[2J", "merger.sources": sources})
+    done = run_cli([str(path)], tmp_path, command="merger-inspect")
+    assert done.returncode == 0, done.stderr
+    assert "provenance: unreadable (" in done.stdout and reason in done.stdout
+    assert "\x1b" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    "report", ['{"outputs": {"x": {"path": 5}}}', "[" * 50000, '{"outputs": {"m.pth": 3}, "recipe": 4}', "\xff"]
+)
+def test_malformed_reports_and_side_files_are_ignored(tmp_path: Path, report: str) -> None:
+    path = tmp_path / "m.pth"
+    torch.save({"w": torch.zeros(2)}, path)
+    (tmp_path / "m.json").write_text('{"key": "k", "sources": 7}')
+    (tmp_path / "merge_report.json").write_text(report)
+    done = run_cli([str(path)], tmp_path, command="merger-inspect")
+    assert done.returncode == 0, done.stderr
+    assert "provenance: unreadable (its sources are not a mapping)" in done.stdout

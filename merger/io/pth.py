@@ -68,7 +68,6 @@ from merger.limits import MIB, PICKLE_BASE_BYTES, PICKLE_BYTES_PER_STORAGE
 from merger.specs import DTYPE_SIZES, TensorSpec
 
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
-PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 DATAPARALLEL_PREFIX = "module."
 #: all tensors of a state dict may hold this many times their storages' bytes (tied weights, views)...
 ALIAS_FACTOR = 4

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from merger.errors import MergerError, shown
-from merger.io.pth import PTH_SUFFIXES, PthSource
 from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, read_header
 from merger.limits import MAX_INDEX_BYTES, MAX_TENSORS
 from merger.specs import TensorSpec
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
     pass
 
 SAFETENSORS_SUFFIX = ".safetensors"
+PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 FOLDER_SINGLE = "model.safetensors"
 FOLDER_INDEX = "model.safetensors.index.json"
 PACKAGE_SCHEME = "pkg://"
@@ -222,6 +222,8 @@ class SafetensorsSource:
 
 def open_source(location: SourceLocation, *, where: str) -> TensorSource:
     if location.kind == "pth":
+        from merger.io.pth import PthSource  # the unpickler: only for checkpoints
+
         return PthSource(location.path, location.key)
     if location.kind == "safetensors":
         return SafetensorsSource([read_header(location.path)])
