@@ -177,6 +177,7 @@ class Ties(TaskVectorOp):
     """TIES: trim each task vector to its top density, elect signs, average the agreeing values."""
 
     name = "ties"
+    version = 2  # 2: deltas tied at the cut are kept in C order (version 1 entries broke such ties otherwise)
     params_model = TiesParams
     sparsify = "magnitude"
     elects_sign = True
