@@ -66,7 +66,7 @@ def build_report(
                 "status": r.status,
                 "seconds": round(r.seconds, 4),
                 "bytes": r.entry.bytes,
-                **({"keys": r.notes} if r.notes else {}),
+                **({"notes": r.notes} if r.notes else {}),
                 **({"nonfinite": r.nonfinite} if r.nonfinite else {}),
             }
             for name, r in results.items()
@@ -108,7 +108,7 @@ def summary(report: dict[str, Any]) -> str:
             f"  node   {name:<16} {node['op']:<14} {node['status']:<8} {node['seconds']:7.2f} s"
             f"  {human_size(node['bytes'])}"
         )
-        not_shared = node.get("keys", {}).get("not_shared", 0)
+        not_shared = (node.get("notes") or node.get("keys") or {}).get("not_shared", 0)  # "keys": reports before 0.2
         if not_shared:
             noun = "key" if not_shared == 1 else "keys"
             lines.append(f"         {not_shared} {noun} not shared by every input: copied from the first")

@@ -23,7 +23,7 @@ def convert(run_recipe: RunRecipe, source: Path, **params: object) -> tuple[dict
             "outputs": {"x": {}},
         }
     )
-    return load(Path(report["outputs"]["x"]["path"])), report["nodes"]["x"]["keys"]
+    return load(Path(report["outputs"]["x"]["path"])), report["nodes"]["x"]["notes"]
 
 
 def loaded(sd: dict[str, torch.Tensor]) -> object:

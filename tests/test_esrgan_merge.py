@@ -40,8 +40,8 @@ def blend(**output: object) -> dict[str, object]:
 def test_inputs_in_another_layout_are_merged_in_the_first_ones(pair: tuple, run_recipe: RunRecipe) -> None:
     a, b = pair
     report = run_recipe(blend())
-    assert report["nodes"]["blend"]["keys"]["adapted"] == {"b": "esrgan-layout:old"}
-    assert report["nodes"]["blend"]["keys"]["merged"] == len(a)
+    assert report["nodes"]["blend"]["notes"]["adapted"] == {"b": "esrgan-layout:old"}
+    assert report["nodes"]["blend"]["notes"]["merged"] == len(a)
     out = load(Path(report["outputs"]["blend"]["path"]))
     assert out.keys() == a.keys()
     for key in a:

@@ -203,7 +203,7 @@ def test_node_keys_are_stable_and_follow_the_params(models: Models, run_recipe: 
 
     base = key(lerp_recipe(0.5))
     assert len(base) == 64
-    assert int(base, 16) >= 0  # hex digest
+    assert set(base) <= set("0123456789abcdef")  # a hex digest
     assert key(lerp_recipe(0.5)) == base  # again, from the cache
     assert key(lerp_recipe(0.5), cache="fresh_cache") == base  # no memo, no cache: same key
     assert key(lerp_recipe(0.5, seed=123)) == base  # lerp is not random: the recipe seed is not in its key

@@ -139,7 +139,7 @@ def test_unrelated_lerp_warns_once(
     assert "input 'stranger' looks unrelated to 'child'" in message
     assert f"median cosine {sim.median:.3f}" in message
     assert f"over {WEIGHT_TENSORS} weight tensors" in message
-    family = report["nodes"]["blend"]["keys"]["family"]
+    family = report["nodes"]["blend"]["notes"]["family"]
     assert family == {"stranger": pytest.approx(sim.median, abs=1e-4)}
     assert abs(family["stranger"]) < 0.2
 
@@ -156,7 +156,7 @@ def test_related_lerp_does_not_warn(
         }
     )
     assert _family_warnings(caplog) == []
-    family = report["nodes"]["blend"]["keys"]["family"]
+    family = report["nodes"]["blend"]["notes"]["family"]
     assert list(family) == ["sibling"]
     assert family["sibling"] > 0.9
 
@@ -175,7 +175,7 @@ def test_task_vector_merge_compares_with_the_base(
     records = _family_warnings(caplog)
     assert len(records) == 1
     assert "input 'stranger' looks unrelated to 'parent'" in records[0].getMessage()
-    family = report["nodes"]["ta"]["keys"]["family"]
+    family = report["nodes"]["ta"]["notes"]["family"]
     assert sorted(family) == ["child", "sibling", "stranger"]
     assert family["child"] > 0.9
     assert family["sibling"] > 0.9
@@ -197,4 +197,4 @@ def test_select_is_not_family_checked(
         }
     )
     assert _family_warnings(caplog) == []
-    assert "family" not in report["nodes"]["s"].get("keys", {})
+    assert "family" not in report["nodes"]["s"].get("notes", {})

@@ -142,8 +142,8 @@ def test_lerp_end_to_end(models: dict[str, Path], run_recipe: RunRecipe, alpha: 
     outside = [w for w in report["warnings"] if "outside [0, 1]" in w]
     assert len(outside) == (1 if alpha == 1.5 else 0)
     assert report["nodes"]["blend"]["op"] == "lerp"
-    assert report["nodes"]["blend"]["keys"]["merged"] == 7
-    assert report["nodes"]["blend"]["keys"]["copied"] == 1
+    assert report["nodes"]["blend"]["notes"]["merged"] == 7
+    assert report["nodes"]["blend"]["notes"]["copied"] == 1
 
 
 # --- weighted_sum -----------------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def test_integer_tensor_copied_end_to_end(launch_dir: Path, run_recipe: RunRecip
     out = load(Path(report["outputs"]["blend"]["path"]))
     assert out[INT_KEY].dtype == torch.int64
     assert out[INT_KEY].item() == 11
-    assert report["nodes"]["blend"]["keys"]["copied_keys"] == [INT_KEY]
+    assert report["nodes"]["blend"]["notes"]["copied_keys"] == [INT_KEY]
 
 
 def test_half_precision_end_to_end(launch_dir: Path, run_recipe: RunRecipe) -> None:
@@ -558,7 +558,7 @@ def test_intersection_end_to_end(launch_dir: Path, run_recipe: RunRecipe) -> Non
             "outputs": {"blend": {}},
         }
     )
-    keys = report["nodes"]["blend"]["keys"]
+    keys = report["nodes"]["blend"]["notes"]
     assert keys["merged"] == 5
     assert keys["copied"] == 3
     out = load(Path(report["outputs"]["blend"]["path"]))

@@ -77,7 +77,7 @@ def test_rules_first_match_wins(blocks: dict[str, StateDict], run_recipe: RunRec
         expected[MLP.format(i=i)] = 0.2  # layer 0's mlp too: "mlp" is the first rule
         expected[ATTN.format(i=i)] = 0.9 if i == 0 else 0.5
     _check_lerp(out, blocks, expected)
-    assert report["nodes"]["m"]["keys"]["schedules"] == {
+    assert report["nodes"]["m"]["notes"]["schedules"] == {
         "alpha": {"rule 1 (mlp)": 4, r"rule 2 (layers\.0\.)": 1, "default": 5}
     }
 
@@ -88,7 +88,7 @@ def test_rules_are_unanchored_searches(blocks: dict[str, StateDict], run_recipe:
     out, report = _lerp(run_recipe, alpha=alpha)
     expected = {key: (1.0 if "up_proj" in key else 0.0) for key in blocks["a"]}
     _check_lerp(out, blocks, expected)
-    assert report["nodes"]["m"]["keys"]["schedules"]["alpha"] == {"rule 2 (up_proj)": 4, "default": 6}
+    assert report["nodes"]["m"]["notes"]["schedules"]["alpha"] == {"rule 2 (up_proj)": 4, "default": 6}
 
 
 # --- block gradients --------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_gradient_two_values(blocks: dict[str, StateDict], run_recipe: RunRecipe
     # layer 0 is exactly A, layer 3 exactly B
     assert torch.equal(out[MLP.format(i=0)], blocks["a"][MLP.format(i=0)])
     assert torch.equal(out[ATTN.format(i=3)], blocks["b"][ATTN.format(i=3)])
-    assert report["nodes"]["m"]["keys"]["schedules"] == {
+    assert report["nodes"]["m"]["notes"]["schedules"] == {
         "alpha": {"block 0": 2, "block 1": 2, "block 2": 2, "block 3": 2, "default": 2}
     }
 
@@ -175,7 +175,7 @@ def test_schedule_inside_a_weights_list(blocks: dict[str, StateDict], run_recipe
     for key in a:
         w = 0.7 if "mlp" in key else -1.0 if "norm" in key else 0.1
         torch.testing.assert_close(out[key], 0.5 * a[key] + w * b[key] + 0.25 * c[key])
-    assert report["nodes"]["ws"]["keys"]["schedules"] == {
+    assert report["nodes"]["ws"]["notes"]["schedules"] == {
         "weights[1]": {"rule 1 (mlp)": 4, "rule 2 (norm)": 1, "default": 5}
     }
 
@@ -201,7 +201,7 @@ def test_schedule_inside_weights_list_of_task_arithmetic(blocks: dict[str, State
         found = re.search(r"layers\.(\d+)\.", key)
         w = int(found.group(1)) / 3 if found else 0.5
         torch.testing.assert_close(out[key], a[key] + w * (b[key] - a[key]) + (c[key] - a[key]))
-    assert report["nodes"]["ta"]["keys"]["schedules"]["weights[0]"]["default"] == 2
+    assert report["nodes"]["ta"]["notes"]["schedules"]["weights[0]"]["default"] == 2
 
 
 # --- include / exclude / rest -----------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_include_with_rest_copy(blocks: dict[str, StateDict], run_recipe: RunRec
             torch.testing.assert_close(out[key], 0.5 * a[key] + 0.5 * b[key])
         else:
             assert torch.equal(out[key], a[key]), key
-    keys = report["nodes"]["m"]["keys"]
+    keys = report["nodes"]["m"]["notes"]
     assert keys["merged"] == 4
     assert keys["filtered"] == 6
     assert keys["copied"] == 6
@@ -230,7 +230,7 @@ def test_exclude_with_rest_drop(blocks: dict[str, StateDict], run_recipe: RunRec
     assert sorted(out) == sorted(kept)
     for key in kept:
         torch.testing.assert_close(out[key], 0.75 * a[key] + 0.25 * b[key])
-    keys = report["nodes"]["m"]["keys"]
+    keys = report["nodes"]["m"]["notes"]
     assert keys["merged"] == 5
     assert keys["dropped"] == 5
     assert keys["copied"] == 0
@@ -243,8 +243,8 @@ def test_include_and_exclude_together(blocks: dict[str, StateDict], run_recipe: 
     for key in a:
         merged = re.search(r"layers\.[01]\.", key) is not None
         assert torch.equal(out[key], b[key] if merged else a[key]), key
-    assert report["nodes"]["m"]["keys"]["merged"] == 4
-    assert report["nodes"]["m"]["keys"]["filtered"] == 6
+    assert report["nodes"]["m"]["notes"]["merged"] == 4
+    assert report["nodes"]["m"]["notes"]["filtered"] == 6
 
 
 def test_bad_include_regex(blocks: dict[str, StateDict], run_recipe: RunRecipe) -> None:
@@ -280,4 +280,4 @@ def test_strict_keys_ignore_excluded_keys(
     assert sorted(out) == sorted(a)
     assert torch.equal(out[NORM], a[NORM])
     torch.testing.assert_close(out[EMBED], 0.5 * a[EMBED] + 0.5 * other[EMBED])
-    assert report["nodes"]["m"]["keys"]["filtered"] == 1
+    assert report["nodes"]["m"]["notes"]["filtered"] == 1

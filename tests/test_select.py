@@ -68,14 +68,14 @@ def test_take_first_matching_rule_picks_the_input(blocks: dict[str, StateDict], 
             assert torch.equal(out[mlp], c[mlp])
     assert torch.equal(out[EMBED], a[EMBED])
     assert torch.equal(out[NORM], a[NORM])
-    assert report["nodes"]["s"]["keys"]["keys_from"] == {"a": 4, "b": 4, "c": 2}
+    assert report["nodes"]["s"]["notes"]["keys_from"] == {"a": 4, "b": 4, "c": 2}
 
 
 def test_take_rules_are_unanchored(blocks: dict[str, StateDict], run_recipe: RunRecipe) -> None:
     out, report = _select(run_recipe, ["a", "b"], take=[{"input": "b", "match": "embed"}])
     assert torch.equal(out[EMBED], blocks["b"][EMBED])
     assert torch.equal(out[NORM], blocks["a"][NORM])
-    assert report["nodes"]["s"]["keys"]["keys_from"] == {"a": 9, "b": 1}
+    assert report["nodes"]["s"]["notes"]["keys_from"] == {"a": 9, "b": 1}
 
 
 def test_take_picking_a_key_the_input_lacks(blocks: dict[str, StateDict], run_recipe: RunRecipe) -> None:
@@ -109,7 +109,7 @@ def test_slices_stack_and_renumber(blocks: dict[str, StateDict], run_recipe: Run
         _assert_layer(out, new, model, old)
     assert torch.equal(out[EMBED], a[EMBED])
     assert torch.equal(out[NORM], a[NORM])
-    assert report["nodes"]["s"]["keys"]["keys_from"] == {"a": 8, "b": 6}
+    assert report["nodes"]["s"]["notes"]["keys_from"] == {"a": 8, "b": 6}
 
 
 def test_slices_non_layer_keys_from_first_input(blocks: dict[str, StateDict], run_recipe: RunRecipe) -> None:
@@ -122,7 +122,7 @@ def test_slices_non_layer_keys_from_first_input(blocks: dict[str, StateDict], ru
         _assert_layer(out, new, model, old)
     assert torch.equal(out[EMBED], a[EMBED])
     assert torch.equal(out[NORM], a[NORM])
-    assert report["nodes"]["s"]["keys"]["keys_from"] == {"a": 4, "b": 4}
+    assert report["nodes"]["s"]["notes"]["keys_from"] == {"a": 4, "b": 4}
 
 
 def test_slices_layer_used_twice(blocks: dict[str, StateDict], run_recipe: RunRecipe) -> None:
@@ -132,7 +132,7 @@ def test_slices_layer_used_twice(blocks: dict[str, StateDict], run_recipe: RunRe
     assert set(out) == {EMBED, NORM} | {p.format(i=i) for i in range(4) for p in LAYER_KEYS}
     for new, old in enumerate([0, 1, 1, 2]):
         _assert_layer(out, new, a, old)
-    assert report["nodes"]["s"]["keys"]["keys_from"] == {"a": 10}
+    assert report["nodes"]["s"]["notes"]["keys_from"] == {"a": 10}
 
 
 def test_slices_with_a_custom_layer_regex(launch_dir: Path, run_recipe: RunRecipe) -> None:
@@ -178,7 +178,7 @@ def test_slices_when_first_input_has_no_layers(launch_dir: Path, run_recipe: Run
     assert set(out) == {"lm_head.weight"} | {p.format(i=i) for i in range(2) for p in LAYER_KEYS}
     for new, old in enumerate([1, 2]):
         _assert_layer(out, new, a, old)
-    assert report["nodes"]["s"]["keys"]["keys_from"] == {"head": 1, "a": 4}
+    assert report["nodes"]["s"]["notes"]["keys_from"] == {"head": 1, "a": 4}
 
 
 def test_slice_asking_for_missing_layers(blocks: dict[str, StateDict], run_recipe: RunRecipe) -> None:

@@ -121,7 +121,7 @@ def test_slerp_end_to_end(models: dict[str, Path], run_recipe: RunRecipe) -> Non
     a, b = load(models["a"]), load(models["b"])
     assert_states_close(out, _per_key([a, b], lambda x, y: g_slerp(x, y, 0.4)), **TOL)
     assert report["nodes"]["s"]["op"] == "slerp"
-    assert report["nodes"]["s"]["keys"]["merged"] == 7
+    assert report["nodes"]["s"]["notes"]["merged"] == 7
 
 
 # --- model_stock ------------------------------------------------------------------------------------
@@ -235,4 +235,4 @@ def test_model_stock_end_to_end(models: dict[str, Path], launch_dir: Path, run_r
     sds = [base, *(load(launch_dir / "models" / f"{name}.safetensors") for name in names)]
     assert_states_close(out, _per_key(sds, g_model_stock), **TOL)
     assert report["nodes"]["ms"]["op"] == "model_stock"
-    assert report["nodes"]["ms"]["keys"]["merged"] == 7
+    assert report["nodes"]["ms"]["notes"]["merged"] == 7

@@ -36,7 +36,7 @@ def test_tensor_granularity_takes_each_key_whole(models: dict[str, Path], run_re
     float_keys = [k for k in a if a[k].is_floating_point()]
     picks = {k: source_of(out[k], {"a": a[k], "b": b[k]}) for k in float_keys}
     assert set(picks.values()) == {"a", "b"}  # with 7 float keys and p=0.5, both appear for seed 0
-    fractions = node["keys"]["fractions"]
+    fractions = node["notes"]["fractions"]
     assert set(fractions) == {"a", "b"} and abs(sum(fractions.values()) - 1) < 1e-3
     total = sum(a[k].numel() for k in a)
     assert fractions["b"] == pytest.approx(sum(a[k].numel() for k in float_keys if picks[k] == "b") / total, abs=1e-4)

@@ -162,8 +162,8 @@ def test_task_arithmetic_end_to_end(
     expected = golden_state(sds, lambda base, fts: g_task_arithmetic(base, fts, per, scale, normalize))
     assert_states_close(out, expected, **TOL)
     assert report["nodes"]["m"]["op"] == "task_arithmetic"
-    assert report["nodes"]["m"]["keys"]["merged"] == 7
-    assert report["nodes"]["m"]["keys"]["copied"] == 1
+    assert report["nodes"]["m"]["notes"]["merged"] == 7
+    assert report["nodes"]["m"]["notes"]["copied"] == 1
 
 
 def test_task_arithmetic_scalar_weight_equals_repeated_list(models: dict[str, Path], run_recipe: RunRecipe) -> None:
@@ -477,7 +477,7 @@ def test_non_float_and_excluded_keys_come_from_base(launch_dir: Path, run_recipe
     for key in ("conv_last.weight", "conv_last.bias"):
         assert torch.equal(out[key], base[key]), key
     assert not torch.equal(out["conv_first.weight"], base["conv_first.weight"])
-    keys = report["nodes"]["m"]["keys"]
+    keys = report["nodes"]["m"]["notes"]
     assert keys["merged"] == 5
     assert keys["filtered"] == 2
     assert sorted(keys["copied_keys"]) == sorted([INT_KEY, "conv_last.weight", "conv_last.bias"])
