@@ -127,6 +127,12 @@ class Cache:
 
     def _dir(self, sub: str) -> Path:
         path = self.root / sub
+        if path.is_symlink():
+            raise MergerError(
+                f"the cache's '{sub}' is a symbolic link ({shown(path)}); merger never follows links inside its cache",
+                where="cache_dir",
+                fix=f"remove the link {shown(path)} (merger makes the directory again), or use another cache_dir",
+            )
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -165,7 +171,11 @@ class Cache:
     def _checked(self, path: Path, st: os.stat_result, record: EntryRecord) -> EntryRecord | None:
         """The record if the object still is what it describes (re-pinned after a full check)."""
         try:
-            if st.st_size != record.bytes:
+            if st.st_ino != record.pin.inode:
+                problem = (
+                    "it is not the file merger wrote there (another inode: the cache was copied, or the file replaced)"
+                )
+            elif st.st_size != record.bytes:
                 problem = f"its size is {st.st_size} bytes, its record says {record.bytes}"
             elif head_digest(path, record.head_bytes) != record.head_sha256:
                 problem = "its first bytes changed"

@@ -44,6 +44,21 @@ OBJECT_SUFFIXES = (".safetensors", ".pth")
 MIN_PREFIX = 8
 DAY_SECONDS = 24 * 3600.0
 _HEX = re.compile(r"[0-9a-f]+")
+#: the only file names merger writes in each part; gc removes nothing else (a cache_dir pointed at
+#: another directory, say a git repository, must lose nothing)
+_KEY_NAME = r"[0-9a-f]{64}(?:-variant)?"
+_MERGER_NAMES = {
+    "objects": re.compile(rf"{_KEY_NAME}\.(?:safetensors|pth)(?:\.json)?"),
+    "memo": re.compile(r"[0-9a-f]{64}(?:\.layout)?\.json"),
+    "locks": re.compile(rf"(?:provisional-)?{_KEY_NAME}\.lock"),
+    "quarantine": re.compile(rf"{_KEY_NAME}\.(?:safetensors|pth)(?:\.json)?\.\d+"),
+}
+
+
+def merger_named(part: str, path: Path) -> bool:
+    """Whether `path` bears a name merger gives files in `part` of its cache (temporary files aside)."""
+    pattern = _MERGER_NAMES.get(part)
+    return pattern is not None and bool(pattern.fullmatch(path.name))
 
 
 # --- sizes ------------------------------------------------------------------------------------------
@@ -160,7 +175,7 @@ def _object_key(name: str) -> tuple[str, str] | None:
     for suffix in OBJECT_SUFFIXES:
         if name.endswith(suffix):
             key = name[: -len(suffix)]
-            return (key, suffix) if key and _HEX.fullmatch(key) else None
+            return (key, suffix) if re.fullmatch(_KEY_NAME, key) else None
     return None
 
 
@@ -222,8 +237,15 @@ def _stat(path: Path) -> os.stat_result | None:
 
 
 def _subdirs(folder: Path) -> list[Path]:
+    """The fan-out folders (`ab/`) of a part: real directories with two hex digits as their name."""
+    if folder.is_symlink():
+        return []
     try:
-        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+        return sorted(
+            p
+            for p in folder.iterdir()
+            if len(p.name) == 2 and _HEX.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+        )
     except FileNotFoundError:
         return []
     except OSError as e:
@@ -231,6 +253,8 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _files(folder: Path) -> list[Path]:
+    if folder.is_symlink():
+        return []
     try:
         return sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
     except FileNotFoundError:
@@ -240,7 +264,10 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _all_files(folder: Path) -> Iterator[Path]:
-    """Every file under `folder` (symbolic links included as files, never followed)."""
+    """Every file under `folder` (symbolic links included as files, never followed; a part that is
+    itself a link is not entered: merger never follows links inside its cache)."""
+    if folder.is_symlink():
+        return
     try:
         walker = list(os.walk(folder, onerror=_raise))
     except OSError as e:
@@ -369,10 +396,11 @@ def collect(
     kept = set(keep)
     result = GcResult(bytes_before=usage(cache).bytes)
     _collect_tmp(cache, result)
-    for path in _all_files(cache.root / "quarantine"):
-        size = _unlink(path)
-        if size is not None:
-            result.removed.append(Removed("quarantine", path, size))
+    for path in _files(cache.root / "quarantine"):
+        if merger_named("quarantine", path):
+            size = _unlink(path)
+            if size is not None:
+                result.removed.append(Removed("quarantine", path, size))
     _collect_strays(cache, kept, result)
     _collect_locks(cache, kept, result)
     now = time.time()
@@ -380,7 +408,7 @@ def collect(
         cutoff = now - older_than_days * DAY_SECONDS
         for path in _all_files(cache.root / "memo"):
             st = _stat(path)
-            if path.name.endswith(".json") and TMP_MARK not in path.name and st is not None and st.st_mtime < cutoff:
+            if merger_named("memo", path) and st is not None and st.st_mtime < cutoff:
                 size = _unlink(path)
                 if size is not None:
                     result.removed.append(Removed("memo", path, size))
@@ -419,11 +447,8 @@ def _collect_strays(cache: Cache, kept: set[str], result: GcResult) -> None:
     for stray in strays(cache):
         if stray.age <= grace or (stray.key is not None and stray.key in kept):
             continue
-        if stray.key is None:
-            size = _unlink(stray.path)
-            if size is not None:
-                result.removed.append(Removed("stray", stray.path, size))
-            continue
+        if stray.key is None or not merger_named("objects", stray.path):
+            continue  # not a name merger writes: not merger's to remove (listed by `strays`)
         with cache.try_lock(stray.key) as lock:
             if lock is None:
                 result.skipped.append(stray.key)
@@ -443,7 +468,7 @@ def _collect_strays(cache: Cache, kept: set[str], result: GcResult) -> None:
 
 def _collect_locks(cache: Cache, kept: set[str], result: GcResult) -> None:
     for path in _files(cache.root / "locks"):
-        if not path.name.endswith(LOCK_SUFFIX) or TMP_MARK in path.name:
+        if not merger_named("locks", path):
             continue
         name = path.name[: -len(LOCK_SUFFIX)]
         if name in kept:
@@ -498,7 +523,11 @@ def _check(cache: Cache, entry: CacheEntry) -> tuple[bool, int] | None:
     replaced meanwhile. A mismatch is moved to quarantine at once."""
     try:
         before = entry.path.stat()
-        good = before.st_size == entry.record.bytes and file_sha256(entry.path) == entry.record.sha256
+        good = (
+            before.st_ino == entry.record.pin.inode  # the file merger wrote, not a copy (see Cache.lookup)
+            and before.st_size == entry.record.bytes
+            and file_sha256(entry.path) == entry.record.sha256
+        )
         after = entry.path.stat()
     except FileNotFoundError:
         return None
@@ -507,7 +536,7 @@ def _check(cache: Cache, entry: CacheEntry) -> tuple[bool, int] | None:
     if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
         return None  # collected and committed again while it was hashed: not the file we hashed
     if not good:
-        cache.quarantine(entry.path, "its sha256 no longer matches its record")
+        cache.quarantine(entry.path, "it is not what its record says merger wrote")
     elif Pin.of(after) == Pin.of(before) and Pin.of(after) != entry.record.pin:
         _repin(entry)  # hashed in full after a link moved its ctime: the next lookup need not hash it
     return good, before.st_size

@@ -30,10 +30,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from merger.config_check import checked_recipe_data, override_keys
-from merger.errors import MergerError
 from merger.failure import fail, wants_traceback
 from merger.hydra_errors import explain_hydra_error
-from merger.recipe_source import PACKAGE_LINE, RecipeDirSource, find_recipe
+from merger.recipe_source import RecipeDirSource, find_recipe
 
 #: flags after which Hydra only prints something (help, config, info): no pre-flight
 PASSTHROUGH_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
@@ -49,25 +48,12 @@ def _label(path: Path, launch_dir: Path) -> str:
         return str(path)
 
 
-def check_package_line(path: Path, label: str) -> None:
-    """The package line comes first (`_target_` keys are refused where recipe files are loaded)."""
-    first = path.read_text(encoding="utf-8").splitlines()[:1]
-    if first != [PACKAGE_LINE]:
-        raise MergerError(
-            f"the recipe's first line must be '{PACKAGE_LINE}'",
-            where=label,
-            fix=f"add the line '{PACKAGE_LINE}' at the very top, so its keys (e.g. alpha) can be overridden",
-        )
-
-
 def recipe_data(
     cfg: DictConfig, choice: str | None, launch_dir: Path, overrides: list[str]
 ) -> tuple[dict[str, Any], str, Path | None]:
     """Checked, resolved recipe data from a composed config (its hydra node ignored)."""
     file = find_recipe(choice, launch_dir) if choice else None
     label = _label(file, launch_dir) if file else "the command line"
-    if file is not None:
-        check_package_line(file, label)
     config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     assert isinstance(config, DictConfig)
     if "hydra" in config:

@@ -70,8 +70,10 @@ _ENV_READ = re.compile(r"\$\{\s*oc\.env\s*:\s*([^,}]*)")
 
 
 def override_keys(overrides: list[str]) -> set[str]:
-    """The dotted keys that command-line overrides set (`a.b=1`, `+c=2`, `~d`)."""
-    return {o.split("=", 1)[0].lstrip("+~").strip() for o in overrides if o.split("=", 1)[0].strip()}
+    """The dotted config keys that command-line overrides set (`a.b=1`, `+c=2`, `~d`); not group
+    choices such as `recipe=NAME` or `hydra/launcher=joblib`, which set no value of the recipe."""
+    keys = {o.split("=", 1)[0].lstrip("+~").strip() for o in overrides}
+    return {k for k in keys if k and "/" not in k and k != "recipe"}
 
 
 def _given_on_command_line(path: str, keys: set[str]) -> bool:

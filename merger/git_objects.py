@@ -40,12 +40,17 @@ MAX_OBJECT_DIRS = 16
 MAX_PACKS = 256  # each keeps two files open
 MAX_INFLATED_TOTAL = 256 << 20
 MAX_DELTA_OPS = 4_000_000
+MAX_LOOKUPS = 20_000  # object lookups and pack entries visited by one store: bounds any delta graph
 _ALTERNATES_CAP = 64 << 10
 _CHUNK = 1 << 16
 
 HASH_SIZES = {"sha1": 20, "sha256": 32}
 _KINDS = {1: "commit", 2: "tree", 3: "blob", 4: "tag"}
 _OFS_DELTA, _REF_DELTA = 6, 7
+
+
+class BudgetSpent(Exception):
+    """A store's work budget is spent: the whole read gives up (not one pack: see ObjectStore.read)."""
 
 
 class GitFormatError(ValueError):
@@ -268,6 +273,7 @@ class ObjectStore:
         self._packs: list[_Pack] | None = None
         self._inflated = 0
         self._delta_ops = 0
+        self._lookups = 0
 
     def __enter__(self) -> ObjectStore:
         return self
@@ -286,10 +292,17 @@ class ObjectStore:
         """`(kind, content)` of object `oid`, or None when it is absent, malformed or over a bound."""
         try:
             return self._read(oid, 0)
-        except FAILURES:
+        except (*FAILURES, BudgetSpent):
             return None
 
+    def _visit(self) -> None:
+        """Count one lookup or pack entry: a hostile pack's delta bases can fan out exponentially."""
+        self._lookups += 1
+        if self._lookups > MAX_LOOKUPS:
+            raise BudgetSpent(f"more than {MAX_LOOKUPS} object lookups")
+
     def _read(self, oid: bytes, depth: int) -> tuple[str, bytes] | None:
+        self._visit()
         if len(oid) != self.hash_size:
             raise GitFormatError("object id of the wrong length")
         if depth > MAX_DELTA_DEPTH:
@@ -343,6 +356,7 @@ class ObjectStore:
         while True:
             if depth + len(deltas) > MAX_DELTA_DEPTH:
                 raise GitFormatError(f"delta chain deeper than {MAX_DELTA_DEPTH}")
+            self._visit()
             kind, size, pos = pack.entry(offset)
             if kind in _KINDS:
                 base = (_KINDS[kind], self._inflate_entry(pack, pos, size))

@@ -12,6 +12,8 @@ MIB = 1024 * KIB
 
 #: tensors one model file (or folder) may declare
 MAX_TENSORS = 1_000_000
+#: dimensions of one tensor (torch allows at most 64; a long shape makes its size a huge product)
+MAX_DIMS = 64
 #: a safetensors header's JSON (the safetensors library's own limit)
 MAX_HEADER_BYTES = 100_000_000
 #: a sharded folder's model.safetensors.index.json

@@ -10,7 +10,7 @@ before Hydra sees it:
   laughs" is refused before it grows), no deeper nesting than Python parses;
 - no code: no `_target_` (nor Hydra's other instantiation keys, nor logging's
   `()` factory) anywhere;
-- no Hydra settings: the package is `_global_`; the defaults list names only
+- no Hydra settings: the header is exactly `# @package _global_`; the defaults list names only
   other recipe files (no `hydra/...` groups, no `override`); a `hydra:`
   section may hold only the keys of SWEEP_KEYS, which shape a sweep, with
   plain values (numbers, strings, booleans, lists of them), so that a recipe
@@ -38,6 +38,8 @@ from merger.limits import MAX_ALIAS_EXPANSIONS, MAX_RECIPE_BYTES, MAX_YAML_NODES
 CODE_KEYS = frozenset({"_target_", "_args_", "_partial_", "_convert_", "_recursive_", "()"})
 #: run settings that only the command line may set: a recipe may not move the cache, collect it, or read the env
 COMMAND_LINE_SETTINGS = ("allow_env", "cache_dir", "cache_max_size")
+#: top-level keys a recipe file may neither set nor sweep: those settings, and Hydra's group choice `recipe`
+RESERVED_KEYS = (*COMMAND_LINE_SETTINGS, "recipe")
 #: the hydra keys a recipe may set (they shape a sweep), and the plain type each holds
 SWEEP_KEYS: dict[str, str] = {
     "hydra.sweeper.params": "mapping",
@@ -101,17 +103,29 @@ def check_yaml_shape(root: yaml.Node | None, label: str) -> None:
                 pending.extend((key, value))
 
 
-def check_package(package: str | None, label: str) -> None:
-    if package != "_global_" and not (
-        package is not None and package.startswith("_global_.") and not package.startswith("_global_.hydra")
-    ):
-        said = f"says its package is '{shown(package)}'" if package else "has no package line"
+_HEADER_LINE = re.compile(r"^\s*#\s*@")
+
+
+def check_header(text: str, label: str) -> dict[str, str | None]:
+    """The file's header (its leading `# @key value` lines, read as Hydra reads them) must be exactly
+    one `# @package _global_`: any other package, or a second header line, could place the file's keys
+    under `hydra` (Hydra resolves `_global_.x._global_.hydra` to `hydra`). Returns the header to give Hydra."""
+    lines = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if not _HEADER_LINE.match(line):
+            break
+        lines.append(line.strip().lstrip("#").strip())
+    if lines != ["@package _global_"]:
+        said = f"its header says {', '.join(repr(shown(x)) for x in lines)}" if lines else "it has no package line"
         raise _refuse(
-            f"the recipe file {said}; recipe files use '# @package _global_'",
+            f"a recipe file starts with exactly one line '# @package _global_', but {said}",
             label,
             None,
-            "make '# @package _global_' the file's first line",
+            "make '# @package _global_' the file's first line and remove other '# @' lines",
         )
+    return {"package": "_global_"}
 
 
 def _walk(value: Any) -> Iterator[tuple[str, Any, bool]]:
@@ -170,7 +184,8 @@ def _check_sweep_value(kind: str, value: Any, label: str, place: str) -> None:
     }[kind] and (not isinstance(value, str) or plain(value))
     if kind == "mapping" and ok:
         for key, item in value.items():
-            if not _SWEEP_PARAM.match(str(key)) or str(key).lstrip("+~").startswith("hydra"):
+            name = str(key).lstrip("+~")
+            if not _SWEEP_PARAM.match(str(key)) or name.startswith("hydra") or name in RESERVED_KEYS:
                 raise _refuse(
                     f"'{shown(key)}' cannot be swept from a recipe: sweep the recipe's own keys",
                     label,
@@ -207,7 +222,7 @@ def _check_hydra(section: Any, label: str) -> None:
             )
 
 
-def check_recipe_data(data: Any, label: str, *, global_package: bool) -> None:
+def check_recipe_data(data: Any, label: str) -> None:
     """Refuse code, Hydra settings and command-line settings in one loaded recipe file."""
     if not isinstance(data, dict):
         return
@@ -223,11 +238,14 @@ def check_recipe_data(data: Any, label: str, *, global_package: bool) -> None:
             check_interpolation(value, label, shown(place))
     if "defaults" in data:
         _check_defaults(data["defaults"], label)
-    if not global_package:
-        return
-    for name in COMMAND_LINE_SETTINGS:
+    for name in RESERVED_KEYS:
         if name in data:
-            raise _refuse(f"a recipe file may not set '{name}'", label, name, COMMAND_LINE_FIX)
+            fix = (
+                COMMAND_LINE_FIX
+                if name != "recipe"
+                else "rename the key: recipe=NAME is how the command line picks a recipe"
+            )
+            raise _refuse(f"a recipe file may not set '{name}'", label, name, fix)
     if "hydra" in data:
         _check_hydra(data["hydra"], label)
         for key, kind in SWEEP_KEYS.items():

@@ -22,7 +22,7 @@ from omegaconf._utils import get_yaml_loader
 
 from merger.errors import MergerError
 from merger.limits import MAX_RECIPE_BYTES
-from merger.recipe_file import check_package, check_recipe_data, check_size, check_yaml_shape
+from merger.recipe_file import check_header, check_recipe_data, check_size, check_yaml_shape
 
 GROUP = "recipe"
 BUILTIN = "builtin"
@@ -96,12 +96,9 @@ def load_recipe_file(file: Path) -> tuple[Any, dict[str, str | None]]:
         raise MergerError(
             f"the recipe file is not UTF-8 text (byte {e.start})", where=label, fix="save it as UTF-8"
         ) from None
-    header = ConfigSource._get_header_dict(text[:512])
-    check_package(header.get("package"), label)
+    header = check_header(text, label)
     config = OmegaConf.create(_checked_yaml(text, label) or {})
-    check_recipe_data(
-        OmegaConf.to_container(config, resolve=False), label, global_package=header["package"] == "_global_"
-    )
+    check_recipe_data(OmegaConf.to_container(config, resolve=False), label)
     return config, header
 
 

@@ -281,8 +281,9 @@ def test_gc_collects_stale_tmp_quarantine_and_strays(cache: Cache, monkeypatch: 
 
     monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
     old = collect(cache, max_size=10**9)
-    assert old.count("stray") == 3
-    assert strays(cache) == []
+    assert old.count("stray") == 2  # merger's own names only: notes.txt is not merger's to remove
+    assert [s.path.name for s in strays(cache)] == ["notes.txt"]
+    assert (kept.parent / "notes.txt").read_bytes() == b"not merger's"
     assert not no_record.exists() and not orphan_record.exists()
     assert keys_in(cache) == {key_of("kept")}
     assert live.exists()
@@ -531,3 +532,52 @@ def test_cache_max_size_collects_at_the_end_of_a_run(
     assert len(kept) == 2  # the node and its float16 artifact
     error = expect_error(lambda: run_recipe({**lerp(0.3), "cache_max_size": "lots"}))
     assert "cache_max_size" in (error.where or "")
+
+
+def test_gc_removes_only_what_merger_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache_dir pointed at another directory (a git repository, say) loses nothing to gc."""
+    monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
+    repo = tmp_path / "repo"
+    (repo / "objects" / "ab").mkdir(parents=True)
+    (repo / "objects" / "pack").mkdir()
+    files = [
+        repo / "objects" / "ab" / ("c" * 38),  # a git loose object
+        repo / "objects" / "pack" / "pack-1.pack",
+        repo / "locks" / "mine.lock",
+        repo / "memo" / "notes.json",
+        repo / "quarantine" / "thesis.tex",
+    ]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"user data")
+    result = collect(Cache(repo), max_size=0, older_than_days=0)
+    assert result.removed == []
+    assert all(p.read_bytes() == b"user data" for p in files)
+
+
+def test_gc_never_follows_a_link_out_of_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
+    victim = tmp_path / "victim"
+    (victim / "deep").mkdir(parents=True)
+    (victim / "thesis.tex").write_text("years of work")
+    root = tmp_path / "cache"
+    root.mkdir()
+    for part in ("quarantine", "objects", "memo", "locks", "tmp"):
+        (root / part).symlink_to(victim, target_is_directory=True)
+    collect(Cache(root), max_size=0, older_than_days=0)
+    assert (victim / "thesis.tex").read_text() == "years of work"
+    error = expect_error(lambda: Cache(root).new_tmp(key_of(1)))
+    assert "is a symbolic link" in error.what
+
+
+def test_a_copied_cache_is_not_trusted(tmp_path: Path) -> None:
+    """An object is served only as the file merger wrote (its inode): a copy, with a record forged to
+    match, is moved aside."""
+    import shutil
+
+    cache = Cache(tmp_path / "a")
+    put(cache, key_of("x"), b"the entry")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copy = Cache(tmp_path / "b")
+    assert copy.lookup(key_of("x")) is None
+    assert cache.lookup(key_of("x")) is not None

@@ -552,3 +552,39 @@ def test_corrupt_repository_never_raises_or_hangs(
     assert state["dirty"] in (None, True, False)
     if state["commit"] == answer["commit"] and state["dirty"] is not None:
         assert state["dirty"] == answer["dirty"]  # objects are checked against their ids: never a wrong answer
+
+
+def test_delta_bases_that_fan_out_are_cut_off(tmp_path: Path) -> None:
+    """Four packs whose REF_DELTA bases alternate between two pairs of packs: every level doubles the
+    paths a naive search follows (2**80 here), and the deltas are empty, so no inflate budget is spent."""
+    levels = 80
+    ids = [hashlib.sha1(b"L%d" % i).digest() for i in range(levels + 1)]
+    git = tmp_path / ".git"
+    (git / "objects" / "pack").mkdir(parents=True)
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "refs" / "heads" / "main").write_text(ids[0].hex() + "\n")
+    for p in range(4):
+        objects = sorted((ids[level], level) for level in range(levels) if level % 2 == p // 2)
+        body = b"PACK" + struct.pack(">II", 2, len(objects))
+        offsets = {}
+        for oid, level in sorted(objects, key=lambda item: item[1]):
+            offsets[oid] = len(body)
+            body += bytes([0x70]) + ids[level + 1] + zlib.compress(b"")  # REF_DELTA on the next level's object
+        body += hashlib.sha1(body).digest()
+        fan = [0] * 256
+        for oid, _ in objects:
+            fan[oid[0]] += 1
+        cumulative = [sum(fan[: i + 1]) for i in range(256)]
+        idx = b"\xfftOc" + struct.pack(">I", 2) + struct.pack(">256I", *cumulative)
+        idx += b"".join(oid for oid, _ in objects) + b"\0\0\0\0" * len(objects)
+        idx += b"".join(struct.pack(">I", offsets[oid]) for oid, _ in objects) + hashlib.sha1(body).digest()
+        idx += hashlib.sha1(idx).digest()
+        (git / "objects" / "pack" / f"pack-{p:040x}.pack").write_bytes(body)
+        (git / "objects" / "pack" / f"pack-{p:040x}.idx").write_bytes(idx)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("x: 1\n")
+    start = time.perf_counter()
+    state = git_state(recipe)
+    assert time.perf_counter() - start < 5
+    assert state is not None and state["commit"] == ids[0].hex() and state["dirty"] is None

@@ -94,10 +94,21 @@ def test_defaults_name_only_recipe_files(tmp_path: Path, defaults: str) -> None:
     assert error.where is not None and "defaults[" in error.where
 
 
-@pytest.mark.parametrize("package", ["hydra", "_global_.hydra", "_group_", "_global_.hydra.job"])
-def test_package_must_be_global(tmp_path: Path, package: str) -> None:
-    error = refusal(tmp_path, f"# @package {package}\njob:\n  env_set: {{A: b}}\n")
-    assert f"the recipe file says its package is '{package}'" in error.what
+@pytest.mark.parametrize(
+    "header",
+    [
+        "# @package hydra",
+        "# @package _global_.hydra",
+        "# @package _group_",
+        "# @package _global_.q._global_.hydra",  # Hydra resolves this to `hydra`
+        "# @package _global_\n# @package _global_.q._global_",  # Hydra keeps the last header line
+        "# @package _global_\n# @other x",
+        "# a comment first",
+    ],
+)
+def test_the_header_is_exactly_the_global_package(tmp_path: Path, header: str) -> None:
+    error = refusal(tmp_path, f"{header}\njob:\n  env_set: {{A: b}}\nhydra:\n  run: {{dir: /tmp/x}}\n")
+    assert "starts with exactly one line '# @package _global_'" in error.what
 
 
 @pytest.mark.parametrize("key", ["_target_", "_partial_", "_args_", "()"])
@@ -226,3 +237,20 @@ def test_a_recipe_may_shape_its_sweep(launch_dir: Path, models: dict[str, Path])
     done = run_cli(["-m", "recipe=swept"], launch_dir)
     assert done.returncode == 0, done.stderr
     assert len(list(launch_dir.glob("outputs/multirun/*/*/*/merge_report.json"))) == 2
+
+
+@pytest.mark.parametrize("key", ["cache_dir", "cache_max_size", "allow_env", "+cache_dir", "recipe"])
+def test_a_recipe_may_not_sweep_command_line_settings(tmp_path: Path, key: str) -> None:
+    error = refusal(tmp_path, HEAD + BODY + f"hydra:\n  sweeper:\n    params:\n      '{key}': a,b\n")
+    assert "cannot be swept from a recipe" in error.what
+
+
+def test_a_recipe_may_not_define_the_recipe_key(tmp_path: Path) -> None:
+    error = refusal(tmp_path, HEAD + BODY + "recipe: '${oc.env:HOME}'\n")
+    assert "may not set 'recipe'" in error.what
+
+
+def test_the_recipe_choice_is_not_a_value_from_the_command_line() -> None:
+    from merger.config_check import override_keys
+
+    assert override_keys(["recipe=r", "hydra/launcher=joblib", "+x.y=1", "alpha=0.5"]) == {"x.y", "alpha"}

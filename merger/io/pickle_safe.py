@@ -37,10 +37,9 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from merger.errors import shown
-from merger.limits import MAX_TENSORS
+from merger.limits import MAX_DIMS, MAX_TENSORS
 from merger.specs import DTYPE_SIZES
 
-MAX_DIMS = 64
 MAX_DIM = 1 << 62  # a dimension, stride, offset or storage size this big is corrupt
 CONTAINER_UNITS = 8  # a new container or memo entry: ~60 bytes from a 1-byte opcode
 #: work allowed per byte of the pickle's limit

@@ -71,6 +71,7 @@ WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
 DATAPARALLEL_PREFIX = "module."
 #: all tensors of a state dict may hold this many times their storages' bytes (tied weights, views)...
 ALIAS_FACTOR = 4
+DEFLATE_FACTOR = 8  # a compressed data.pkl may unpack to this many times its size, plus 1 MiB
 #: ...plus this much
 ALIAS_SLACK_BYTES = 64 * MIB
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -246,7 +247,11 @@ def _read_zip(f: IO[bytes], fd: int, file_size: int) -> tuple[Any, dict[str, tup
     if byteorder not in (None, b"little"):
         raise PickleCorrupt("its byteorder record is neither 'little' nor 'big'")
     records = {name[len(prefix) + 5 :]: info for name, info in members.items() if name.startswith(prefix + "data/")}
-    limit = PICKLE_BASE_BYTES + PICKLE_BYTES_PER_STORAGE * len(records)
+    # the allowance per storage cannot exceed the file's real bytes (empty records must not buy pickle room),
+    # and a compressed data.pkl (torch never compresses it) may unpack to a small multiple of its size only
+    limit = PICKLE_BASE_BYTES + min(PICKLE_BYTES_PER_STORAGE * len(records), file_size)
+    if members[pickles[0]].compress_type != zipfile.ZIP_STORED:
+        limit = min(limit, DEFLATE_FACTOR * members[pickles[0]].compress_size + MIB)
     data = _bounded_member(archive, members[pickles[0]], limit, len(records))
     located: dict[str, tuple[int, int]] = {}
 
@@ -280,8 +285,9 @@ def _small_record(archive: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> byt
 def _bounded_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, storages: int) -> bytes:
     """data.pkl, decompressed no further than `limit` bytes whatever its header claims."""
     too_big = PickleRefused(
-        f"its data.pkl unpacks to more than {limit} bytes ({PICKLE_BASE_BYTES} plus {PICKLE_BYTES_PER_STORAGE}"
-        f" for each of its {storages} storages); a state dict's pickle is far smaller",
+        f"its data.pkl unpacks to more than {limit} bytes (at most {PICKLE_BASE_BYTES} plus"
+        f" {PICKLE_BYTES_PER_STORAGE} for each of its {storages} storages, within the file's size, and"
+        f" {DEFLATE_FACTOR}x its compressed size); a state dict's pickle is far smaller",
         RESAVE,
     )
     if info.file_size > limit:

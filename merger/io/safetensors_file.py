@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from merger.errors import MergerError
-from merger.limits import MAX_HEADER_BYTES, MAX_TENSORS
+from merger.limits import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
 from merger.specs import DTYPE_SIZES, TensorSpec
 from merger.strict_json import JSONError, kind, loads_strict, measure, paused_gc, short
 
@@ -195,6 +195,7 @@ def _tensor_entry(path: Path, key: str, info: object) -> tuple[int, int, str, st
         type(dtype) is str
         and dtype in DTYPE_SIZES
         and type(shape) is list
+        and len(shape) <= MAX_DIMS
         and type(begin) is int
         and type(stop) is int
         and 0 <= begin <= MAX_U64
@@ -231,6 +232,8 @@ def _checked_entry(path: Path, key: str, info: object) -> tuple[int, int, str, s
         raise _bad_file(path, f"'{name}' has unsupported dtype {dtype} (merger reads {', '.join(DTYPE_SIZES)})")
     if not isinstance(shape, list):
         raise _bad_file(path, f"malformed entry for '{name}': its shape is {kind(shape)}, not a list")
+    if len(shape) > MAX_DIMS:
+        raise _bad_file(path, f"'{name}' has {len(shape)} dimensions, more than the limit of {MAX_DIMS} (MAX_DIMS)")
     for dim in shape:
         if not _is_u64(dim):
             raise _bad_file(path, f"'{name}' has dimension {_number(dim)}, not an integer in 0..2**64-1")

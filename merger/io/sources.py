@@ -9,7 +9,7 @@ reports its spec, reads one tensor at a time and says which files make it up
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,19 +56,33 @@ class SourceLocation:
 
 def resolve_path(text: str, launch_dir: Path, *, where: str) -> Path:
     """A recipe's path: relative to the launch directory, or `pkg://<package>/<file>`
-    for a file shipped inside an installed Python package (the demo models)."""
+    for a file shipped inside an installed Python package (the demo models). The package
+    is found, never imported: importing it would run its code."""
     if text.startswith(PACKAGE_SCHEME):
         package, _, inner = text[len(PACKAGE_SCHEME) :].partition("/")
-        try:
-            root = importlib.resources.files(package)
-        except (ModuleNotFoundError, TypeError, ValueError):
-            raise MergerError(
-                f"package '{package}' in '{text}' is not installed",
-                where=where,
-                fix="write pkg://<installed package>/<file inside it>",
-            ) from None
-        return Path(str(root.joinpath(inner)))
+        return _package_file(package, inner, text, where)
     return launch_dir / Path(text).expanduser()
+
+
+def _package_file(package: str, inner: str, text: str, where: str) -> Path:
+    problem = None
+    if not package.isidentifier():
+        problem = f"'{shown(package)}' is not a top-level package name"
+    else:
+        try:
+            spec = importlib.util.find_spec(package)  # a top-level name: found on sys.path, not executed
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            problem = f"package '{shown(package)}' in '{shown(text)}' is not installed"
+    if problem is None:
+        root = Path(os.path.realpath(locations[0]))
+        path = Path(os.path.realpath(root / inner))
+        if path.is_relative_to(root) and inner:
+            return path
+        problem = f"'{shown(text)}' names no file inside package '{shown(package)}'"
+    raise MergerError(problem, where=where, fix="write pkg://<installed package>/<file inside it>")
 
 
 def locate(path: Path, key: str | None, *, where: str) -> SourceLocation:
