@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from merger.atomic import write_text_atomic
+from merger.regular_file import open_regular
 from merger.strict_json import loads_strict
 
 RECORD_SUFFIX = ".json"
@@ -92,7 +93,7 @@ def head_digest(path: Path, length: int) -> str:
 def read_record(object_path: Path) -> EntryRecord | None:
     """The object's record, or None when it is missing, unreadable or not one of merger's."""
     try:
-        with open(record_path(object_path), "rb") as f:
+        with open_regular(record_path(object_path)) as f:
             raw = f.read(MAX_RECORD_BYTES + 1)
         if len(raw) > MAX_RECORD_BYTES:
             return None

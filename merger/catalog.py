@@ -8,15 +8,13 @@ and remembered for the next run.
 
 from __future__ import annotations
 
-import glob
-import itertools
 from pathlib import Path
 from typing import Any
 
 from merger.errors import MergerError, os_error_block
+from merger.globbing import bounded_glob
 from merger.hashing import new_tensor_hasher, source_content_hash
 from merger.io.sources import SourceLocation, TensorSource, locate, open_source, resolve_path
-from merger.limits import MAX_GLOB_FILES
 from merger.memo import MemoEntry, SourceMemo, source_identity
 from merger.recipe import Recipe, SourceDef
 from merger.specs import TensorSpec
@@ -173,13 +171,7 @@ class SourceCatalog:
         where = recipe.where(f"sources.{source.name}")
         if source.glob is not None:
             pattern = str(launch_dir / Path(source.glob).expanduser())
-            matches = sorted(itertools.islice(glob.iglob(pattern, recursive=True), MAX_GLOB_FILES + 1))
-            if len(matches) > MAX_GLOB_FILES:
-                raise MergerError(
-                    f"glob '{source.glob}' matches more than {MAX_GLOB_FILES} files, the limit",
-                    where=where,
-                    fix="narrow the pattern, or average in several steps",
-                )
+            matches = [str(m) for m in bounded_glob(Path(pattern), where=where, shown_as=source.glob)]
             if not matches:
                 raise MergerError(
                     f"glob '{source.glob}' matches no files",

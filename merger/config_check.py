@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from merger.errors import MergerError, did_you_mean
+from merger.limits import MAX_YAML_NODES
 from merger.recipe import SECTIONS, SETTINGS
 
 _REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_-]*)(?=[\s.}\[])")
@@ -45,6 +46,61 @@ def referenced_names(config: DictConfig) -> set[str]:
         if isinstance(value, str) and "${" in value:
             names.update(_REFERENCE.findall(value))
     return names
+
+
+_WHOLE_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.\-]*(?:\[\d+\])*)\}")
+
+
+def _structure(config: DictConfig) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(children of each container path, the references of each leaf path), without resolving."""
+    children: dict[str, list[str]] = {}
+    references: dict[str, list[str]] = {}
+    pending: list[tuple[str, Any]] = [("", config)]
+    while pending:
+        path, node = pending.pop()
+        if isinstance(node, DictConfig | ListConfig):
+            items = (
+                [(f"{path}.{k!s}" if path else str(k), node._get_node(k)) for k in node]
+                if isinstance(node, DictConfig)
+                else [(f"{path}[{i}]", node._get_node(i)) for i in range(len(node))]
+            )
+            children[path] = [p for p, _ in items]
+            pending.extend(items)
+        else:
+            value = node._value() if hasattr(node, "_value") else node
+            if isinstance(value, str) and "${" in value:
+                references[path] = _WHOLE_REFERENCE.findall(value)
+    return children, references
+
+
+def check_expansion(config: DictConfig, file: str) -> None:
+    """Interpolations may refer to containers, so a few lines can expand to billions of values
+    (`l1: ['${l0}', '${l0}', ...]`, `l2: ['${l1}', ...]`): refuse past MAX_YAML_NODES before resolving."""
+    children, references = _structure(config)
+    sizes: dict[str, int] = {}
+    stack: list[tuple[str, bool]] = [("", False)]
+    active: set[str] = set()
+    while stack:
+        path, expanded = stack.pop()
+        if path in sizes:
+            continue
+        parts = children.get(path, references.get(path, []))
+        if not expanded:
+            if path in active:  # a cycle: OmegaConf reports it when it resolves
+                sizes[path] = 1
+                continue
+            active.add(path)
+            stack.append((path, True))
+            stack.extend((p, False) for p in parts if p not in sizes and p not in active)
+            continue
+        active.discard(path)
+        sizes[path] = min(1 + sum(sizes.get(p, 1) for p in parts), MAX_YAML_NODES + 1)
+        if sizes[path] > MAX_YAML_NODES:
+            raise MergerError(
+                f"the recipe's interpolations expand to more than {MAX_YAML_NODES} values",
+                where=f"{file}, {path}" if path else file,
+                fix="refer to values, not to lists of references to lists (MAX_YAML_NODES)",
+            )
 
 
 def check_variables(config: DictConfig, file: str) -> None:
@@ -127,6 +183,7 @@ def resolve(config: DictConfig, file: str) -> dict[str, Any]:
 def checked_recipe_data(config: DictConfig, file: str, command_line: set[str] | None = None) -> dict[str, Any]:
     """`command_line`: the keys the command line set (see `override_keys`)."""
     check_environment_reads(config, file, command_line or set())
+    check_expansion(config, file)
     data = resolve(config, file)
     check_variables(config, file)
     return data

@@ -55,6 +55,11 @@ def shown(text: object) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
+def has_control(text: str) -> bool:
+    """Whether text holds a character `shown` would escape (control, line break, bidirectional override)."""
+    return bool(_CONTROL.search(text))
+
+
 def _escape_but_lines(text: str) -> str:
     return "\n".join(shown(line) for line in text.split("\n"))
 

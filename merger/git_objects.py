@@ -292,7 +292,9 @@ class ObjectStore:
         """`(kind, content)` of object `oid`, or None when it is absent, malformed or over a bound."""
         try:
             return self._read(oid, 0)
-        except (*FAILURES, BudgetSpent):
+        except BudgetSpent:
+            return None
+        except FAILURES:
             return None
 
     def _visit(self) -> None:

@@ -23,6 +23,7 @@ from merger.io.safetensors_file import read_header
 from merger.io.sources import TensorSource, locate, open_source
 from merger.progress import human_size
 from merger.provenance import Provenance
+from merger.regular_file import open_regular
 from merger.report import REPORT_NAME
 from merger.specs import ModelSpec, spec_differences, total_bytes, total_params
 from merger.strict_json import loads_strict
@@ -53,7 +54,7 @@ MAX_SIDE_FILE_BYTES = 16 * 1024 * 1024
 
 def _side_file(path: Path) -> bytes | None:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             raw = f.read(MAX_SIDE_FILE_BYTES + 1)
     except OSError:
         return None
@@ -119,7 +120,7 @@ def _run_line(context: dict[str, Any]) -> str:
 def describe(path: Path, spec: ModelSpec, *, max_keys: int) -> list[str]:
     dtypes = Counter(t.dtype for t in spec.values())
     lines = [
-        f"{path}",
+        shown(path),
         f"  {len(spec)} tensors, {total_params(spec):,} parameters, {human_size(total_bytes(spec))};"
         f" dtypes: {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}",
     ]

@@ -19,7 +19,7 @@ from merger.executor import Executor, NodeResult
 from merger.graph import build_graph
 from merger.nonfinite import describe
 from merger.ops.registry import OpRegistry
-from merger.output_targets import OutputTarget, check_output_targets, output_targets
+from merger.output_targets import OutputTarget, check_output_dir, check_output_targets, output_targets
 from merger.placement import OutputResult, place_output
 from merger.plan import Plan, build_plan
 from merger.preview import PreviewImage, preview_images, render
@@ -44,6 +44,7 @@ class Prepared:
 
     def check_targets(self, output_dir: Path) -> list[OutputTarget]:
         """The outputs' files in `output_dir`, checked (see merger.output_targets)."""
+        check_output_dir(output_dir)
         targets = output_targets(self.plan.recipe, output_dir)
         check_output_targets(self.plan.recipe, targets, self.source_files(), self.cache.root)
         return targets

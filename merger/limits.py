@@ -28,8 +28,13 @@ MAX_ALIAS_EXPANSIONS = 4096
 MAX_YAML_NODES = 200_000
 #: nodes in one recipe's graph
 MAX_RECIPE_NODES = 2000
-#: files one glob source may match
+#: files one glob source may match, and files and folders its walk may look at
 MAX_GLOB_FILES = 10_000
+MAX_GLOB_ENTRIES = 200_000
 #: a pickle inside a PyTorch checkpoint: this much, plus PICKLE_BYTES_PER_STORAGE per storage it holds
 PICKLE_BASE_BYTES = 16 * MIB
 PICKLE_BYTES_PER_STORAGE = 4 * KIB
+#: pixels of one preview image (each output upscales every one of them)
+MAX_PREVIEW_PIXELS = 1024 * 1024
+#: jobs of one sweep (the basic sweeper lists them all before the first runs)
+MAX_SWEEP_JOBS = 10_000

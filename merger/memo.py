@@ -22,6 +22,7 @@ from typing import Any
 from merger.atomic import write_text_atomic
 from merger.hashing import KEY_SCHEME, digest_json
 from merger.io.sources import SourceLocation
+from merger.regular_file import open_regular
 from merger.specs import DTYPE_SIZES, TensorSpec
 from merger.strict_json import loads_strict
 
@@ -56,7 +57,7 @@ class SourceMemo:
 
     def _read(self, path: Path) -> Any:
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 raw = f.read(MAX_MEMO_BYTES + 1)
             return None if len(raw) > MAX_MEMO_BYTES else loads_strict(raw, what="a memo entry")
         except (OSError, ValueError):

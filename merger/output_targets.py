@@ -24,8 +24,9 @@ from pathlib import Path
 
 from merger.errors import MergerError, shown
 from merger.limits import MIB
-from merger.provenance import KEY_FIELD
+from merger.provenance import KEY_FIELD, SIDE_FILE_FIELD
 from merger.recipe import OutputDef, Recipe
+from merger.regular_file import open_regular
 from merger.strict_json import loads_strict
 
 SWEEP_FIX = (
@@ -44,6 +45,19 @@ class OutputTarget:
     outside: bool  # outside the job's output directory
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """The job's output directory can be made: no file stands where one of its folders would be."""
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise MergerError(
+                    f"cannot make the output directory '{shown(output_dir)}': '{shown(folder)}' is a file",
+                    where="hydra.run.dir / hydra.sweep.dir",
+                    fix=f"move the file '{shown(folder)}' away, or run merger in another directory",
+                )
+            return
+
+
 def output_targets(recipe: Recipe, output_dir: Path) -> list[OutputTarget]:
     base = Path(os.path.normpath(output_dir.absolute()))
     targets = []
@@ -60,21 +74,31 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _made_by_merger(path: Path) -> bool:
     """Whether an existing file carries merger's provenance (a safetensors header, or the .json of a .pth)."""
-    from merger.io.safetensors_file import read_header
+    from merger.io.safetensors_file import file_sha256, read_header
 
     if path.suffix == ".safetensors":
         try:
             return KEY_FIELD in read_header(path).metadata
         except MergerError:
             return False
-    if path.suffix == ".pth":
-        return path.with_suffix(".json").is_file() and _made_by_merger(path.with_suffix(".json"))
+    if path.suffix == ".pth":  # merger's if the .json beside it names this very file
+        side = _provenance_json(path.with_suffix(".json"))
+        made = side.get(SIDE_FILE_FIELD) if side else None
+        return (
+            isinstance(made, dict)
+            and made.get("bytes") == path.stat().st_size
+            and made.get("sha256") == (file_sha256(path))
+        )
+    return _provenance_json(path) is not None
+
+
+def _provenance_json(path: Path) -> dict[str, object] | None:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = loads_strict(f.read(MIB), what="provenance")
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "key" in data and "version" in data
+        return None
+    return data if isinstance(data, dict) and "key" in data and "version" in data else None
 
 
 def _refuse(recipe: Recipe, output: OutputDef, what: str, fix: str) -> MergerError:

@@ -31,7 +31,7 @@ from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, Saf
 from merger.keys import artifact_key
 from merger.nonfinite import NonFiniteCounts, nonfinite_error
 from merger.output_targets import OutputTarget
-from merger.provenance import DTYPE_FIELD, parse_metadata
+from merger.provenance import DTYPE_FIELD, SIDE_FILE_FIELD, parse_metadata
 from merger.recipe import OutputDef
 from merger.specs import DTYPE_NAMES, DTYPE_SIZES, TensorSpec
 
@@ -114,6 +114,7 @@ def _place(output: OutputDef, node: NodeResult, cache: Cache, target: OutputTarg
         provenance = parse_metadata(read_header(node.entry.path).metadata) or {}
         if output.dtype != "keep":
             provenance["dtype"] = output.dtype
+        provenance[SIDE_FILE_FIELD] = {"sha256": sha, "bytes": artifact.bytes}  # ties the .json to this .pth
         write_text_atomic(target.side, json.dumps(provenance, indent=2) + "\n")
     return OutputResult(
         output.name, node.name, target.path, sha, artifact.bytes, output.dtype, how, artifact.key, overflow

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from merger.archs import esrgan
-from merger.errors import MergerError
+from merger.errors import MergerError, shown
 from merger.io.safetensors_file import read_header
 from merger.io.sources import locate, open_source
+from merger.limits import MAX_PREVIEW_PIXELS
 
 log = logging.getLogger("merger")
 
@@ -51,12 +52,38 @@ def preview_images(setting: Any, launch_dir: Path, *, where: str) -> list[Previe
         path = launch_dir / Path(str(entry)).expanduser()
         if not path.is_file():
             raise MergerError(
-                f"preview image not found: '{path}'",
+                f"preview image not found: '{shown(path)}'",
                 where=where,
                 fix="list image files (PNG, JPEG, ...) relative to where you run merger, or preview: sample",
             )
+        check_image(path, where)
         images.append(PreviewImage(path))
     return images
+
+
+def check_image(path: Path, where: str) -> None:
+    """A preview image must be an image Pillow reads, of at most MAX_PREVIEW_PIXELS (from its header:
+    a small PNG can declare a huge canvas, and every pixel is upscaled by each output)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        return  # no previews without merger[sr]: render says so
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise MergerError(
+            f"preview image '{shown(path)}' is not an image Pillow can read ({shown(e)})",
+            where=where,
+            fix="list PNG or JPEG files",
+        ) from None
+    if width * height > MAX_PREVIEW_PIXELS:
+        raise MergerError(
+            f"preview image '{shown(path)}' is {width}x{height} pixels, more than the {MAX_PREVIEW_PIXELS} a"
+            " preview takes (MAX_PREVIEW_PIXELS)",
+            where=where,
+            fix="crop it to the region you want to compare (say 512x512)",
+        )
 
 
 def is_image_model(path: Path) -> bool:
@@ -109,11 +136,15 @@ def render(outputs: dict[str, Path], images: list[PreviewImage], output_dir: Pat
         return []
     rows = []
     for name, path in models.items():
-        model = ModelLoader().load_from_file(path).eval()
         for image in images:
-            with torch.no_grad():
-                upscaled = model(load_image(image))
             png = output_dir / f"{name}__{image.stem}.png"
-            save_image(upscaled, png)
+            try:
+                model = ModelLoader().load_from_file(path).eval()
+                with torch.no_grad():
+                    upscaled = model(load_image(image))
+                save_image(upscaled, png)
+            except Exception as e:  # a preview is a courtesy: the outputs and the report stand without it
+                log.warning(f"preview of output '{name}' on '{shown(image.path)}' failed: {shown(e)}")
+                continue
             rows.append({"output": name, "image": str(image.path), "downscale": str(image.downscale), "png": str(png)})
     return rows

@@ -26,6 +26,7 @@ RECIPE_FIELD = "merger.recipe"
 SOURCES_FIELD = "merger.sources"
 VERSION_FIELD = "merger.version"
 DTYPE_FIELD = "merger.dtype"
+SIDE_FILE_FIELD = "file"  # in the .json beside a .pth output: the sha256 and size of that .pth
 
 
 def upstream(plan: Plan, name: str) -> list[str]:

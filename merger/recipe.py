@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from merger.errors import MergerError, did_you_mean
+from merger.errors import MergerError, did_you_mean, has_control
 from merger.limits import MAX_RECIPE_NODES
 from merger.ops.base import Op, OpParams
 from merger.ops.registry import OpRegistry
@@ -274,7 +274,7 @@ def _output(name: str, raw: Any, where: str) -> OutputDef:
     except ValidationError as e:
         raise validation_error(e, OutputModel, where=where, what="an output") from None
     path = model.path or f"{name}.safetensors"
-    if any(ord(c) < 32 or ord(c) == 127 for c in path) or not path.strip():
+    if has_control(path) or not path.strip():
         raise MergerError(
             f"output path {path!r} is empty or holds a control character (NUL, a line break, ...)",
             where=f"{where}.path",
@@ -299,6 +299,8 @@ def _check_output_paths(outputs: dict[str, OutputDef], file: str) -> None:
         paths = [os.path.normpath(p) for p in (output.path, output.side_file) if p is not None]
         for path in paths:
             other = taken.get(path)
+            if os.path.basename(path) in RESERVED_FILES:  # in any folder: a sweep reads every job's report
+                other = "merger's own run files"
             if other is not None or path.startswith(".hydra" + os.sep):
                 raise MergerError(
                     f"output '{output.name}' would write '{path}', which {other or 'Hydra'} already writes",

@@ -19,10 +19,12 @@ from hydra.core.object_type import ObjectType
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
 from omegaconf import OmegaConf
 from omegaconf._utils import get_yaml_loader
+from omegaconf.errors import OmegaConfBaseException
 
-from merger.errors import MergerError
+from merger.errors import MergerError, shown
 from merger.limits import MAX_RECIPE_BYTES
 from merger.recipe_file import check_header, check_recipe_data, check_size, check_yaml_shape
+from merger.regular_file import open_regular
 
 GROUP = "recipe"
 BUILTIN = "builtin"
@@ -86,7 +88,7 @@ def _checked_yaml(text: str, label: str) -> Any:
 def load_recipe_file(file: Path) -> tuple[Any, dict[str, str | None]]:
     """The checked config of one recipe file, and its header (see merger.recipe_file)."""
     label = str(file)
-    with open(file, "rb") as f:
+    with open_regular(file) as f:
         check_size(os.fstat(f.fileno()).st_size, label)
         raw = f.read(MAX_RECIPE_BYTES + 1)
     check_size(len(raw), label)
@@ -97,7 +99,15 @@ def load_recipe_file(file: Path) -> tuple[Any, dict[str, str | None]]:
             f"the recipe file is not UTF-8 text (byte {e.start})", where=label, fix="save it as UTF-8"
         ) from None
     header = check_header(text, label)
-    config = OmegaConf.create(_checked_yaml(text, label) or {})
+    try:
+        config = OmegaConf.create(_checked_yaml(text, label) or {})
+    except (OmegaConfBaseException, ValueError, TypeError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MergerError(
+            f"the recipe holds a value merger cannot take: {shown(detail)}",
+            where=label,
+            fix="write plain numbers, strings, lists and mappings (no YAML tags such as !!timestamp or !!set)",
+        ) from None
     check_recipe_data(OmegaConf.to_container(config, resolve=False), label)
     return config, header
 

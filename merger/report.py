@@ -9,6 +9,7 @@ from typing import Any
 
 from merger import __version__
 from merger.atomic import write_text_atomic
+from merger.errors import shown
 from merger.executor import NodeResult
 from merger.placement import OutputResult
 from merger.plan import Plan
@@ -94,9 +95,9 @@ def write_report(output_dir: Path, report: dict[str, Any]) -> Path:
 
 def _short(path: str, base: str) -> str:
     try:
-        return str(Path(path).relative_to(base))
+        return shown(Path(path).relative_to(base))
     except ValueError:
-        return path
+        return shown(path)
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -16,7 +16,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from merger.atomic import write_text_atomic
+from merger.errors import shown
+from merger.regular_file import open_regular
 from merger.report import REPORT_NAME
+from merger.strict_json import loads_strict
 
 SWEEP_REPORT_NAME = "sweep_report.json"
 log = logging.getLogger("merger")
@@ -27,22 +30,38 @@ def _job_order(path: Path) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (1 << 30, name)
 
 
+MAX_REPORT_BYTES = 64 * 1024 * 1024
+
+
+def _row(report_path: Path, sweep_dir: Path) -> dict[str, Any]:
+    with open_regular(report_path) as f:
+        raw = f.read(MAX_REPORT_BYTES + 1)
+    if len(raw) > MAX_REPORT_BYTES:
+        raise ValueError("too large")
+    report = loads_strict(raw, what="a run report")
+    if not isinstance(report, dict):
+        raise ValueError("not a mapping")
+    return {
+        "job": str(report_path.parent.relative_to(sweep_dir)),
+        "overrides": list(report["overrides"]),
+        "seconds": float(report["seconds"]),
+        "nodes": {str(name): str(node["status"]) for name, node in report["nodes"].items()},
+        "outputs": {
+            str(name): {"path": str(out["path"]), "sha256": str(out["sha256"])}
+            for name, out in report["outputs"].items()
+        },
+        **({"previews": list(report["previews"])} if report.get("previews") else {}),
+    }
+
+
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job's merge_report.json under the sweep; a file there that is not one is skipped, said."""
     rows = []
     for report_path in sorted(sweep_dir.glob(f"**/{REPORT_NAME}"), key=_job_order):
-        report = json.loads(report_path.read_text())
-        rows.append(
-            {
-                "job": str(report_path.parent.relative_to(sweep_dir)),
-                "overrides": report["overrides"],
-                "seconds": report["seconds"],
-                "nodes": {name: node["status"] for name, node in report["nodes"].items()},
-                "outputs": {
-                    name: {"path": out["path"], "sha256": out["sha256"]} for name, out in report["outputs"].items()
-                },
-                **({"previews": report["previews"]} if report.get("previews") else {}),
-            }
-        )
+        try:
+            rows.append(_row(report_path, sweep_dir))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning(f"merger: {shown(report_path)} is not a run report merger can read ({shown(e)}); skipped")
     return rows
 
 

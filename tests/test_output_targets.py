@@ -166,3 +166,24 @@ def test_a_sweep_with_the_variable_in_its_path_runs(launch_dir: Path, models: Mo
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (launch_dir / "shared").iterdir()) == ["blend_0.safetensors", "blend_1.safetensors"]
     assert " shared/blend_0.safetensors " in done.stdout  # the summary names the normalised path
+
+
+def test_a_sweep_a_recipe_defines_is_checked_before_its_first_job(launch_dir: Path, models: Models) -> None:
+    write_recipe(launch_dir, str(launch_dir / "shared" / "blend.safetensors"))
+    with open(launch_dir / "recipes" / "r.yaml", "a") as f:
+        f.write("hydra:\n  sweeper:\n    params:\n      alpha: 0,1\n")
+    done = run_cli(["-m", "recipe=r"], launch_dir)
+    assert done.returncode == 2 and "in job 0 and in job 1 of the sweep" in done.stderr, done.stderr
+    assert not (launch_dir / "shared").exists() and not (launch_dir / "outputs").exists()
+
+
+def test_a_huge_sweep_is_refused_without_listing_it(launch_dir: Path, models: Models) -> None:
+    import time
+
+    write_recipe(launch_dir, "blend_${alpha}.safetensors")
+    with open(launch_dir / "recipes" / "r.yaml", "a") as f:
+        f.write("hydra:\n  sweeper:\n    params:\n      alpha: range(0,300000000)\n")
+    start = time.perf_counter()
+    done = run_cli(["-m", "recipe=r", "alpha=0,1"], launch_dir)
+    assert time.perf_counter() - start < 30
+    assert done.returncode == 2 and "more than the limit of 10000 (MAX_SWEEP_JOBS)" in done.stderr, done.stderr

@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from merger.atomic import TMP_MARK
-from merger.cli import preflight, recipe_data
+from merger.cli import preflight
 from merger.errors import MergerError
 from merger.io.safetensors_file import read_header
 from merger.job import prepare, run
+from merger.job_config import recipe_data
 from merger.ops import builtin_registry
 from merger.recipe_source import PACKAGE_LINE, RecipeDirSource
 from merger.report import RunContext
@@ -186,7 +187,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def run_in_process(root: Path, out: Path) -> None:
     overrides = ["recipe=fuzz", "progress=false"]
-    preflight(overrides, False, root)
+    preflight(overrides, root)
     with initialize_config_module(config_module="merger.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     data, label, _ = recipe_data(cfg, "fuzz", root, overrides)

@@ -254,3 +254,12 @@ def test_the_recipe_choice_is_not_a_value_from_the_command_line() -> None:
     from merger.config_check import override_keys
 
     assert override_keys(["recipe=r", "hydra/launcher=joblib", "+x.y=1", "alpha=0.5"]) == {"x.y", "alpha"}
+
+
+def test_interpolations_that_fan_out_are_refused(launch_dir: Path) -> None:
+    lines = [HEAD.strip(), "l0: [" + ", ".join(str(i) for i in range(50)) + "]"]
+    lines += [f"l{i}: [" + ", ".join([f"'${{l{i - 1}}}'"] * 50) + "]" for i in range(1, 6)]
+    write(launch_dir, "fan", "\n".join([*lines, "description: '${l5}'", "outputs: {x: {}}"]) + "\n")
+    start = time.perf_counter()
+    assert_refused(run_cli(["recipe=fan"], launch_dir), "interpolations expand to more than 200000 values")
+    assert time.perf_counter() - start < 20

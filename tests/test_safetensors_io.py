@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import time
 from pathlib import Path
@@ -708,6 +709,9 @@ def test_tensor_limit_is_not_off_by_one(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_os_errors_are_merger_errors(tmp_path: Path) -> None:
     error = expect_error(lambda: read_header(tmp_path))
-    assert error.what == f"cannot read '{tmp_path}': Is a directory"
+    assert error.what == f"cannot read '{tmp_path}': not a regular file (a FIFO, a device or a socket?)"
+    os.mkfifo(tmp_path / "fifo.safetensors")  # would block a plain open forever
+    error = expect_error(lambda: read_header(tmp_path / "fifo.safetensors"))
+    assert "not a regular file" in error.what
     error = expect_error(lambda: read_header(tmp_path / "absent.safetensors"))
     assert error.what == f"cannot read '{tmp_path / 'absent.safetensors'}': No such file or directory"

@@ -65,6 +65,7 @@ from merger.io.pickle_safe import (
     Tensor,
 )
 from merger.limits import MIB, PICKLE_BASE_BYTES, PICKLE_BYTES_PER_STORAGE
+from merger.regular_file import open_regular
 from merger.specs import DTYPE_SIZES, TensorSpec
 
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
@@ -104,7 +105,7 @@ class PthSource:
         self._lock = threading.Lock()
         self._gathered: tuple[str, memoryview] | None = None
         try:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._fd = _opened(path)
         except OSError as e:
             raise MergerError(f"cannot read '{path}': {e.strerror}", where=str(path), fix=_READABLE) from None
         try:
@@ -170,6 +171,12 @@ class PthSource:
             os.close(self._fd)
             self._fd = -1
         self._gathered = None
+
+
+def _opened(path: Path) -> int:
+    """A descriptor of its own for the regular file at `path` (a FIFO would block a plain open)."""
+    with open_regular(path) as f:
+        return os.dup(f.fileno())
 
 
 def _unreadable(path: Path, detail: str, fix: str | None = None) -> MergerError:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from merger.errors import MergerError
 from merger.limits import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
+from merger.regular_file import open_regular
 from merger.specs import DTYPE_SIZES, TensorSpec
 from merger.strict_json import JSONError, kind, loads_strict, measure, paused_gc, short
 
@@ -103,7 +104,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     bits), and the data ends exactly at the end of the file.
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:

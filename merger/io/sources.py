@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from merger.errors import MergerError, shown
 from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, read_header
 from merger.limits import MAX_INDEX_BYTES, MAX_TENSORS
+from merger.regular_file import open_regular
 from merger.specs import TensorSpec
 from merger.strict_json import JSONError, kind, loads_strict, short
 
@@ -155,7 +156,7 @@ def _read_index(index: Path, where: str) -> dict[str, str]:
         )
 
     try:
-        with open(index, "rb") as f:
+        with open_regular(index) as f:
             size = os.fstat(f.fileno()).st_size
             data = f.read(MAX_INDEX_BYTES + 1) if size <= MAX_INDEX_BYTES else b""
     except OSError as e:

@@ -1,0 +1,1 @@
+"""merger's Hydra sweeper plugin (Hydra finds plugins in the `hydra_plugins` namespace)."""
