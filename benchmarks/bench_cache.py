@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import measure, write_llama_like
 
-from merger.cache import Cache
+from merger.cache.store import Cache
 from merger.io.safetensors_file import file_sha256
 
 MERGER_CACHE = [str(Path(sys.executable).parent / "merger-cache")]

@@ -49,7 +49,7 @@ def cuda_available() -> bool:
 def max_relative_difference(a: Path, b: Path) -> float:
     import numpy as np
 
-    from merger.arrays import NumpyBackend
+    from merger.core.arrays import NumpyBackend
     from merger.io.safetensors_file import SafetensorsReader, read_header
 
     xp = NumpyBackend()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from common import MERGER
 from spandrel import ModelLoader
 
-from merger.preview import SAMPLE_IMAGE, PreviewImage, load_image
+from merger.report.preview import SAMPLE_IMAGE, PreviewImage, load_image
 
 ALPHAS = [round(i / 10, 1) for i in range(11)]
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)

@@ -61,9 +61,9 @@ RANDOM_LLAMA = """
 import sys
 from pathlib import Path
 import numpy as np
-from merger.arrays import NumpyBackend
+from merger.core.arrays import NumpyBackend
 from merger.io.safetensors_file import SafetensorsWriter
-from merger.specs import TensorSpec
+from merger.core.specs import TensorSpec
 path, dtype = Path(sys.argv[2]), sys.argv[3]
 n_bytes, seed, hidden, vocab, layers = map(int, sys.argv[4:])
 inter = hidden * 11 // 4

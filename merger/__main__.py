@@ -10,7 +10,7 @@ import sys
 if sys.path and sys.path[0] in ("", os.getcwd()):
     del sys.path[0]
 
-from merger.command import merger  # after the path is safe
+from merger.cli.command import merger  # after the path is safe
 
 if __name__ == "__main__":
     merger()

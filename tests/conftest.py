@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.arrays import NumpyBackend, TorchBackend
+from merger.cli.job import prepare, run
+from merger.core.arrays import NumpyBackend, TorchBackend
+from merger.core.specs import TensorSpec
 from merger.errors import MergerError
-from merger.job import prepare, run
 from merger.ops import builtin_registry
 from merger.ops.base import InputSpecs, NodeSpec, Op
-from merger.report import RunContext
-from merger.specs import TensorSpec
+from merger.report.run_report import RunContext
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ class BytesSource:
 
     @classmethod
     def of(cls, model: StateDict) -> BytesSource:
-        from merger.tensor_bytes import tensor_memoryview
+        from merger.core.tensor_bytes import tensor_memoryview
 
         return cls({k: bytes(tensor_memoryview(v.contiguous())) for k, v in model.items()})
 
@@ -121,22 +121,29 @@ class Collector:
 
 
 def spec_of(model: StateDict) -> dict[str, TensorSpec]:
-    from merger.tensor_bytes import dtype_code
+    from merger.core.tensor_bytes import dtype_code
 
     return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in model.items()}
+
+
+def keyed(op: Op, params: Any, spec: NodeSpec) -> Any:
+    """The parameters as the pipeline gets them: schedules resolved key by key, as the planner does."""
+    from merger.recipe.schedule import KeyedParams
+
+    return KeyedParams(params, op.resolved_model, list(spec.tensors), "test.yaml, nodes.test")
 
 
 def pipeline_outputs(
     op: Op, params: Any, models: list[StateDict], backend: Any, names: tuple[str, ...] | None = None
 ) -> tuple[NodeSpec, StateDict]:
     """(NodeSpec, outputs) of `op` on in-memory models, computed by the real executor pipeline."""
-    from merger.pipeline import Pipeline
-    from merger.tensor_bytes import tensor_from_buffer
+    from merger.core.tensor_bytes import tensor_from_buffer
+    from merger.engine.pipeline import Pipeline
 
     specs = tuple(spec_of(m) for m in models)
     spec = op.spec(InputSpecs(names or tuple(f"m{i}" for i in range(len(models))), specs), params)
     collector = Collector()
-    Pipeline(op, params, [BytesSource.of(m) for m in models], specs, backend).run(
+    Pipeline(op, keyed(op, params, spec), [BytesSource.of(m) for m in models], specs, backend).run(
         collector, spec, lambda key, nbytes: None
     )
     joined = collector.joined()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from merger.archs import describe, esrgan
-from merger.specs import TensorSpec
-from merger.tensor_bytes import dtype_code
+from merger.core.specs import TensorSpec
+from merger.core.tensor_bytes import dtype_code
 from tests.esrgan_models import old_layout, to_layout
 
 

@@ -1,4 +1,4 @@
-"""merger.cache, merger.memo, merger.atomic: the store, its locks, temporary files, the source memo.
+"""merger.cache.store, merger.cache.memo, merger.cache.atomic: the store, its locks, temporary files, the source memo.
 
 This module imports no torch at module level, so the spawned lock holders start quickly.
 """
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from merger.atomic import TMP_MARK, is_stale_tmp, tmp_path_for, write_text_atomic
-from merger.cache import Cache
+from merger.cache.atomic import TMP_MARK, is_stale_tmp, tmp_path_for, write_text_atomic
+from merger.cache.memo import MemoEntry, SourceMemo, source_identity
+from merger.cache.store import Cache
+from merger.core.specs import TensorSpec
 from merger.io.sources import SourceLocation
-from merger.memo import MemoEntry, SourceMemo, source_identity
-from merger.specs import TensorSpec
 
 KEY = "ab" + "0123456789abcdef" * 3 + "cdef0123456789"
 OTHER_KEY = "cd" + "f" * 62
@@ -103,7 +103,7 @@ def test_commit_same_key_twice_keeps_first(tmp_path: Path) -> None:
 
 
 def test_object_without_record_is_moved_aside_never_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
+    monkeypatch.setattr("merger.cache.store.COMMIT_GRACE_SECONDS", -1.0)
     cache = Cache(tmp_path / "cache")
     data = b"some entry"
     info = cache.commit(_tmp_with(cache, data), KEY, _sha(data))
@@ -124,7 +124,7 @@ def test_young_object_without_record_is_not_served_nor_moved(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("damage", ["{not json", '{"version": 2}', "[]", '{"version": 1, "sha256": "x"}'])
 def test_object_with_a_bad_record_is_moved_aside(tmp_path: Path, damage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
+    monkeypatch.setattr("merger.cache.store.COMMIT_GRACE_SECONDS", -1.0)
     cache = Cache(tmp_path / "cache")
     data = b"another entry"
     info = cache.commit(_tmp_with(cache, data), KEY, _sha(data))
@@ -190,10 +190,10 @@ def test_cache_verify_rehashes_every_hit(tmp_path: Path, monkeypatch: pytest.Mon
     cache = Cache(tmp_path / "cache")
     cache.commit(_tmp_with(cache, data), KEY, _sha(data))
     hashed: list[Path] = []
-    import merger.cache
+    import merger.cache.store
 
-    real = merger.cache.file_sha256
-    monkeypatch.setattr("merger.cache.file_sha256", lambda p: hashed.append(p) or real(p))
+    real = merger.cache.store.file_sha256
+    monkeypatch.setattr("merger.cache.store.file_sha256", lambda p: hashed.append(p) or real(p))
     assert cache.lookup(KEY) is not None and hashed == []  # the cheap pins hold: no full hash
     assert Cache(tmp_path / "cache", verify=True).lookup(KEY) is not None and len(hashed) == 1
 

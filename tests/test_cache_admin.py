@@ -1,4 +1,4 @@
-"""merger.cache_admin and `merger-cache`: listing, usage, collection, verification, removal."""
+"""merger.cache.admin and `merger-cache`: listing, usage, collection, verification, removal."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from typing import Any
 
 import pytest
 
-from merger.atomic import TMP_MARK, tmp_path_for
-from merger.cache import Cache
-from merger.cache_admin import (
+from merger.cache.admin import (
     PARTS,
     collect,
     entries,
@@ -25,9 +23,11 @@ from merger.cache_admin import (
     usage,
     verify,
 )
-from merger.cache_record import record_path
-from merger.memo import MemoEntry
-from merger.specs import TensorSpec
+from merger.cache.atomic import TMP_MARK, tmp_path_for
+from merger.cache.memo import MemoEntry
+from merger.cache.record import record_path
+from merger.cache.store import Cache
+from merger.core.specs import TensorSpec
 from tests.conftest import RunRecipe, expect_error, run_cli
 
 DAY = 24 * 3600.0
@@ -213,7 +213,7 @@ def test_gc_never_removes_kept_keys(cache: Cache) -> None:
 HOLDER = """
 import sys, time
 from pathlib import Path
-from merger.cache import Cache
+from merger.cache.store import Cache
 with Cache(Path(sys.argv[1])).lock(sys.argv[2]):
     print("locked", flush=True)
     time.sleep(60)
@@ -279,7 +279,7 @@ def test_gc_collects_stale_tmp_quarantine_and_strays(cache: Cache, monkeypatch: 
     assert live.exists()
     assert len(strays(cache)) == 3
 
-    monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
+    monkeypatch.setattr("merger.cache.store.COMMIT_GRACE_SECONDS", -1.0)
     old = collect(cache, max_size=10**9)
     assert old.count("stray") == 2  # merger's own names only: notes.txt is not merger's to remove
     assert [s.path.name for s in strays(cache)] == ["notes.txt"]
@@ -332,17 +332,17 @@ def test_verify_repins_a_linked_entry_and_keeps_its_last_use(cache: Cache, tmp_p
     os.link(path, tmp_path / "an output")  # moves the object's ctime: a lookup would hash it in full
     assert verify(cache).bad == []
     assert record_path(path).stat().st_mtime == 5000
-    import merger.cache
+    import merger.cache.store
 
     hashed: list[Path] = []
-    real = merger.cache.file_sha256  # type: ignore[attr-defined]
+    real = merger.cache.store.file_sha256  # type: ignore[attr-defined]
 
     def counting(p: Path) -> str:
         hashed.append(p)
         return real(p)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("merger.cache.file_sha256", counting)
+        patch.setattr("merger.cache.store.file_sha256", counting)
         assert cache.lookup(key_of(1)) is not None
     assert hashed == []  # re-pinned by verify: the cheap pins hold
 
@@ -488,7 +488,7 @@ def test_cli_errors_are_one_block(tmp_path: Path) -> None:
 
 
 def test_cli_verify_reports_a_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from merger.cache_cli import main
+    from merger.cli.cache_command import main
 
     cache = Cache(tmp_path / "cache")
     path = put(cache, key_of(1), b"v" * 100)
@@ -508,7 +508,7 @@ def test_cli_verify_reports_a_mismatch(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_commands_import_no_torch() -> None:
-    code = "import sys, merger.cache_cli; sys.exit('torch' in sys.modules)"
+    code = "import sys, merger.cli.cache_command; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -536,7 +536,7 @@ def test_cache_max_size_collects_at_the_end_of_a_run(
 
 def test_gc_removes_only_what_merger_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache_dir pointed at another directory (a git repository, say) loses nothing to gc."""
-    monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
+    monkeypatch.setattr("merger.cache.store.COMMIT_GRACE_SECONDS", -1.0)
     repo = tmp_path / "repo"
     (repo / "objects" / "ab").mkdir(parents=True)
     (repo / "objects" / "pack").mkdir()
@@ -556,7 +556,7 @@ def test_gc_removes_only_what_merger_names(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_gc_never_follows_a_link_out_of_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("merger.cache.COMMIT_GRACE_SECONDS", -1.0)
+    monkeypatch.setattr("merger.cache.store.COMMIT_GRACE_SECONDS", -1.0)
     victim = tmp_path / "victim"
     (victim / "deep").mkdir(parents=True)
     (victim / "thesis.tex").write_text("years of work")

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from merger.arrays import NumpyBackend, TorchBackend, select_backend
+from merger.core.arrays import NumpyBackend, TorchBackend, select_backend
+from merger.core.specs import TensorSpec
+from merger.engine.pipeline import PIECE_BYTES, Pipeline
 from merger.ops.base import InputSpecs, Op
 from merger.ops.elementwise import MergeParams
 from merger.ops.linear import (
@@ -23,9 +25,7 @@ from merger.ops.linear import (
 from merger.ops.model_stock import ModelStock, ModelStockParams
 from merger.ops.slerp import Slerp, SlerpParams
 from merger.ops.task_vectors import DareTies, DareTiesParams, TaskArithmetic, TaskArithmeticParams, Ties, TiesParams
-from merger.pipeline import PIECE_BYTES, Pipeline
-from merger.specs import TensorSpec
-from tests.conftest import BytesSource, Collector
+from tests.conftest import BytesSource, Collector, keyed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -49,7 +49,9 @@ def cpu_and_cuda(op: Op, params: Any, n: int, dtype: str) -> tuple[Any, dict[str
     results = {}
     for name, backend in (("cpu", NumpyBackend()), ("cuda", TorchBackend("cuda"))):
         collector = Collector()
-        Pipeline(op, params, list(sources), specs, backend).run(collector, spec, lambda key, nbytes: None)
+        Pipeline(op, keyed(op, params, spec), list(sources), specs, backend).run(
+            collector, spec, lambda key, nbytes: None
+        )
         results[name] = collector.joined()
     return spec, results
 

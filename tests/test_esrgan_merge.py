@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from merger.archs import esrgan
-from merger.specs import TensorSpec
-from merger.tensor_bytes import dtype_code
+from merger.core.specs import TensorSpec
+from merger.core.tensor_bytes import dtype_code
 from tests.conftest import RunRecipe, expect_error, load
 from tests.esrgan_models import old_layout, to_layout
 

@@ -15,12 +15,12 @@ import yaml
 from safetensors.torch import save_file
 
 import merger
-import merger.placement
+import merger.engine.placement
+from merger.cli.job import prepare
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
-from merger.job import prepare
 from merger.ops import builtin_registry
 from merger.ops.linear import Lerp
-from merger.report import REPORT_NAME
+from merger.report.run_report import REPORT_NAME
 from tests.conftest import RunRecipe, expect_error, load, tiny_state_dict
 
 Models = dict[str, Path]
@@ -110,7 +110,9 @@ def test_full_cache_hit_reads_no_tensor_data(
 
     monkeypatch.setattr(SafetensorsReader, "read_into", no_reads)  # every tensor read goes through it
     monkeypatch.setattr(torch, "load", no_reads)
-    monkeypatch.setattr(merger.placement, "_make_artifact", no_reads)  # dtype/format artifacts come from the cache
+    monkeypatch.setattr(
+        merger.engine.placement, "_make_artifact", no_reads
+    )  # dtype/format artifacts come from the cache
     again = run_recipe(data)
     assert statuses(again) == {"avg": "cached", "mix": "cached"}
     assert again["device"] is None  # nothing was computed, so no device was needed

@@ -1,4 +1,4 @@
-"""The family check: merger.family.compare and the executor's warning on merges of unrelated models.
+"""The family check: merger.engine.family.compare and the executor's warning on merges of unrelated models.
 
 Fine-tunes of one parent have weight tensors with cosine similarity near 1;
 independently initialised models near 0. 1-D tensors (LayerNorm weights of
@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.family import FAMILY_THRESHOLD, compare
-from merger.specs import TensorSpec
+from merger.core.specs import TensorSpec
+from merger.engine.family import FAMILY_THRESHOLD, compare
 from tests.conftest import BytesSource, RunRecipe, fine_tune, tiny_state_dict
 
 StateDict = dict[str, torch.Tensor]
@@ -24,7 +24,7 @@ WEIGHT_TENSORS = 3  # tiny_state_dict's tensors of two or more dimensions
 
 
 def _spec_of(sd: StateDict) -> dict[str, TensorSpec]:
-    from merger.tensor_bytes import dtype_code
+    from merger.core.tensor_bytes import dtype_code
 
     return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
 

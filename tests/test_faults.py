@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.atomic import TMP_MARK
-from merger.cache_record import read_record
+from merger.cache.atomic import TMP_MARK
+from merger.cache.record import read_record
 from merger.io.safetensors_file import file_sha256, read_header
 
 pytestmark = pytest.mark.slow

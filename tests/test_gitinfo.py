@@ -22,10 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import merger.git_objects
-import merger.gitinfo
-from merger.git_objects import MAX_DELTA_DEPTH, ObjectStore, object_id
-from merger.gitinfo import git_state
+import merger.report.git_objects
+import merger.report.git_state
+from merger.report.git_objects import MAX_DELTA_DEPTH, ObjectStore, object_id
+from merger.report.git_state import git_state
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -479,7 +479,7 @@ def test_delta_chains_are_bounded(tmp_path: Path) -> None:
 
 
 def test_never_imports_subprocess() -> None:
-    for module in (merger.gitinfo, merger.git_objects):
+    for module in (merger.report.git_state, merger.report.git_objects):
         tree = ast.parse(Path(str(module.__file__)).read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {str(n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

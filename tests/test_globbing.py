@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from merger.core.limits import MAX_GLOB_ENTRIES
+from merger.engine.globbing import bounded_glob
 from merger.errors import MergerError
-from merger.globbing import bounded_glob
-from merger.limits import MAX_GLOB_ENTRIES
 
 
 @pytest.fixture

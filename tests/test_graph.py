@@ -1,5 +1,5 @@
-"""`merger.graph.build_graph` (references, cycles, order, unused nodes) and
-`merger.config_check.checked_recipe_data` (variables and interpolations)."""
+"""`merger.engine.graph.build_graph` (references, cycles, order, unused nodes) and
+`merger.recipe.config_check.checked_recipe_data` (variables and interpolations)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from merger.config_check import checked_recipe_data
+from merger.engine.graph import Graph, build_graph
 from merger.errors import MergerError
-from merger.graph import Graph, build_graph
 from merger.ops import builtin_registry
-from merger.recipe import build_recipe
+from merger.recipe.config_check import checked_recipe_data
+from merger.recipe.model import build_recipe
 from tests.conftest import expect_error
 
 FILE = "r.yaml"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger.cache import Cache
+from merger.cache.store import Cache
 from tests.conftest import RunRecipe, expect_error, run_cli
 
 
@@ -106,7 +106,7 @@ def test_memo_is_written_only_once_the_node_is_committed(
     models: dict[str, Path], run_recipe: RunRecipe, launch_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Otherwise a concurrent run could learn the real key, miss the entry and compute it again."""
-    from merger.cache import Cache as RealCache
+    from merger.cache.store import Cache as RealCache
 
     memo_dir = launch_dir / "cache" / "memo"
     seen: list[bool] = []

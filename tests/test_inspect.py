@@ -1,4 +1,4 @@
-"""`merger-inspect` (`merger.inspect_cli.main`): what a user sees about model files."""
+"""`merger-inspect` (`merger.cli.inspect.main`): what a user sees about model files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.inspect_cli import main
+from merger.cli.inspect import main
 from tests.conftest import RunRecipe, run_cli, tiny_state_dict
 
 Models = dict[str, Path]

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
+from merger.core.tensor_bytes import tensor_from_buffer
 from merger.io.sources import locate, open_source
-from merger.tensor_bytes import tensor_from_buffer
 from tests.conftest import RunRecipe
 
 mergekit_config = pytest.importorskip("mergekit.config")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.nonfinite import count_nonfinite, describe
-from merger.tensor_bytes import dtype_code, tensor_memoryview
+from merger.core.nonfinite import count_nonfinite, describe
+from merger.core.tensor_bytes import dtype_code, tensor_memoryview
 from tests.conftest import RunRecipe, expect_error, fine_tune, tiny_state_dict
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from merger.arrays import NumpyBackend
+from merger.core.arrays import NumpyBackend
+from merger.core.tensor_bytes import dtype_code, tensor_memoryview
 from merger.ops import builtin_ops
-from merger.tensor_bytes import dtype_code, tensor_memoryview
 from tests.conftest import pipeline_outputs
 from tests.esrgan_models import old_layout
 

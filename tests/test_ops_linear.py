@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from merger.core.specs import TensorSpec
 from merger.errors import MergerError
 from merger.ops.base import InputSpecs, Op
 from merger.ops.elementwise import MergeParams
@@ -26,7 +27,6 @@ from merger.ops.linear import (
     WeightedSum,
     WeightedSumParams,
 )
-from merger.specs import TensorSpec
 from tests.conftest import (
     BACKENDS,
     RunRecipe,

@@ -1,4 +1,4 @@
-"""Per-layer values (merger.schedule) and include / exclude / rest on merge nodes.
+"""Per-layer values (merger.recipe.schedule) and include / exclude / rest on merge nodes.
 
 Runs recipes on a small model with named blocks (Llama-like keys, four layers)
 and checks each output tensor against plain torch with the value the schedule

@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-import merger.pipeline as pipeline_module
-from merger.arrays import NumpyBackend, TorchBackend
+import merger.engine.pipeline as pipeline_module
+from merger.core.arrays import NumpyBackend, TorchBackend
+from merger.core.specs import TensorSpec
+from merger.engine.pipeline import Pipeline, plan_pieces
 from merger.ops.base import InputSpecs
 from merger.ops.linear import Lerp, LerpParams
-from merger.pipeline import Pipeline, plan_pieces
-from merger.specs import TensorSpec
-from tests.conftest import BytesSource, Collector
+from tests.conftest import BytesSource, Collector, keyed
 
 SHAPES = {"big": (5000,), "matrix": (37, 41), "scalar": (), "empty": (0, 3)}
 
@@ -35,7 +35,9 @@ def run(sources: list[BytesSource], collector: Collector, backend: Any = None) -
     specs = tuple({k: TensorSpec("F32", SHAPES[k]) for k in s.tensors} for s in sources)
     op, params = Lerp(), LerpParams(alpha=0.25)
     node = op.spec(InputSpecs(("a", "b"), specs), params)
-    Pipeline(op, params, list(sources), specs, backend or NumpyBackend()).run(collector, node, lambda key, nbytes: None)
+    Pipeline(op, keyed(op, params, node), list(sources), specs, backend or NumpyBackend()).run(
+        collector, node, lambda key, nbytes: None
+    )
     return node.tensors
 
 

@@ -63,8 +63,8 @@ def test_missing_preview_image_fails_before_running(launch_dir: Path, run_recipe
 def test_a_run_without_image_models_never_imports_spandrel(launch_dir: Path, models: dict[str, Path]) -> None:
     code = (
         "import sys; from pathlib import Path\n"
-        "from merger.job import prepare, run\nfrom merger.ops import builtin_registry\n"
-        "from merger.report import RunContext\n"
+        "from merger.cli.job import prepare, run\nfrom merger.ops import builtin_registry\n"
+        "from merger.report.run_report import RunContext\n"
         f"data = {{'preview': 'sample', 'progress': False, 'cache_dir': 'cache',"
         f" 'sources': {{'a': {str(models['a'])!r}, 'b': {str(models['b'])!r}}},"
         " 'nodes': {'x': {'op': 'average', 'inputs': ['a', 'b']}}, 'outputs': {'x': {}}}\n"

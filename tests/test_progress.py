@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from merger.progress import Progress
+from merger.engine.progress import Progress
 
 
 class Terminal(io.StringIO):

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from merger.core.limits import MIB, PICKLE_BASE_BYTES
+from merger.core.tensor_bytes import DTYPE_CODES, tensor_from_buffer
 from merger.errors import MergerError
 from merger.io.pth import PthSource
-from merger.limits import MIB, PICKLE_BASE_BYTES
-from merger.tensor_bytes import DTYPE_CODES, tensor_from_buffer
 from tests.conftest import REPO, expect_error, fine_tune, tiny_state_dict
 
 StateDict = dict[str, torch.Tensor]
@@ -851,7 +851,7 @@ def test_the_unpickler_runs_once_per_file_per_run(tmp_path: Path) -> None:
         "import atexit, sys\nimport merger.io.pth as pth\ncalls = []\nreal = pth._load\n"
         "pth._load = lambda *a: calls.append(a[0].name) or real(*a)\n"
         "atexit.register(lambda: print('UNPICKLED', sorted(calls)))\n"
-        "from merger.command import merger\nsys.argv = ['merger', *sys.argv[1:]]\nmerger()\n"
+        "from merger.cli.command import merger\nsys.argv = ['merger', *sys.argv[1:]]\nmerger()\n"
     )
 
     def unpickled(*overrides: str) -> str:

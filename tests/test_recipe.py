@@ -1,4 +1,4 @@
-"""`merger.recipe.build_recipe`: validation of plain recipe data, error by error.
+"""`merger.recipe.model.build_recipe`: validation of plain recipe data, error by error.
 
 Every error must say what is wrong, where (the file name and the dotted place)
 and how to fix it.
@@ -12,7 +12,7 @@ import pytest
 
 from merger.errors import MergerError
 from merger.ops import builtin_registry
-from merger.recipe import Recipe, build_recipe
+from merger.recipe.model import Recipe, build_recipe
 from tests.conftest import expect_error
 
 FILE = "r.yaml"

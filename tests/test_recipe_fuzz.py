@@ -17,15 +17,15 @@ from hydra.core.plugins import Plugins
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from merger.atomic import TMP_MARK
-from merger.cli import preflight
+from merger.cache.atomic import TMP_MARK
+from merger.cli.app import preflight
+from merger.cli.job import prepare, run
+from merger.cli.job_config import recipe_data
+from merger.cli.recipe_source import PACKAGE_LINE, RecipeDirSource
 from merger.errors import MergerError
 from merger.io.safetensors_file import read_header
-from merger.job import prepare, run
-from merger.job_config import recipe_data
 from merger.ops import builtin_registry
-from merger.recipe_source import PACKAGE_LINE, RecipeDirSource
-from merger.report import RunContext
+from merger.report.run_report import RunContext
 from tests.conftest import REPO, run_cli
 from tests.test_example_recipes import MODELS
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from merger.cli.recipe_source import load_recipe_file
+from merger.core.limits import MAX_ALIAS_EXPANSIONS, MAX_RECIPE_BYTES
 from merger.errors import MergerError
-from merger.limits import MAX_ALIAS_EXPANSIONS, MAX_RECIPE_BYTES
-from merger.recipe_source import load_recipe_file
 from tests.conftest import run_cli
 
 HEAD = "# @package _global_\n"
@@ -251,7 +251,7 @@ def test_a_recipe_may_not_define_the_recipe_key(tmp_path: Path) -> None:
 
 
 def test_the_recipe_choice_is_not_a_value_from_the_command_line() -> None:
-    from merger.config_check import override_keys
+    from merger.recipe.config_check import override_keys
 
     assert override_keys(["recipe=r", "hydra/launcher=joblib", "+x.y=1", "alpha=0.5"]) == {"x.y", "alpha"}
 

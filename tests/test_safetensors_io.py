@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from merger.core.limits import MAX_JSON_DEPTH, MAX_TENSORS
+from merger.core.specs import TensorSpec
 from merger.errors import MergerError
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
-from merger.limits import MAX_JSON_DEPTH, MAX_TENSORS
-from merger.specs import TensorSpec
 from tests.conftest import expect_error, tiny_state_dict
 
 
@@ -42,7 +42,7 @@ def _raw_file(path: Path, header: object, data: bytes = b"", *, length: int | No
 
 
 def _specs(sd: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    from merger.tensor_bytes import dtype_code
+    from merger.core.tensor_bytes import dtype_code
 
     return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
 
@@ -596,7 +596,7 @@ def test_refused_like_the_library(tmp_path: Path, header: bytes, data: int, why:
 
 
 def test_refused_header_length(tmp_path: Path) -> None:
-    from merger.limits import MAX_HEADER_BYTES
+    from merger.core.limits import MAX_HEADER_BYTES
 
     assert (
         _why(tmp_path, b"{}", length=2**62) == f"header length {2**62} is implausible (over {MAX_HEADER_BYTES} bytes)"

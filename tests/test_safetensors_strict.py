@@ -7,7 +7,7 @@ tensors from the others. merger is stricter in three documented ways only: a
 dtype it does not merge, a key twice in one object (the library keeps the
 last), nesting deeper than MAX_JSON_DEPTH (the library allows 127 levels).
 
-Then merger.strict_json on its own, and the sharded-folder index: its size,
+Then merger.core.strict_json on its own, and the sharded-folder index: its size,
 its JSON, and shard names that must stay inside the folder.
 """
 
@@ -29,14 +29,14 @@ from hypothesis import strategies as st
 from safetensors import deserialize, safe_open
 from safetensors.torch import save_file
 
+import merger.core.strict_json as strict_json
 import merger.io.sources as sources
-import merger.strict_json as strict_json
+from merger.core.limits import MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_TENSORS
+from merger.core.specs import DTYPE_SIZES
+from merger.core.strict_json import JSONError, loads_strict, measure
 from merger.errors import MergerError
 from merger.io.safetensors_file import read_header
 from merger.io.sources import locate, open_source
-from merger.limits import MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_TENSORS
-from merger.specs import DTYPE_SIZES
-from merger.strict_json import JSONError, loads_strict, measure
 from tests.conftest import expect_error
 
 CASE_SECONDS = 2.0
@@ -338,7 +338,7 @@ def test_differential_cases_cover_both_outcomes() -> None:
     assert "library refuses, merger reads" not in STATS
 
 
-# --- merger.strict_json ------------------------------------------------------------------------------
+# --- merger.core.strict_json ------------------------------------------------------------------------------
 
 
 plain_json = st.recursive(

@@ -228,10 +228,10 @@ def test_select_copies_bytes_unchanged_in_any_dtype(launch_dir: Path, run_recipe
 def test_a_slice_far_past_the_last_layer_is_refused_at_once() -> None:
     import time
 
+    from merger.core.specs import TensorSpec
     from merger.errors import MergerError
     from merger.ops.base import InputSpecs
     from merger.ops.select import Select, SelectParams
-    from merger.specs import TensorSpec
 
     spec = {f"model.layers.{i}.w": TensorSpec("F32", (2,)) for i in range(2)}
     params = SelectParams.model_validate({"slices": [{"input": "a", "layers": [0, 10**12]}]})

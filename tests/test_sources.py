@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 import merger
+from merger.core.specs import TensorSpec
+from merger.core.tensor_bytes import tensor_from_buffer
 from merger.io.sources import locate, open_source, resolve_path
-from merger.specs import TensorSpec
-from merger.tensor_bytes import tensor_from_buffer
 from tests.conftest import expect_error, tiny_state_dict
 
 WHERE = "test.yaml, sources.m"
@@ -54,7 +54,7 @@ def _read_all(location_path: Path, key: str | None = None) -> tuple[dict[str, Te
 
 
 def _expected_spec(sd: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    from merger.tensor_bytes import dtype_code
+    from merger.core.tensor_bytes import dtype_code
 
     return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
 

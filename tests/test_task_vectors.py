@@ -3,7 +3,7 @@
 The golden computations below are written from the papers' formulas (as the
 module docstring states them), in float32, independently of merger's code.
 Runs go end to end through `run_recipe` (`base: base`, `inputs: [a, b]`) and
-directly through the real `merger.pipeline.Pipeline` on both array backends.
+directly through the real `merger.engine.pipeline.Pipeline` on both array backends.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="merger", node=MergerSw
 
 class MergerSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
-        from merger.sweep_check import check_sweep
+        from merger.cli.sweep_check import check_sweep
 
         assert self.hydra_context is not None and self.config is not None
         params = [f"{key}={value}" for key, value in (self.params or {}).items()]

@@ -2,6 +2,8 @@
 
 Only ESRGAN (RRDBNet) for now; `describe` names what a spec is, for
 `merger-inspect` and for messages.
+
+May import: merger.core.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from merger.archs import esrgan
-from merger.specs import TensorSpec
+from merger.core.specs import TensorSpec
 
 
 def describe(spec: Mapping[str, TensorSpec]) -> str | None:

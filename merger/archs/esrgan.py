@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from merger.specs import TensorSpec
+from merger.core.specs import TensorSpec
 
 LAYOUTS = ("old", "new", "basicsr")
 

@@ -36,9 +36,9 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+from merger.core.limits import MAX_DIMS, MAX_TENSORS
+from merger.core.specs import DTYPE_SIZES
 from merger.errors import shown
-from merger.limits import MAX_DIMS, MAX_TENSORS
-from merger.specs import DTYPE_SIZES
 
 MAX_DIM = 1 << 62  # a dimension, stride, offset or storage size this big is corrupt
 CONTAINER_UNITS = 8  # a new container or memo entry: ~60 bytes from a 1-byte opcode

@@ -21,7 +21,7 @@ from several threads) straight into the caller's buffer; a strided view (a
 transposed weight) is gathered with numpy from its storage's bytes, keeping
 only the most recent one. torch is never imported, numpy only for a gather.
 
-Limits (merger.limits): the pickle may unpack to PICKLE_BASE_BYTES plus
+Limits (merger.core.limits): the pickle may unpack to PICKLE_BASE_BYTES plus
 PICKLE_BYTES_PER_STORAGE per storage, counted while it is decompressed or read;
 at most MAX_TENSORS tensors; each tensor must lie inside its storage, and a
 tensor bigger than its storage (a stride-0 expand, an overlapping view) is
@@ -52,6 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from merger.core.limits import MIB, PICKLE_BASE_BYTES, PICKLE_BYTES_PER_STORAGE
+from merger.core.regular_file import open_regular
+from merger.core.specs import DTYPE_SIZES, TensorSpec
 from merger.errors import MergerError, shown
 from merger.io.pickle_safe import (
     WORK_PER_BYTE,
@@ -64,9 +67,6 @@ from merger.io.pickle_safe import (
     StorageRef,
     Tensor,
 )
-from merger.limits import MIB, PICKLE_BASE_BYTES, PICKLE_BYTES_PER_STORAGE
-from merger.regular_file import open_regular
-from merger.specs import DTYPE_SIZES, TensorSpec
 
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
 DATAPARALLEL_PREFIX = "module."

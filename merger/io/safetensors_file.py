@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from merger.core.limits import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
+from merger.core.regular_file import open_regular
+from merger.core.specs import DTYPE_SIZES, TensorSpec
+from merger.core.strict_json import JSONError, kind, loads_strict, measure, paused_gc, short
 from merger.errors import MergerError
-from merger.limits import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
-from merger.regular_file import open_regular
-from merger.specs import DTYPE_SIZES, TensorSpec
-from merger.strict_json import JSONError, kind, loads_strict, measure, paused_gc, short
 
 if TYPE_CHECKING:
     import torch
@@ -334,7 +334,7 @@ class SafetensorsReader:
         return buffer
 
     def read_tensor(self, key: str) -> torch.Tensor:
-        from merger.tensor_bytes import tensor_from_buffer
+        from merger.core.tensor_bytes import tensor_from_buffer
 
         spec = self.header.tensors[key]
         return tensor_from_buffer(self.read_bytes(key), spec.dtype, spec.shape)
@@ -413,7 +413,7 @@ class SafetensorsWriter:
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """A whole torch tensor, checked against its planned dtype and shape."""
-        from merger.tensor_bytes import dtype_code, tensor_memoryview
+        from merger.core.tensor_bytes import dtype_code, tensor_memoryview
 
         spec = self.specs.get(key)
         got = TensorSpec(dtype_code(tensor.dtype), tuple(tensor.shape))

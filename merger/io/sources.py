@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from merger.core.limits import MAX_INDEX_BYTES, MAX_TENSORS
+from merger.core.regular_file import open_regular
+from merger.core.specs import TensorSpec
+from merger.core.strict_json import JSONError, kind, loads_strict, short
 from merger.errors import MergerError, shown
 from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, read_header
-from merger.limits import MAX_INDEX_BYTES, MAX_TENSORS
-from merger.regular_file import open_regular
-from merger.specs import TensorSpec
-from merger.strict_json import JSONError, kind, loads_strict, short
 
 if TYPE_CHECKING:
     pass
@@ -141,7 +141,7 @@ def _folder_files(folder: Path, where: str) -> tuple[Path, ...]:
 def _read_index(index: Path, where: str) -> dict[str, str]:
     """A sharded folder's weight_map (tensor name -> shard file), read strictly.
 
-    The index is at most MAX_INDEX_BYTES of strict JSON (see merger.strict_json),
+    The index is at most MAX_INDEX_BYTES of strict JSON (see merger.core.strict_json),
     names at most MAX_TENSORS tensors, and every shard it names is a file of the
     folder: no absolute path, no `..`, nothing a symlink takes outside the folder
     (except into the `blobs` folder of a Hugging Face cache, whose snapshot

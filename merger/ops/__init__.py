@@ -1,8 +1,12 @@
-"""Merge operations: pure maths on tensors, one module per family."""
+"""Merge operations: pure maths on arrays, one module per family; the op contract (base), the typed
+parameters they take (params), and the explicit registry of built-in ops.
+
+May import: merger.core.
+"""
 
 from __future__ import annotations
 
-from merger.ops.base import Op
+from merger.ops.base import AnyOp
 from merger.ops.convert_scale import ConvertScale
 from merger.ops.linear import AddDifference, Average, Lerp, WeightedSum
 from merger.ops.model_stock import ModelStock
@@ -13,7 +17,7 @@ from merger.ops.splice import Splice
 from merger.ops.task_vectors import DareLinear, DareTies, TaskArithmetic, Ties
 
 
-def builtin_ops() -> list[Op]:
+def builtin_ops() -> list[AnyOp]:
     """Every op merger ships, in the order the docs list them."""
     return [
         Lerp(),

@@ -1,43 +1,42 @@
-"""What an op is: a name, a version, a typed parameter model, an arity, and two
-pure functions over specs and arrays.
+"""What an op is: a name, a version, a typed parameter model, an arity, and pure functions over
+specs and arrays.
 
-`spec(inputs, params)` gives the output's keys, shapes and dtypes from the
-inputs' specs alone; the planner calls it for every node before any tensor is
-read. `tensor(key, inputs, params, xp)` computes one output tensor,
-reading input tensors through `inputs.read(i, key)`, which the executor
-serves from files on the compute device, as arrays of the backend `xp`
-(numpy on the CPU, torch on CUDA; floats in float32 or wider). Per-key ops
-(`ElementwiseOp`) instead give `combine`, which the executor feeds in chunks.
-Ops never open files, pick devices or cache.
+`spec(inputs, params)` gives the output's keys, shapes and dtypes from the inputs' specs alone, and
+the op's own plan (what to do for each key); the planner calls it for every node before any tensor
+is read. Then, per output key, `piece_mode` says how the key is computed and `needs` which input
+tensors it reads (so they can be read ahead): "merge" feeds `combine` flat chunks of the inputs
+(per-key maths, `ElementwiseOp`), "tensor" calls `tensor` with whole tensors (`WholeTensorOp`),
+"copy" passes the bytes of the one input tensor named. Maths gets arrays of the backend `xp`
+(numpy on the CPU, torch on CUDA; floats in float32 or wider) and parameters resolved for the key
+at hand (`R`: numbers, never schedules). Ops never open files, pick devices or cache.
+
+An op is generic in `P` (its parameters as a recipe gives them), `R` (the same with numbers
+resolved) and `PlanT` (the plan its `spec` returns and the other functions get back).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict
-
-from merger.specs import TensorSpec
+from merger.core.specs import TensorSpec
+from merger.ops.params import OpParams, resolved_model
 
 if TYPE_CHECKING:
     from numpy.random import Generator
 
-    from merger.arrays import Array, Backend
+    from merger.core.arrays import Array, Backend
 
+#: how one output key is computed
+PieceMode = Literal["merge", "tensor", "copy"]
 
-class OpParams(BaseModel):
-    """Parameters of an op: frozen, typed, unknown keys rejected."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class RandomParams(OpParams):
-    """Parameters of a random op: `seed` on the node, else the recipe's (filled in by the planner)."""
-
-    seed: int | None = None
+P = TypeVar("P", bound=OpParams)
+R = TypeVar("R", bound=OpParams)
+PlanT = TypeVar("PlanT")
+PlanT_co = TypeVar("PlanT_co", covariant=True)
 
 
 def seeded_rng(seed: int | None, name: str) -> Generator:
@@ -77,24 +76,24 @@ class InputSpecs:
 
 
 @dataclass(frozen=True)
-class NodeSpec:
-    """An op's answer to `spec`: the output tensors (in write order), notes for
-    the run report (e.g. how many keys were copied rather than merged), and the
-    op's own plan (worked out once from the specs; handed back while computing)."""
+class NodeSpec(Generic[PlanT]):
+    """An op's answer to `spec`: the output tensors (in write order), notes for the run report
+    (e.g. how many keys were copied rather than merged), and the op's own plan (worked out once
+    from the specs; handed back while computing)."""
 
     tensors: dict[str, TensorSpec]
+    plan: PlanT
     notes: dict[str, Any] = field(default_factory=dict)
-    plan: Any = None
 
 
-class TensorInputs(Protocol):
+class TensorInputs(Protocol[PlanT_co]):
     """How an op reads its inputs while computing one output tensor."""
 
     @property
     def specs(self) -> tuple[dict[str, TensorSpec], ...]: ...
 
     @property
-    def plan(self) -> Any:
+    def plan(self) -> PlanT_co:
         """The plan the op's `spec` returned for this node."""
         ...
 
@@ -103,11 +102,13 @@ class TensorInputs(Protocol):
         ...
 
 
-class Op(ABC):
-    """A merge operation. Subclasses set the class attributes and the two functions."""
+class Op(ABC, Generic[P, R, PlanT]):
+    """A merge operation. Subclasses set the class attributes and the functions."""
 
     name: ClassVar[str]
+    #: bump when the op's results change: its cache entries are keyed by it (tests/test_op_versions.py)
     version: ClassVar[int] = 1
+    #: the parameters a recipe may give (numbers may be schedules: see merger.ops.params)
     params_model: ClassVar[type[OpParams]]
     arity: ClassVar[Arity]
     #: random ops take `RandomParams`: the planner fills in the seed in force (the node's, else the
@@ -119,26 +120,36 @@ class Op(ABC):
     family_check: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
-    def check(self, params: Any, n_inputs: int) -> list[str]:
-        """Check parameters against the number of inputs; return warnings, raise MergerError."""
+    @functools.cached_property
+    def resolved_model(self) -> type[OpParams]:
+        """The model of the parameters the maths gets: `params_model` with numbers resolved."""
+        return resolved_model(self.params_model)
+
+    def check(self, params: R, n_inputs: int) -> list[str]:
+        """Check resolved parameters against the number of inputs; return warnings, raise MergerError."""
         return []
 
     @abstractmethod
-    def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec: ...
+    def spec(self, inputs: InputSpecs, params: P) -> NodeSpec[PlanT]:
+        """The output spec and the op's plan; from specs and the non-numeric parameters alone."""
 
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> str:
-        """How output `key` is computed: "tensor" (whole, by `tensor`), "merge" (in chunks,
-        by `combine`) or "copy" (in chunks, the bytes of the one tensor `needs` names)."""
-        return "tensor"
+    @abstractmethod
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: PlanT) -> PieceMode:
+        """How output `key` is computed (see the module docstring)."""
 
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> list[tuple[int, str]]:
+    @abstractmethod
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: PlanT) -> list[tuple[int, str]]:
         """The (input index, key) pairs output `key` reads, so they can be read ahead
         (for "copy", exactly one, of the output's dtype and shape)."""
-        return []
 
-    @abstractmethod
-    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend) -> Array: ...
+    def tensor(self, key: str, inputs: TensorInputs[PlanT], params: R, xp: Backend) -> Array:
+        """One whole output tensor (piece mode "tensor")."""
+        raise NotImplementedError(f"op {self.name} computes no whole tensors")
 
-    def combine(self, values: list[Array], params: Any, xp: Backend) -> Array:
-        """The merged chunk from the inputs' chunks (per-key ops only)."""
+    def combine(self, values: list[Array], params: R, xp: Backend) -> Array:
+        """The merged chunk from the inputs' chunks (piece mode "merge")."""
         raise NotImplementedError(f"op {self.name} has no per-element form")
+
+
+#: an op of any parameters and plan, as the engine and the registry hold them
+AnyOp = Op[Any, Any, Any]

@@ -18,15 +18,17 @@ The result keeps the input's key layout and loads in spandrel with the new scale
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from merger.archs import esrgan
+from merger.core.specs import TensorSpec
 from merger.errors import MergerError
-from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, OpParams, TensorInputs
-from merger.specs import TensorSpec
+from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, PieceMode, TensorInputs
+from merger.ops.params import OpParams
 
 if TYPE_CHECKING:
-    from merger.arrays import Array, Backend
+    from merger.core.arrays import Array, Backend
 
 
 class ConvertScaleParams(OpParams):
@@ -35,18 +37,28 @@ class ConvertScaleParams(OpParams):
     init: Literal["copy", "identity"] = "copy"
 
 
-#: how an output key is made: ("copy", source key) | ("spread", source key, factor) | ("identity", "weight"|"bias")
-Recipe = tuple[str, str, int]
+@dataclass(frozen=True)
+class Making:
+    """How one output key is made: `copy` the source key; `spread` it over `factor`**2 input channels
+    (pixel-unshuffle); or a new `identity` stage of `factor` filters (`source` is "weight" or "bias")."""
+
+    how: Literal["copy", "spread", "identity"]
+    source: str
+    factor: int = 0
 
 
-def _plan(spec: dict[str, TensorSpec], params: ConvertScaleParams) -> tuple[esrgan.Esrgan, dict[str, Recipe]]:
+#: the plan of a scale conversion: output key -> how it is made
+Conversion = dict[str, Making]
+
+
+def _plan(spec: dict[str, TensorSpec], params: ConvertScaleParams) -> tuple[esrgan.Esrgan, Conversion]:
     found = esrgan.detect(spec)
     if found is None:
         raise MergerError(
             f"convert_scale needs an ESRGAN (RRDBNet) model, and this input is not one: {esrgan.explain(spec)}",
             fix="give convert_scale an ESRGAN model in the old, new or basicsr layout",
         )
-    plan: dict[str, Recipe] = {}
+    plan: Conversion = {}
     if params.method == "unshuffle":
         factor = found.scale // params.scale if params.scale else 0
         if found.shuffle != 1 or factor not in (2, 4) or found.scale != params.scale * factor:
@@ -58,7 +70,7 @@ def _plan(spec: dict[str, TensorSpec], params: ConvertScaleParams) -> tuple[esrg
             )
         first = found.key(("first", 0, 0, ""), "weight")
         for key in spec:
-            plan[key] = ("spread", key, factor) if key == first else ("copy", key, 0)
+            plan[key] = Making("spread", key, factor) if key == first else Making("copy", key)
         return found, plan
     stages = math.log2(params.scale * found.shuffle)
     if not stages.is_integer() or stages < 0:
@@ -69,27 +81,25 @@ def _plan(spec: dict[str, TensorSpec], params: ConvertScaleParams) -> tuple[esrg
     target = int(stages)
     for key, (role, _) in found.roles.items():
         if role[0] not in ("up", "hr", "last"):
-            plan[key] = ("copy", key, 0)
+            plan[key] = Making("copy", key)
     for m in range(1, target + 1):
         for suffix in ("weight", "bias"):
             new_key = found.key(("up", m, 0, ""), suffix, upsamples=target)
             if m <= found.upsamples:
-                plan[new_key] = ("copy", found.key(("up", m, 0, ""), suffix), 0)
+                plan[new_key] = Making("copy", found.key(("up", m, 0, ""), suffix))
             elif params.init == "copy" and found.upsamples > 0:
-                plan[new_key] = ("copy", found.key(("up", found.upsamples, 0, ""), suffix), 0)
+                plan[new_key] = Making("copy", found.key(("up", found.upsamples, 0, ""), suffix))
             else:
-                plan[new_key] = ("identity", suffix, found.filters)
+                plan[new_key] = Making("identity", suffix, found.filters)
     for kind in ("hr", "last"):
         for suffix in ("weight", "bias"):
-            plan[found.key((kind, 0, 0, ""), suffix, upsamples=target)] = (
-                "copy",
-                found.key((kind, 0, 0, ""), suffix),
-                0,
+            plan[found.key((kind, 0, 0, ""), suffix, upsamples=target)] = Making(
+                "copy", found.key((kind, 0, 0, ""), suffix)
             )
     return found, plan
 
 
-class ConvertScale(Op):
+class ConvertScale(Op[ConvertScaleParams, ConvertScaleParams, Conversion]):
     """Change an ESRGAN's scale by upconv stages (needs fine-tuning) or by pixel-unshuffle (exact)."""
 
     name = "convert_scale"
@@ -97,12 +107,13 @@ class ConvertScale(Op):
     arity = Arity(1, 1)
     summary = "an ESRGAN made 1x/2x/4x/8x/16x (upconv stages or pixel-unshuffle)"
 
-    def spec(self, inputs: InputSpecs, params: ConvertScaleParams) -> NodeSpec:
+    def spec(self, inputs: InputSpecs, params: ConvertScaleParams) -> NodeSpec[Conversion]:
         source = inputs.specs[0]
         found, plan = _plan(source, params)
         dtype = source[found.key(("first", 0, 0, ""), "weight")].dtype
         tensors: dict[str, TensorSpec] = {}
-        for key, (how, origin, extra) in plan.items():
+        for key, making in plan.items():
+            how, origin, extra = making.how, making.source, making.factor
             if how == "copy":
                 tensors[key] = source[origin]
             elif how == "spread":
@@ -118,17 +129,16 @@ class ConvertScale(Op):
             notes["stages_dropped"] = max(0, found.upsamples - target)
         return NodeSpec(tensors=tensors, notes=notes, plan=plan)
 
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: dict[str, Recipe]) -> str:
-        return "copy" if plan[key][0] == "copy" else "tensor"
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Conversion) -> PieceMode:
+        return "copy" if plan[key].how == "copy" else "tensor"
 
-    def needs(
-        self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: dict[str, Recipe]
-    ) -> list[tuple[int, str]]:
-        how, origin, _ = plan[key]
-        return [(0, origin)] if how in ("copy", "spread") else []
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Conversion) -> list[tuple[int, str]]:
+        making = plan[key]
+        return [(0, making.source)] if making.how in ("copy", "spread") else []
 
-    def tensor(self, key: str, inputs: TensorInputs, params: ConvertScaleParams, xp: Backend) -> Array:
-        how, origin, extra = inputs.plan[key]
+    def tensor(self, key: str, inputs: TensorInputs[Conversion], params: ConvertScaleParams, xp: Backend) -> Array:
+        making = inputs.plan[key]
+        how, origin, extra = making.how, making.source, making.factor
         import numpy as np
 
         if how == "copy":

@@ -1,4 +1,5 @@
-"""The shared helper for per-key maths over aligned keys (lerp, weighted sums, ...).
+"""Merges over aligned keys: per-key maths fed in chunks (`ElementwiseOp`: lerp, weighted sums, ...)
+and maths on whole tensors (`WholeTensorOp`: slerp, task vectors, Model Stock).
 
 Key policy (`keys:` on the node):
 - `strict` (default): every input has the same keys with the same shapes, or
@@ -13,19 +14,22 @@ result takes the first input's dtype. Copies pass bytes through untouched.
 
 from __future__ import annotations
 
-import re
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from merger.core.patterns import compile_regex
+from merger.core.specs import TensorSpec, spec_differences
 from merger.errors import MergerError
-from merger.ops.base import InputSpecs, NodeSpec, Op, OpParams, TensorInputs
-from merger.specs import TensorSpec, spec_differences
+from merger.ops.base import InputSpecs, NodeSpec, Op, P, PieceMode, R, TensorInputs
+from merger.ops.params import OpParams
 
 if TYPE_CHECKING:
-    from merger.arrays import Array, Backend
+    from merger.core.arrays import Array, Backend
 
 MAX_LISTED = 10
+#: the plan of an aligned merge: the keys that are merged (the others are copied from the first input)
+Merged = set[str]
 
 
 class MergeParams(OpParams):
@@ -37,16 +41,8 @@ class MergeParams(OpParams):
 
 def key_filter(params: MergeParams) -> Callable[[str], bool]:
     """Whether a key is to be merged, by `include` / `exclude` (unanchored regex searches)."""
-    patterns = []
-    for name in ("include", "exclude"):
-        pattern = getattr(params, name)
-        try:
-            patterns.append(re.compile(pattern) if pattern is not None else None)
-        except re.error as e:
-            raise MergerError(
-                f"{name} '{pattern}' is not a valid regular expression: {e}", fix=f"fix the {name} regex"
-            ) from None
-    include, exclude = patterns
+    include = compile_regex(params.include, "include") if params.include is not None else None
+    exclude = compile_regex(params.exclude, "exclude") if params.exclude is not None else None
     return lambda key: (include is None or bool(include.search(key))) and not (exclude and exclude.search(key))
 
 
@@ -62,7 +58,7 @@ def mergeable(key: str, specs: Sequence[dict[str, TensorSpec]]) -> bool:
     return True
 
 
-def align(inputs: InputSpecs, params: MergeParams) -> NodeSpec:
+def align(inputs: InputSpecs, params: MergeParams) -> NodeSpec[Merged]:
     """The output spec of a per-key merge: keys policy, include/exclude and rest applied.
 
     The plan is the set of keys to merge; every other key of the first input is
@@ -74,10 +70,10 @@ def align(inputs: InputSpecs, params: MergeParams) -> NodeSpec:
         chosen = [{k: v for k, v in spec.items() if selected(k)} for spec in inputs.specs]
         diffs = spec_differences(inputs.names, chosen)
         if diffs:
-            shown = "\n".join(f"  {line}" for line in diffs[:MAX_LISTED])
+            shown_diffs = "\n".join(f"  {line}" for line in diffs[:MAX_LISTED])
             more = f"\n  ... and {len(diffs) - MAX_LISTED} more" if len(diffs) > MAX_LISTED else ""
             raise MergerError(
-                f"the inputs' keys or shapes differ ({len(diffs)} differences):\n{shown}{more}",
+                f"the inputs' keys or shapes differ ({len(diffs)} differences):\n{shown_diffs}{more}",
                 fix="merge models of one architecture, or set `keys: intersection` on the node"
                 " to merge the common keys and copy the rest from the first input",
             )
@@ -96,30 +92,54 @@ def align(inputs: InputSpecs, params: MergeParams) -> NodeSpec:
     return NodeSpec(tensors=tensors, notes=notes, plan=merged_set)
 
 
-class ElementwiseOp(Op):
+class AlignedOp(Op[P, R, Merged]):
+    """A merge over aligned keys: the keys every input has with one shape are merged (see `align`);
+    the others come from the first input. Subclasses are per-key (`ElementwiseOp`) or whole-tensor
+    (`WholeTensorOp`) maths."""
+
+    family_check = True
+
+    def spec(self, inputs: InputSpecs, params: P) -> NodeSpec[Merged]:
+        assert isinstance(params, MergeParams)
+        return align(inputs, params)
+
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Merged) -> list[tuple[int, str]]:
+        return [(i, key) for i in range(len(specs))] if key in plan else [(0, key)]
+
+
+class ElementwiseOp(AlignedOp[P, R]):
     """A per-key op: subclasses give `combine`, the maths over aligned float arrays.
 
     The executor feeds `combine` flat chunks of each merged tensor, in float32
     (or float64), and casts the result to the first input's dtype.
     """
 
-    family_check = True
-
-    def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
-        return align(inputs, params)
-
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> str:
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Merged) -> PieceMode:
         return "merge" if key in plan else "copy"
 
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> list[tuple[int, str]]:
-        return [(i, key) for i in range(len(specs))] if key in plan else [(0, key)]
-
-    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend) -> Array:
+    def tensor(self, key: str, inputs: TensorInputs[Merged], params: R, xp: Backend) -> Array:
         if key not in inputs.plan:
             return inputs.read(0, key)
         return self.combine([inputs.read(i, key) for i in range(len(inputs.specs))], params, xp)
 
     @abstractmethod
-    def combine(self, values: list[Array], params: Any, xp: Backend) -> Array:
+    def combine(self, values: list[Array], params: R, xp: Backend) -> Array:
         """The merged array from the inputs' arrays (same shape, float32 or wider); must
         not modify its inputs."""
+
+
+class WholeTensorOp(AlignedOp[P, R]):
+    """A merge that needs each merged tensor whole (norms, top-k, random masks): subclasses give
+    `merge`; keys that are not merged are copied from the first input."""
+
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Merged) -> PieceMode:
+        return "tensor" if key in plan else "copy"
+
+    def tensor(self, key: str, inputs: TensorInputs[Merged], params: R, xp: Backend) -> Array:
+        if key not in inputs.plan:
+            return inputs.read(0, key)
+        return self.merge(key, inputs, params, xp)
+
+    @abstractmethod
+    def merge(self, key: str, inputs: TensorInputs[Merged], params: R, xp: Backend) -> Array:
+        """The merged tensor `key` (every input has it, with one shape, as a float tensor)."""

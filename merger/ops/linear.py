@@ -8,64 +8,62 @@ array and leaves its inputs untouched.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic
 
 from merger.errors import MergerError
 from merger.ops.base import Arity
 from merger.ops.elementwise import ElementwiseOp, MergeParams
-from merger.schedule import Scheduled, number
+from merger.ops.params import N, Scheduled
 
 if TYPE_CHECKING:
-    from merger.arrays import Array, Backend
+    from merger.core.arrays import Array, Backend
 
 
-class LerpParams(MergeParams):
-    alpha: Scheduled
+class LerpParams(MergeParams, Generic[N]):
+    alpha: N
 
 
-class Lerp(ElementwiseOp):
+class Lerp(ElementwiseOp[LerpParams[Scheduled], LerpParams[float]]):
     """`(1 - alpha) * A + alpha * B`: ESRGAN's network interpolation (`net_interp.py`).
 
     alpha = 0 gives A, 1 gives B; outside [0, 1] it extrapolates (allowed, with a warning).
     """
 
     name = "lerp"
-    params_model = LerpParams
+    params_model = LerpParams[Scheduled]
     arity = Arity(2, 2)
     summary = "(1-alpha)*A + alpha*B: interpolate two models (DNI)"
 
-    def check(self, params: LerpParams, n_inputs: int) -> list[str]:
-        alpha = number(params.alpha)
-        if not 0.0 <= alpha <= 1.0:
-            return [f"alpha={alpha} is outside [0, 1]: this extrapolates past the inputs"]
+    def check(self, params: LerpParams[float], n_inputs: int) -> list[str]:
+        if not 0.0 <= params.alpha <= 1.0:
+            return [f"alpha={params.alpha} is outside [0, 1]: this extrapolates past the inputs"]
         return []
 
-    def combine(self, values: list[Array], params: LerpParams, xp: Backend) -> Array:
+    def combine(self, values: list[Array], params: LerpParams[float], xp: Backend) -> Array:
         a, b = values
-        alpha = number(params.alpha)
-        out = a * (1.0 - alpha)
-        out += b * alpha
+        out = a * (1.0 - params.alpha)
+        out += b * params.alpha
         return out
 
 
-class WeightedSumParams(MergeParams):
-    weights: list[Scheduled]
+class WeightedSumParams(MergeParams, Generic[N]):
+    weights: list[N]
     normalize: bool = False
 
 
-class WeightedSum(ElementwiseOp):
+class WeightedSum(ElementwiseOp[WeightedSumParams[Scheduled], WeightedSumParams[float]]):
     """`sum_i w_i * M_i`, divided by `sum_i w_i` when `normalize` is true."""
 
     name = "weighted_sum"
-    params_model = WeightedSumParams
+    params_model = WeightedSumParams[Scheduled]
     arity = Arity(1, None)
     summary = "sum of w_i * M_i (normalize: divide by the sum of weights)"
 
-    def check(self, params: WeightedSumParams, n_inputs: int) -> list[str]:
-        weights = [number(w) for w in params.weights]
+    def check(self, params: WeightedSumParams[float], n_inputs: int) -> list[str]:
+        weights = params.weights
         if len(weights) != n_inputs:
             raise MergerError(
-                f"weights has {len(params.weights)} values for {n_inputs} inputs",
+                f"weights has {len(weights)} values for {n_inputs} inputs",
                 fix="give one weight per input, in the order of inputs",
             )
         if not all(math.isfinite(w) for w in weights):
@@ -77,8 +75,8 @@ class WeightedSum(ElementwiseOp):
             )
         return []
 
-    def combine(self, values: list[Array], params: WeightedSumParams, xp: Backend) -> Array:
-        weights = [number(w) for w in params.weights]
+    def combine(self, values: list[Array], params: WeightedSumParams[float], xp: Backend) -> Array:
+        weights = params.weights
         out = values[0] * weights[0]
         for value, weight in zip(values[1:], weights[1:], strict=True):
             out += value * weight
@@ -87,7 +85,7 @@ class WeightedSum(ElementwiseOp):
         return out
 
 
-class Average(ElementwiseOp):
+class Average(ElementwiseOp[MergeParams, MergeParams]):
     """`(M_1 + ... + M_n) / n`: the mean of a list or folder of models (traiNNer's `dir_interp.py`)."""
 
     name = "average"
@@ -103,21 +101,21 @@ class Average(ElementwiseOp):
         return out
 
 
-class AddDifferenceParams(MergeParams):
-    multiplier: Scheduled = 1.0
+class AddDifferenceParams(MergeParams, Generic[N]):
+    multiplier: N = 1.0  # type: ignore[assignment]
 
 
-class AddDifference(ElementwiseOp):
+class AddDifference(ElementwiseOp[AddDifferenceParams[Scheduled], AddDifferenceParams[float]]):
     """`A + multiplier * (B - C)`: graft what B learned on top of C onto A."""
 
     name = "add_difference"
-    params_model = AddDifferenceParams
+    params_model = AddDifferenceParams[Scheduled]
     arity = Arity(3, 3)
     summary = "A + multiplier*(B - C)"
 
-    def combine(self, values: list[Array], params: AddDifferenceParams, xp: Backend) -> Array:
+    def combine(self, values: list[Array], params: AddDifferenceParams[float], xp: Backend) -> Array:
         a, b, c = values
         out = b - c
-        out *= number(params.multiplier)
+        out *= params.multiplier
         out += a
         return out

@@ -13,14 +13,13 @@ as mergekit computes it. `clamp: true` keeps t in [0, 1] (a variant, off by defa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, TensorInputs
-from merger.ops.elementwise import MergeParams, align
-from merger.specs import TensorSpec
+from merger.ops.base import Arity, TensorInputs
+from merger.ops.elementwise import Merged, MergeParams, WholeTensorOp
 
 if TYPE_CHECKING:
-    from merger.arrays import Array, Backend
+    from merger.core.arrays import Array, Backend
 
 
 class ModelStockParams(MergeParams):
@@ -29,10 +28,8 @@ class ModelStockParams(MergeParams):
     clamp: bool = False
 
 
-class ModelStock(Op):
+class ModelStock(WholeTensorOp[ModelStockParams, ModelStockParams]):
     """Average of the fine-tuned models, pulled towards the base by their angle."""
-
-    family_check = True
 
     name = "model_stock"
     params_model = ModelStockParams
@@ -40,19 +37,8 @@ class ModelStock(Op):
     arity = Arity(2, None)
     summary = "Model Stock: ratio from the angle between task vectors"
 
-    def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
-        return align(inputs, params)
-
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> str:
-        return "tensor" if key in plan else "copy"
-
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> list[tuple[int, str]]:
-        return [(i, key) for i in range(len(specs))] if key in plan else [(0, key)]
-
-    def tensor(self, key: str, inputs: TensorInputs, params: ModelStockParams, xp: Backend) -> Array:
+    def merge(self, key: str, inputs: TensorInputs[Merged], params: ModelStockParams, xp: Backend) -> Array:
         base = inputs.read(0, key)
-        if key not in inputs.plan:
-            return base
         shape = base.shape
         rows = params.filter_wise and len(shape) > 1  # as mergekit: vectors along the last axis
         flat = base.reshape(-1, shape[-1]) if rows else base.reshape(1, -1)

@@ -9,18 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from merger.errors import MergerError, suggestion
-from merger.ops.base import Op
+from merger.ops.base import AnyOp
 
 
 class OpRegistry:
-    def __init__(self, ops: Iterable[Op]) -> None:
-        self._ops: dict[str, Op] = {}
+    def __init__(self, ops: Iterable[AnyOp]) -> None:
+        self._ops: dict[str, AnyOp] = {}
         for op in ops:
             if op.name in self._ops:
                 raise ValueError(f"op {op.name!r} is registered twice")
             self._ops[op.name] = op
 
-    def get(self, name: str) -> Op:
+    def get(self, name: str) -> AnyOp:
         op = self._ops.get(name)
         if op is None:
             raise MergerError(f"unknown op '{name}'", fix=suggestion(name, self._ops, kind="ops"))
@@ -29,5 +29,5 @@ class OpRegistry:
     def names(self) -> list[str]:
         return sorted(self._ops)
 
-    def __iter__(self) -> Iterator[Op]:
+    def __iter__(self) -> Iterator[AnyOp]:
         return iter(self._ops.values())

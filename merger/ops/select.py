@@ -17,17 +17,18 @@ Tensors are copied unchanged, in chunks.
 from __future__ import annotations
 
 import itertools
-import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from merger.core.patterns import compile_regex
+from merger.core.specs import TensorSpec
 from merger.errors import MergerError, shown
-from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, OpParams, TensorInputs
-from merger.specs import TensorSpec
+from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, PieceMode, TensorInputs
+from merger.ops.params import OpParams
 
 if TYPE_CHECKING:
-    from merger.arrays import Array, Backend
+    from merger.core.arrays import Array, Backend
 
 DEFAULT_LAYERS = r"(?:^|\.)layers\.(\d+)\."
 
@@ -57,14 +58,11 @@ def _index(inputs: InputSpecs, name: str) -> int:
     return inputs.names.index(name)
 
 
-def _compile(pattern: str, what: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise MergerError(f"{what} '{pattern}' is not a valid regular expression: {e}", fix="fix the regex") from None
+#: the plan of a select: output key -> (input index, input key)
+Picked = dict[str, tuple[int, str]]
 
 
-class Select(Op):
+class Select(Op[SelectParams, SelectParams, Picked]):
     """Keys (or layer ranges) picked from several inputs, unchanged."""
 
     name = "select"
@@ -77,7 +75,7 @@ class Select(Op):
             raise MergerError("select takes either take: (key rules) or slices: (layer ranges)", fix="give one of them")
         return []
 
-    def spec(self, inputs: InputSpecs, params: SelectParams) -> NodeSpec:
+    def spec(self, inputs: InputSpecs, params: SelectParams) -> NodeSpec[Picked]:
         plan = self._take(inputs, params) if params.take is not None else self._slices(inputs, params)
         tensors = {key: inputs.specs[i][source] for key, (i, source) in plan.items()}
         counts: dict[str, int] = {}
@@ -85,10 +83,10 @@ class Select(Op):
             counts[inputs.names[i]] = counts.get(inputs.names[i], 0) + 1
         return NodeSpec(tensors=tensors, notes={"keys_from": counts}, plan=plan)
 
-    def _take(self, inputs: InputSpecs, params: SelectParams) -> dict[str, tuple[int, str]]:
+    def _take(self, inputs: InputSpecs, params: SelectParams) -> Picked:
         assert params.take is not None
-        rules = [(_index(inputs, rule.input), _compile(rule.match, "match")) for rule in params.take]
-        plan: dict[str, tuple[int, str]] = {}
+        rules = [(_index(inputs, rule.input), compile_regex(rule.match, "match")) for rule in params.take]
+        plan: Picked = {}
         for key in inputs.specs[0]:
             index = next((i for i, pattern in rules if pattern.search(key)), 0)
             if key not in inputs.specs[index]:
@@ -99,9 +97,9 @@ class Select(Op):
             plan[key] = (index, key)
         return plan
 
-    def _slices(self, inputs: InputSpecs, params: SelectParams) -> dict[str, tuple[int, str]]:
+    def _slices(self, inputs: InputSpecs, params: SelectParams) -> Picked:
         assert params.slices is not None
-        pattern = _compile(params.layers, "layers")
+        pattern = compile_regex(params.layers, "layers")
         layered: list[tuple[int, int, str]] = []  # (slice, input, key): a layer may be used twice
         for number, piece in enumerate(params.slices):
             index = _index(inputs, piece.input)
@@ -128,7 +126,7 @@ class Select(Op):
             assert found is not None
             new = running.setdefault((number, int(found.group(1))), len(running))
             stack[source[: found.start(1)] + str(new) + source[found.end(1) :]] = (index, source)
-        plan: dict[str, tuple[int, str]] = {}
+        plan: Picked = {}
         placed = False
         for key in inputs.specs[0]:  # the first input's other keys, the stack where its layers were
             if not pattern.search(key):
@@ -140,12 +138,12 @@ class Select(Op):
             plan.update(stack)
         return plan
 
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> str:
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Picked) -> PieceMode:
         return "copy"
 
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Any) -> list[tuple[int, str]]:
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Picked) -> list[tuple[int, str]]:
         return [plan[key]]
 
-    def tensor(self, key: str, inputs: TensorInputs, params: SelectParams, xp: Backend) -> Array:
+    def tensor(self, key: str, inputs: TensorInputs[Picked], params: SelectParams, xp: Backend) -> Array:
         index, source = inputs.plan[key]
         return inputs.read(index, source)

@@ -12,53 +12,37 @@ and, where the vectors are nearly parallel or opposite (|cos(theta)| above
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Generic
 
-from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, TensorInputs
-from merger.ops.elementwise import MergeParams, align
-from merger.schedule import Scheduled, number
-from merger.specs import TensorSpec
+from merger.ops.base import Arity, TensorInputs
+from merger.ops.elementwise import Merged, MergeParams, WholeTensorOp
+from merger.ops.params import N, Scheduled
 
 if TYPE_CHECKING:
-    from merger.arrays import Array, Backend
+    from merger.core.arrays import Array, Backend
 
 EPS = 1e-8
 
 
-class SlerpParams(MergeParams):
-    t: Scheduled
+class SlerpParams(MergeParams, Generic[N]):
+    t: N
     dot_threshold: float = 0.9995
 
 
-class Slerp(Op):
-    """Spherical interpolation per tensor; linear where the tensors are (anti)parallel."""
-
-    family_check = True
+class Slerp(WholeTensorOp[SlerpParams[Scheduled], SlerpParams[float]]):
+    """Spherical interpolation per tensor; lerp where the tensors are nearly parallel."""
 
     name = "slerp"
-    params_model = SlerpParams
+    params_model = SlerpParams[Scheduled]
     arity = Arity(2, 2)
     summary = "spherical interpolation per tensor (lerp when nearly parallel)"
 
-    def check(self, params: SlerpParams, n_inputs: int) -> list[str]:
-        t = number(params.t)
+    def check(self, params: SlerpParams[float], n_inputs: int) -> list[str]:
+        t = params.t
         return [] if 0.0 <= t <= 1.0 else [f"t={t} is outside [0, 1]: this extrapolates past the inputs"]
 
-    def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
-        return align(inputs, params)
-
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> str:
-        return "tensor" if key in plan else "copy"
-
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> list[tuple[int, str]]:
-        return [(0, key), (1, key)] if key in plan else [(0, key)]
-
-    def tensor(self, key: str, inputs: TensorInputs, params: SlerpParams, xp: Backend) -> Array:
-        a = inputs.read(0, key)
-        if key not in inputs.plan:
-            return a
-        b = inputs.read(1, key)
-        t = number(params.t)
+    def merge(self, key: str, inputs: TensorInputs[Merged], params: SlerpParams[float], xp: Backend) -> Array:
+        a, b, t = inputs.read(0, key), inputs.read(1, key), params.t
         norm_a = math.sqrt(xp.total(a * a))
         norm_b = math.sqrt(xp.total(b * b))
         norm_a = norm_a if norm_a > EPS else 1.0

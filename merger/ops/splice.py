@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
+from merger.core.specs import TensorSpec
 from merger.errors import MergerError
-from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, RandomParams, TensorInputs, seeded_rng
+from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, PieceMode, TensorInputs, seeded_rng
 from merger.ops.elementwise import MergeParams, align
-from merger.specs import TensorSpec
+from merger.ops.params import RandomParams
 
 if TYPE_CHECKING:
-    from merger.arrays import Array, Backend
+    from merger.core.arrays import Array, Backend
 
 
 class SpliceParams(MergeParams, RandomParams):
@@ -39,6 +40,10 @@ def _probabilities(params: SpliceParams, n: int) -> list[float]:
     return [1.0 / n] * n
 
 
+#: the plan of a splice: per merged key, the input it comes from, or one input per filter (an int array)
+Drawn = dict[str, Any]
+
+
 def layer_of(key: str) -> str:
     """The layer a tensor belongs to: its key without a trailing .weight or .bias."""
     for suffix in (".weight", ".bias"):
@@ -47,11 +52,10 @@ def layer_of(key: str) -> str:
     return key
 
 
-class Splice(Op):
+class Splice(Op[SpliceParams, SpliceParams, Drawn]):
     """Each key (or each filter) drawn from one input, at random, seeded."""
 
     family_check = True
-
     name = "splice"
     params_model = SpliceParams
     arity = Arity(2, None)
@@ -78,12 +82,12 @@ class Splice(Op):
                 )
         return []
 
-    def spec(self, inputs: InputSpecs, params: SpliceParams) -> NodeSpec:
+    def spec(self, inputs: InputSpecs, params: SpliceParams) -> NodeSpec[Drawn]:
         import numpy as np
 
         aligned = align(inputs, params)
         probs = np.asarray(_probabilities(params, len(inputs)), dtype=np.float64)
-        plan: dict[str, Any] = {}
+        plan: Drawn = {}
         taken = np.zeros(len(inputs))
         for key, spec in aligned.tensors.items():
             if key not in aligned.plan:
@@ -101,19 +105,19 @@ class Splice(Op):
         notes["fractions"] = {name: round(float(t / total), 4) for name, t in zip(inputs.names, taken, strict=True)}
         return NodeSpec(tensors=aligned.tensors, notes=notes, plan=plan)
 
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: dict[str, Any]) -> str:
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Drawn) -> PieceMode:
         choice = plan.get(key, 0)
         if not isinstance(choice, int) or specs[choice][key].dtype != specs[0][key].dtype:
             return "tensor"  # rows from several inputs, or a dtype to convert
         return "copy"
 
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: dict[str, Any]) -> list[tuple[int, str]]:
+    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Drawn) -> list[tuple[int, str]]:
         choice = plan.get(key, 0)
         if isinstance(choice, int):
             return [(choice, key)]
         return [(int(i), key) for i in sorted(set(choice.tolist()))]
 
-    def tensor(self, key: str, inputs: TensorInputs, params: SpliceParams, xp: Backend) -> Array:
+    def tensor(self, key: str, inputs: TensorInputs[Drawn], params: SpliceParams, xp: Backend) -> Array:
         rows = inputs.plan.get(key, 0)
         if isinstance(rows, int):
             return inputs.read(rows, key)

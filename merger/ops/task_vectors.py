@@ -30,43 +30,40 @@ fine-tuned models; `weights` and `density` take one number, or one per input;
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar
 
 from merger.errors import MergerError
-from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, RandomParams, TensorInputs, seeded_rng
-from merger.ops.elementwise import MergeParams, align
-from merger.schedule import Scheduled, number
-from merger.specs import TensorSpec
+from merger.ops.base import Arity, TensorInputs, seeded_rng
+from merger.ops.elementwise import Merged, MergeParams, WholeTensorOp
+from merger.ops.params import N, RandomParams, Scheduled
 
 if TYPE_CHECKING:
-    from merger.arrays import Array, Backend
-
-PerModel = Scheduled | list[Scheduled]
+    from merger.core.arrays import Array, Backend
 
 
-class TaskArithmeticParams(MergeParams):
+class TaskArithmeticParams(MergeParams, Generic[N]):
     base: str
-    weights: PerModel = 1.0
-    scale: Scheduled = 1.0
+    weights: N | list[N] = 1.0  # type: ignore[assignment]
+    scale: N = 1.0  # type: ignore[assignment]
     normalize: bool = False
 
 
-class TiesParams(TaskArithmeticParams):
-    density: PerModel = 1.0
+class TiesParams(TaskArithmeticParams[N], Generic[N]):
+    density: N | list[N] = 1.0  # type: ignore[assignment]
     normalize: bool = True
     consensus: Literal["sum", "count"] = "sum"
 
 
-class DareParams(TaskArithmeticParams, RandomParams):
-    density: PerModel = 1.0
+class DareParams(TaskArithmeticParams[N], RandomParams, Generic[N]):
+    density: N | list[N] = 1.0  # type: ignore[assignment]
     rescale: Literal["inverse_density", "l1", "none"] = "inverse_density"
 
 
-class DareTiesParams(DareParams):
+class DareTiesParams(DareParams[N], Generic[N]):
     consensus: Literal["sum", "count"] = "sum"
 
 
-def per_model(value: PerModel, n: int, name: str) -> list[float]:
+def per_model(value: float | list[float], n: int, name: str) -> list[float]:
     """One value per fine-tuned model, from a number or a list."""
     if isinstance(value, list):
         if len(value) != n:
@@ -74,38 +71,30 @@ def per_model(value: PerModel, n: int, name: str) -> list[float]:
                 f"{name} has {len(value)} values for {n} models",
                 fix=f"give {name} one number for all, or one per input, in the order of inputs",
             )
-        return [number(v) for v in value]
-    return [number(value)] * n
+        return list(value)
+    return [value] * n
 
 
-class TaskVectorOp(Op):
+T = TypeVar("T", bound=TaskArithmeticParams[Scheduled])
+F = TypeVar("F", bound=TaskArithmeticParams[float])
+
+
+class TaskVectorOp(WholeTensorOp[T, F]):
     """The shared core; subclasses choose sparsification and consensus."""
-
-    family_check = True
 
     references = ("base",)
     arity = Arity(1, None)
     sparsify: ClassVar[str | None] = None  # "magnitude" | "random"
     elects_sign: ClassVar[bool] = False
 
-    def check(self, params: Any, n_inputs: int) -> list[str]:
+    def check(self, params: F, n_inputs: int) -> list[str]:
         per_model(params.weights, n_inputs, "weights")
-        if hasattr(params, "density"):
-            for density in per_model(params.density, n_inputs, "density"):
-                if not 0.0 <= density <= 1.0:
-                    raise MergerError(f"density {density} is not between 0 and 1", fix="use a density in [0, 1]")
+        for density in per_model(getattr(params, "density", 1.0), n_inputs, "density"):
+            if not 0.0 <= density <= 1.0:
+                raise MergerError(f"density {density} is not between 0 and 1", fix="use a density in [0, 1]")
         return []
 
-    def spec(self, inputs: InputSpecs, params: Any) -> NodeSpec:
-        return align(inputs, params)  # input 0 is the base: what is not merged comes from it
-
-    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> str:
-        return "tensor" if key in plan else "copy"
-
-    def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: set[str]) -> list[tuple[int, str]]:
-        return [(i, key) for i in range(len(specs))] if key in plan else [(0, key)]
-
-    def _sparsified(self, key: str, delta: Array, density: float, index: int, params: Any, xp: Backend) -> Array:
+    def _sparsified(self, key: str, delta: Array, density: float, index: int, params: F, xp: Backend) -> Array:
         if self.sparsify is None or density >= 1.0:
             return delta
         count = math.prod(delta.shape)
@@ -114,6 +103,7 @@ class TaskVectorOp(Op):
         if self.sparsify == "magnitude":
             mask = xp.top_k_mask(xp.abs(delta), max(1, int(density * count)))
             return xp.where(mask, delta, 0.0)
+        assert isinstance(params, DareParams)
         keep = seeded_rng(params.seed, f"{key}#{index}").random(count, dtype="float32") < density
         kept = xp.where(xp.asarray(keep.reshape(tuple(delta.shape))), delta, 0.0)
         if params.rescale == "inverse_density":
@@ -123,9 +113,7 @@ class TaskVectorOp(Op):
             return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
         return kept
 
-    def tensor(self, key: str, inputs: TensorInputs, params: Any, xp: Backend) -> Array:
-        if key not in inputs.plan:
-            return inputs.read(0, key)
+    def merge(self, key: str, inputs: TensorInputs[Merged], params: F, xp: Backend) -> Array:
         base = inputs.read(0, key)
         n = len(inputs.specs) - 1
         weights = per_model(params.weights, n, "weights")
@@ -135,6 +123,7 @@ class TaskVectorOp(Op):
             delta = self._sparsified(key, inputs.read(i + 1, key) - base, densities[i], i, params, xp)
             deltas.append(delta * weights[i])
         if self.elects_sign:
+            assert isinstance(params, TiesParams | DareTiesParams)
             if params.consensus == "sum":
                 total = deltas[0] + 0.0
                 for delta in deltas[1:]:
@@ -159,46 +148,46 @@ class TaskVectorOp(Op):
             divisor = total_weight if abs(total_weight) >= 1e-8 else 1.0
         if params.normalize:
             mixed = mixed / divisor
-        scale = number(params.scale)
+        scale = params.scale
         if scale != 1.0:
             mixed = mixed * scale
         return base + mixed
 
 
-class TaskArithmetic(TaskVectorOp):
+class TaskArithmetic(TaskVectorOp[TaskArithmeticParams[Scheduled], TaskArithmeticParams[float]]):
     """`base + scale * sum_i w_i (theta_i - base)` (divided by sum_i w_i with normalize)."""
 
     name = "task_arithmetic"
-    params_model = TaskArithmeticParams
+    params_model = TaskArithmeticParams[Scheduled]
     summary = "base + sum of weighted task vectors (theta_i - base)"
 
 
-class Ties(TaskVectorOp):
+class Ties(TaskVectorOp[TiesParams[Scheduled], TiesParams[float]]):
     """TIES: trim each task vector to its top density, elect signs, average the agreeing values."""
 
     name = "ties"
     version = 2  # 2: deltas tied at the cut are kept in C order (version 1 entries broke such ties otherwise)
-    params_model = TiesParams
+    params_model = TiesParams[Scheduled]
     sparsify = "magnitude"
     elects_sign = True
     summary = "TIES: trim to top density, elect sign, mean of agreeing deltas"
 
 
-class DareLinear(TaskVectorOp):
+class DareLinear(TaskVectorOp[DareParams[Scheduled], DareParams[float]]):
     """DARE: drop each delta with probability 1 - density, rescale the rest, add them up."""
 
     name = "dare_linear"
-    params_model = DareParams
+    params_model = DareParams[Scheduled]
     sparsify = "random"
     random = True
     summary = "DARE: random drop of deltas, rescaled, summed (seeded)"
 
 
-class DareTies(TaskVectorOp):
+class DareTies(TaskVectorOp[DareTiesParams[Scheduled], DareTiesParams[float]]):
     """DARE's random drop, then TIES's sign election."""
 
     name = "dare_ties"
-    params_model = DareTiesParams
+    params_model = DareTiesParams[Scheduled]
     sparsify = "random"
     elects_sign = True
     random = True

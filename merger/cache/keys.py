@@ -1,0 +1,54 @@
+"""Content keys of nodes and output artifacts.
+
+A node's key is a digest of (op name, op version, canonical parameters, which
+for random ops include the seed in force, its inputs' keys in order); a source's key is
+its content hash. Equal keys mean equal content, on any machine. Before a
+source's content hash is known, a provisional key built from file identities
+names the lock that keeps concurrent runs from computing the same node twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from merger.cache.hashing import KEY_SCHEME, digest_json
+
+
+@dataclass(frozen=True)
+class NodeContent:
+    """What, besides its inputs, determines a node's result."""
+
+    op: str
+    version: int
+    params: dict[str, Any]  # canonical JSON data; a random op's seed in force among them, no references (base)
+    adaptations: tuple[str | None, ...]  # how each input is presented (e.g. another ESRGAN layout), or None
+
+
+def node_key(content: NodeContent, input_keys: Sequence[str]) -> str:
+    data: dict[str, Any] = {
+        "scheme": KEY_SCHEME,
+        "op": content.op,
+        "version": content.version,
+        "params": content.params,
+        "inputs": list(input_keys),
+    }
+    if any(content.adaptations):
+        data["adapt"] = list(content.adaptations)
+    return digest_json(data)
+
+
+def provisional_key(content: NodeContent, input_ids: Sequence[str]) -> str:
+    return "provisional-" + node_key(content, input_ids)
+
+
+def artifact_key(key: str, dtype: str, fmt: str, layout: str | None = None) -> str:
+    """The key of an output artifact: a node's content cast to `dtype`, in key layout
+    `layout` (ESRGAN), in format `fmt`."""
+    if dtype == "keep" and fmt == "safetensors" and layout is None:
+        return key
+    content = {"scheme": KEY_SCHEME, "artifact_of": key, "dtype": dtype, "format": fmt}
+    if layout is not None:
+        content["layout"] = layout
+    return digest_json(content)

@@ -1,0 +1,120 @@
+"""The `merger` command: a Hydra app with a pre-flight check.
+
+Before Hydra's runner starts, the job of a run is composed with Hydra's Compose
+API and validated as far as specs allow: recipe syntax, ops, parameters,
+references, cycles, file headers, shapes, where outputs land. A sweep's jobs
+are checked the same way by merger's sweeper (hydra/sweeper=merger, the
+default), where Hydra knows them. A problem is printed as one short block and
+exits 2, without Hydra's traceback and before any output directory is made.
+Then Hydra runs the jobs as usual (run dirs, multirun, launchers, callbacks);
+each job validates again (it may run in another process) and executes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from merger.cli.failure import fail, wants_traceback
+from merger.cli.hydra_errors import explain_hydra_error
+from merger.cli.job_config import check_jobs, recipe_data
+from merger.cli.recipe_source import RecipeDirSource
+
+#: flags after which Hydra only prints something (help, config, info): no pre-flight
+PASSTHROUGH_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+#: flags that change where configs come from; the pre-flight does not model them
+CONFIG_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir"}
+
+
+def _split_args(args: list[str]) -> tuple[bool, list[str], bool]:
+    """(multirun?, overrides, skip the pre-flight?)"""
+    multirun = False
+    overrides: list[str] = []
+    skip = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in PASSTHROUGH_FLAGS or arg in CONFIG_FLAGS or arg.split("=")[0] in CONFIG_FLAGS:
+            skip = True
+            i += 1 if arg in CONFIG_FLAGS else 0
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+        i += 1
+    return multirun, overrides, skip
+
+
+def _recipe_keys(overrides: list[str]) -> list[str]:
+    """The top-level keys of the config that the group choices in `overrides` select."""
+    choices = [o for o in overrides if "=" in o and "/" not in o.split("=")[0] and o.split("=")[0] == "recipe"]
+    try:
+        cfg = compose(config_name="config", overrides=choices)
+    except (HydraException, OmegaConfBaseException):
+        return []
+    return sorted(str(k) for k in cfg)
+
+
+def preflight(overrides: list[str], launch_dir: Path) -> None:
+    """Compose and check the one job of a run before Hydra makes its directory; raises MergerError.
+    (A sweep is checked by merger's sweeper, where Hydra knows its jobs: merger.cli.sweep_check.)"""
+    with initialize_config_module(config_module="merger.conf", version_base="1.3"):
+        try:
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
+            raise explain_hydra_error(e, overrides, launch_dir, functools.partial(_recipe_keys, overrides)) from None
+        check_jobs([(overrides, cfg)], launch_dir, None)
+
+
+def _task(cfg: DictConfig) -> None:
+    """One Hydra job: validate, execute, report (through merger.cli.api.execute, as merger.run)."""
+    from merger.cli.api import JobSource, execute
+
+    hc = HydraConfig.get()
+    launch_dir = Path(hc.runtime.cwd)
+    choice = hc.runtime.choices.get("recipe")
+    overrides = list(hc.overrides.task)
+    try:
+        data, label, file = recipe_data(cfg, choice, launch_dir, overrides)
+        source = JobSource(choice, file)
+        execute(
+            data,
+            label=label,
+            source=source,
+            overrides=overrides,
+            launch_dir=launch_dir,
+            output_dir=Path(hc.runtime.output_dir),
+        )
+    except Exception as e:
+        raise SystemExit(fail(e, traceback=wants_traceback(sys.argv))) from None
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path="pkg://merger.conf", config_name="config")(_task)
+
+
+def run(argv: list[str]) -> None:
+    """The `merger` command: pre-flight, then Hydra's app (see merger.cli.command for the entry point)."""
+    sys.argv = argv  # Hydra reads its arguments from sys.argv
+    Plugins.instance().register(RecipeDirSource)
+    multirun, overrides, skip = _split_args(argv[1:])
+    if not skip and not multirun:
+        preflight(overrides, Path(os.getcwd()))
+    _hydra_main()
+
+
+def main() -> None:
+    """`python -m merger`, and older entry points: the same as the `merger` command."""
+    from merger.cli.command import merger
+
+    merger()

@@ -1,0 +1,149 @@
+"""One job, start to end: recipe data -> Recipe -> Graph -> Plan -> Executor ->
+outputs and report. The CLI's pre-flight runs `prepare` alone (validation
+before any tensor is read); a job runs both steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from merger.cache.store import Cache, cache_location
+from merger.core.nonfinite import describe
+from merger.engine.catalog import SourceCatalog, SpecsSeen
+from merger.engine.executor import Executor, NodeResult
+from merger.engine.graph import build_graph
+from merger.engine.output_targets import OutputTarget, check_output_dir, check_output_targets, output_targets
+from merger.engine.placement import OutputResult, place_output
+from merger.engine.plan import Plan, build_plan
+from merger.engine.progress import human_size
+from merger.errors import MergerError
+from merger.ops.registry import OpRegistry
+from merger.recipe.model import build_recipe
+from merger.report.preview import PreviewImage, preview_images, render
+from merger.report.run_report import RunContext, build_report, summary, write_report
+
+log = logging.getLogger("merger")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    plan: Plan
+    catalog: SourceCatalog
+    cache: Cache
+    previews: list[PreviewImage]
+    targets: list[OutputTarget] | None  # where the outputs land, when the output directory was known
+    max_cache_bytes: int | None  # cache_max_size: collect the cache to this size after the run
+
+    def source_files(self) -> list[Path]:
+        return [f for h in self.catalog.all() for f in (h.location.path, *h.location.files)]
+
+    def check_targets(self, output_dir: Path) -> list[OutputTarget]:
+        """The outputs' files in `output_dir`, checked (see merger.engine.output_targets)."""
+        check_output_dir(output_dir)
+        targets = output_targets(self.plan.recipe, output_dir)
+        check_output_targets(self.plan.recipe, targets, self.source_files(), self.cache.root)
+        return targets
+
+
+def prepare(
+    data: Mapping[str, Any],
+    registry: OpRegistry,
+    *,
+    file: str,
+    launch_dir: Path,
+    seen: SpecsSeen | None = None,
+    output_dir: Path | None = None,
+) -> Prepared:
+    """Validate everything that can be checked from specs alone; reads no tensor data.
+
+    `seen` shares the specs of files already opened between the jobs of one pre-flight;
+    with `output_dir`, the outputs' places are checked too.
+    """
+    recipe = build_recipe(data, registry, file=file)
+    graph = build_graph(recipe)
+    if recipe.settings.device.startswith("cuda"):
+        from merger.core.arrays import check_cuda
+
+        try:
+            check_cuda(recipe.settings.device)
+        except MergerError as e:
+            raise e.located(file) from None
+    cache = Cache(cache_location(recipe.settings.cache_dir, launch_dir), verify=recipe.settings.cache_verify)
+    previews = preview_images(recipe.settings.preview, launch_dir, where=recipe.where("preview"))
+    catalog = SourceCatalog(recipe, launch_dir, cache.memo, seen)
+    try:
+        plan = build_plan(recipe, graph, catalog, registry)
+        max_bytes = None
+        if recipe.settings.cache_max_size is not None:
+            from merger.cache.admin import max_size_setting
+
+            max_bytes = max_size_setting(recipe.settings.cache_max_size)
+        prepared = Prepared(plan, catalog, cache, previews, None, max_bytes)
+        if output_dir is not None:
+            prepared = replace(prepared, targets=prepared.check_targets(output_dir))
+    except BaseException:
+        catalog.close()
+        raise
+    return prepared
+
+
+def nonfinite_warnings(results: Mapping[str, NodeResult]) -> list[str]:
+    """One line per node whose inputs or output hold NaN or inf (computed now, or recorded with the entry)."""
+    lines = []
+    for name, result in results.items():
+        found = result.nonfinite
+        for source, counts in found.get("inputs", {}).items():
+            lines.append(f"node '{name}': its input '{source}' holds {describe(counts)}")
+        if found.get("output"):
+            lines.append(f"node '{name}': its output holds {describe(found['output'])}")
+    return lines
+
+
+def run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
+    """Materialise the plan, place the outputs, write the report; returns the report."""
+    start = time.perf_counter()
+    plan = prepared.plan
+    targets = {t.name: t for t in prepared.check_targets(context.output_dir)}
+    for warning in plan.warnings:
+        log.warning(warning)
+    prepared.cache.remove_stale_tmp()
+    executor = Executor(
+        plan, prepared.cache, device=plan.recipe.settings.device, progress=plan.recipe.settings.progress
+    )
+    try:
+        results = executor.run()
+    finally:
+        prepared.catalog.close()
+    warnings = nonfinite_warnings(results)
+    outputs: dict[str, OutputResult] = {}
+    for name, output in plan.recipe.outputs.items():
+        node = results[output.node]
+        outputs[name] = place_output(
+            output, node, prepared.cache, targets[name], nonfinite=plan.nodes[output.node].nonfinite
+        )
+        if outputs[name].overflow:
+            warnings.append(f"output '{name}': the cast to {output.dtype} made {describe(outputs[name].overflow)}")
+    for warning in warnings:
+        log.warning(warning)
+    previews = render({name: out.path for name, out in outputs.items()}, prepared.previews, context.output_dir)
+    report = build_report(plan, results, outputs, context, device=executor.device, seconds=time.perf_counter() - start)
+    report["warnings"].extend(warnings)
+    if previews:
+        report["previews"] = previews
+    write_report(context.output_dir, report)
+    log.info(summary(report))
+    if prepared.max_cache_bytes is not None:
+        from merger.cache.admin import collect
+
+        used = {r.key for r in results.values()} | {o.entry_key for o in outputs.values()}
+        freed = collect(prepared.cache, max_size=prepared.max_cache_bytes, keep=used)
+        log.info(
+            f"merger: cache_max_size {human_size(prepared.max_cache_bytes)}: removed {len(freed.removed)} files"
+            f" ({human_size(freed.freed)}); the cache now holds {human_size(freed.bytes_after)}"
+        )
+    return report

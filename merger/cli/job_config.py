@@ -1,0 +1,80 @@
+"""From a composed Hydra config to checked jobs: their recipe data, output directories, and the
+checks a whole set of jobs gets before any of them runs (the pre-flight of a run, and merger's
+sweeper before a sweep): everything that specs and file headers can tell, and that the jobs'
+outputs are distinct files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from merger.cli.recipe_source import find_recipe
+from merger.recipe.config_check import checked_recipe_data, override_keys
+
+#: the jobs of a sweep checked in full before it starts (each job checks itself again when it runs)
+MAX_PREFLIGHT_JOBS = 256
+
+
+def _label(path: Path, launch_dir: Path) -> str:
+    try:
+        return str(path.relative_to(launch_dir))
+    except ValueError:
+        return str(path)
+
+
+def recipe_data(
+    cfg: DictConfig, choice: str | None, launch_dir: Path, overrides: list[str], *, file: Path | None = None
+) -> tuple[dict[str, Any], str, Path | None]:
+    """Checked, resolved recipe data from a composed config (its hydra node ignored); `file` is the
+    recipe file, when not the one `recipe=choice` finds."""
+    if file is None and choice:
+        file = find_recipe(choice, launch_dir)
+    label = _label(file, launch_dir) if file else "the command line"
+    config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    assert isinstance(config, DictConfig)
+    if "hydra" in config:
+        with open_dict(config):
+            del config["hydra"]
+    return checked_recipe_data(config, label, override_keys(overrides)), label, file
+
+
+def job_output_dir(cfg: DictConfig, launch_dir: Path, index: int, sweep_dir: Path | None) -> Path:
+    """Where Hydra will put this job's outputs (its `${now:...}` read a moment early). In a sweep,
+    `sweep_dir` is the sweep's directory, resolved once (as Hydra does)."""
+    try:
+        if sweep_dir is None:
+            return launch_dir / str(cfg.hydra.run.dir)
+        with open_dict(cfg):
+            cfg.hydra.job.num = index
+        return sweep_dir / str(cfg.hydra.sweep.subdir)
+    except OmegaConfBaseException:  # a subdir from what only the launcher knows
+        return (sweep_dir or launch_dir / "outputs") / str(index)
+
+
+def check_jobs(jobs: Iterable[tuple[list[str], DictConfig]], launch_dir: Path, sweep_dir: Path | None) -> None:
+    """Check each (overrides, composed config) job as a run would be, and that no two write one file;
+    raises MergerError on the first problem."""
+    from merger.cli.job import prepare
+    from merger.engine.catalog import SpecsSeen
+    from merger.engine.output_targets import OutputTarget, check_sweep_targets
+    from merger.ops import builtin_registry
+    from merger.recipe.model import Recipe
+
+    registry = builtin_registry()
+    seen: SpecsSeen = {}
+    recipes: list[Recipe] = []
+    targets: list[list[OutputTarget]] = []
+    for index, (overrides, cfg) in enumerate(jobs):
+        choice = cfg.hydra.runtime.choices.get("recipe")
+        data, label, _ = recipe_data(cfg, choice, launch_dir, overrides)
+        output_dir = job_output_dir(cfg, launch_dir, index, sweep_dir)
+        prepared = prepare(data, registry, file=label, launch_dir=launch_dir, seen=seen, output_dir=output_dir)
+        prepared.catalog.close()
+        recipes.append(prepared.plan.recipe)
+        targets.append(prepared.targets or [])
+    check_sweep_targets(recipes, targets)

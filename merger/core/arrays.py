@@ -1,0 +1,316 @@
+"""Array backends: where tensor maths runs, and how bytes become arrays and back.
+
+- `NumpyBackend` runs on the CPU with numpy, so a CPU merge never imports
+  torch (whose import alone costs about 2 s and 600 MB). bfloat16 is widened
+  to float32 on load and rounded to nearest even on store, as torch does.
+- `TorchBackend` runs on a torch device (CUDA): bytes go through pinned host
+  memory, onto the device asynchronously, and back.
+
+Ops see arrays only through operators (`+`, `*`, `+=`) and the methods of the
+backend they are given (`xp`), so one op serves both. Float arrays handed to
+ops are in the compute dtype (float32, or float64 for float64 inputs);
+random numbers always come from numpy's PCG64 on the CPU, so a random op
+gives the same result on every device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from merger.core.specs import FLOAT_DTYPES
+from merger.errors import MergerError
+
+if TYPE_CHECKING:
+    import torch
+
+Array = Any  # a numpy.ndarray or a torch.Tensor, by backend
+
+NUMPY_DTYPES: dict[str, Any] = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "U64": np.uint64,
+    "BOOL": np.bool_,
+}
+#: dtypes numpy cannot hold natively but the numpy backend converts exactly
+WIDENED = {"BF16": "F32"}
+
+
+def compute_code(code: str) -> str:
+    """The dtype float maths runs in for a stored dtype."""
+    return "F64" if code == "F64" else "F32" if code in FLOAT_DTYPES else code
+
+
+class Backend(Protocol):
+    name: str
+    device: str
+
+    def load(self, data: Any, code: str, shape: tuple[int, ...]) -> Array:
+        """An array from raw bytes (C order), floats in the compute dtype, on the device."""
+        ...
+
+    def store(self, array: Array, code: str) -> memoryview:
+        """The array's bytes in dtype `code`, on the CPU, C order."""
+        ...
+
+    def copy(self, array: Array) -> Array: ...
+
+    def asarray(self, values: np.ndarray) -> Array:
+        """A numpy array (e.g. random numbers) moved to this backend."""
+        ...
+
+    def repeat(self, array: Array, repeats: int, axis: int) -> Array:
+        """Each element repeated `repeats` times along `axis` (numpy.repeat)."""
+        ...
+
+    def abs(self, array: Array) -> Array: ...
+
+    def sign(self, array: Array) -> Array: ...
+
+    def where(self, condition: Array, a: Array, b: Array | float) -> Array: ...
+
+    def total(self, array: Array) -> float:
+        """The sum of all elements, as a Python float."""
+        ...
+
+    def row_sums(self, array: Array) -> Array:
+        """Sums over all but the first axis, as a column (rows, 1)."""
+        ...
+
+    def top_k_mask(self, values: Array, k: int) -> Array:
+        """A boolean array marking the `k` largest of `values`; among values equal to the k-th
+        largest, the first ones in C order (so every backend marks the same elements)."""
+        ...
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    wide = raw.astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
+
+
+def f32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bits, to nearest even (NaN stays NaN)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    bits = values.view(np.uint32)
+    rounded = bits >> 16
+    rounded &= 1
+    rounded += 0x7FFF
+    rounded += bits
+    rounded >>= 16
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = np.uint16(0x7FC0)
+    return out
+
+
+def _float8_table(exponent_bits: int, mantissa_bits: int, *, ieee_specials: bool) -> np.ndarray:
+    """float32 values of every float8 byte (E4M3FN: no inf, S.1111.111 is NaN; E5M2: IEEE-style)."""
+    bias = (1 << (exponent_bits - 1)) - 1
+    top = (1 << exponent_bits) - 1
+    values = np.empty(256, dtype=np.float32)
+    for byte in range(256):
+        sign = -1.0 if byte & 0x80 else 1.0
+        exponent = (byte >> mantissa_bits) & top
+        fraction = (byte & ((1 << mantissa_bits) - 1)) / (1 << mantissa_bits)
+        if exponent == top and ieee_specials:
+            values[byte] = sign * np.inf if fraction == 0 else np.nan
+        elif exponent == top and fraction == 1 - 1 / (1 << mantissa_bits):
+            values[byte] = np.nan
+        elif exponent == 0:
+            values[byte] = sign * fraction * 2.0 ** (1 - bias)
+        else:
+            values[byte] = sign * (1 + fraction) * 2.0 ** (exponent - bias)
+    return values
+
+
+FLOAT8_TABLES = {"F8_E4M3": (4, 3, False), "F8_E5M2": (5, 2, True)}
+
+
+def float8_to_f32(raw: Any, code: str) -> np.ndarray:
+    """float8 bytes widened to float32 exactly (numpy has no float8): for reading, e.g. the family check."""
+    return _float8_table(*FLOAT8_TABLES[code][:2], ieee_specials=FLOAT8_TABLES[code][2])[np.frombuffer(raw, np.uint8)]
+
+
+class NumpyBackend:
+    name = "numpy"
+    device = "cpu"
+
+    @staticmethod
+    def supports(code: str) -> bool:
+        return code in NUMPY_DTYPES or code in WIDENED
+
+    def load(self, data: Any, code: str, shape: tuple[int, ...]) -> np.ndarray:
+        if code == "BF16":
+            return bf16_to_f32(np.frombuffer(data, dtype=np.uint16)).reshape(shape)
+        array = np.frombuffer(data, dtype=NUMPY_DTYPES[code]).reshape(shape)
+        if code in FLOAT_DTYPES and code not in ("F32", "F64"):
+            return array.astype(np.float32)
+        return array
+
+    def store(self, array: np.ndarray, code: str) -> memoryview:
+        with np.errstate(over="ignore"):  # a float16 overflow becomes inf, counted by merger.core.nonfinite
+            out = f32_to_bf16(array) if code == "BF16" else np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+        if out.size == 0:  # a tensor with a zero-length dimension
+            return memoryview(b"")
+        return memoryview(out.reshape(-1).data).cast("B")
+
+    def copy(self, array: np.ndarray) -> np.ndarray:
+        return array.copy()
+
+    def asarray(self, values: np.ndarray) -> np.ndarray:
+        return values
+
+    def repeat(self, array: np.ndarray, repeats: int, axis: int) -> np.ndarray:
+        return np.repeat(array, repeats, axis=axis)
+
+    def abs(self, array: np.ndarray) -> Array:
+        return np.abs(array)
+
+    def sign(self, array: np.ndarray) -> Array:
+        return np.sign(array)
+
+    def where(self, condition: np.ndarray, a: np.ndarray, b: np.ndarray | float) -> Array:
+        return np.where(condition, a, b)
+
+    def total(self, array: np.ndarray) -> float:
+        return float(array.sum())
+
+    def row_sums(self, array: np.ndarray) -> Array:
+        return array.reshape(array.shape[0], -1).sum(axis=1, keepdims=True)
+
+    def top_k_mask(self, values: np.ndarray, k: int) -> Array:
+        flat = values.reshape(-1)
+        if k >= flat.size or k <= 0:
+            return np.full(values.shape, k > 0, dtype=bool)
+        threshold = np.partition(flat, flat.size - k)[flat.size - k]
+        mask = flat > threshold
+        mask[np.flatnonzero(flat == threshold)[: k - int(mask.sum())]] = True
+        return mask.reshape(values.shape)
+
+
+class TorchBackend:
+    """Maths on a torch device; bytes cross through pinned host buffers."""
+
+    name = "torch"
+
+    def __init__(self, device: str) -> None:
+        from merger.core.tensor_bytes import TORCH_DTYPES
+
+        self.device = device
+        self._dtypes = TORCH_DTYPES
+        self._pin = device.startswith("cuda")
+
+    def load(self, data: Any, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        dtype = self._dtypes[code]
+        host = torch.frombuffer(data, dtype=dtype) if len(data) else torch.empty(0, dtype=dtype)
+        tensor = host.reshape(shape).to(self.device, non_blocking=self._pin)
+        if code in FLOAT_DTYPES:
+            tensor = tensor.to(self._dtypes[compute_code(code)])
+        return tensor
+
+    def store(self, array: torch.Tensor, code: str) -> memoryview:
+        import torch
+
+        tensor = array.to(self._dtypes[code]).contiguous()
+        if tensor.device.type != "cpu":
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self._pin)
+            host.copy_(tensor, non_blocking=self._pin)
+            torch.cuda.current_stream(tensor.device).synchronize()
+            tensor = host
+        from merger.core.tensor_bytes import tensor_memoryview
+
+        return tensor_memoryview(tensor)
+
+    def copy(self, array: torch.Tensor) -> torch.Tensor:
+        return array.clone()
+
+    def asarray(self, values: np.ndarray) -> torch.Tensor:
+        import torch
+
+        host = torch.from_numpy(np.ascontiguousarray(values).reshape(values.shape))  # keep a 0-d array 0-d
+        return host.to(self.device)
+
+    def repeat(self, array: torch.Tensor, repeats: int, axis: int) -> torch.Tensor:
+        return array.repeat_interleave(repeats, dim=axis)
+
+    def abs(self, array: torch.Tensor) -> torch.Tensor:
+        return array.abs()
+
+    def sign(self, array: torch.Tensor) -> torch.Tensor:
+        return array.sign()
+
+    def where(self, condition: torch.Tensor, a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+        import torch
+
+        return torch.where(condition, a, b)
+
+    def total(self, array: torch.Tensor) -> float:
+        return float(array.sum().item())
+
+    def row_sums(self, array: torch.Tensor) -> torch.Tensor:
+        return array.reshape(array.shape[0], -1).sum(dim=1, keepdim=True)
+
+    def top_k_mask(self, values: torch.Tensor, k: int) -> torch.Tensor:
+        import torch
+
+        flat = values.reshape(-1)
+        if k >= flat.numel() or k <= 0:
+            return torch.full(values.shape, k > 0, dtype=torch.bool, device=flat.device)
+        threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+        mask = flat > threshold
+        mask[torch.nonzero(flat == threshold).reshape(-1)[: k - int(mask.sum().item())]] = True
+        return mask.reshape(values.shape)
+
+
+def cuda_possible() -> bool:
+    """Whether a CUDA device could be there, without importing torch."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia")
+
+
+def select_backend(device: str, dtypes: set[str]) -> Backend:
+    """The backend for a run: numpy on the CPU (torch only for dtypes numpy lacks), torch on CUDA."""
+    if device == "auto":
+        device = "cpu"
+        if cuda_possible():
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        if all(NumpyBackend.supports(code) for code in dtypes):
+            return NumpyBackend()
+        return TorchBackend("cpu")
+    check_cuda(device)
+    return TorchBackend(device)
+
+
+def check_cuda(device: str) -> None:
+    """Fail early when a CUDA device is asked for and torch sees none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MergerError(
+            f"device={device} was asked for, but torch sees no CUDA device",
+            where="device",
+            fix="use device=auto or device=cpu, or install a CUDA build of torch on a machine with a GPU",
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise MergerError(
+            f"device={device} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)",
+            where="device",
+            fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+        )

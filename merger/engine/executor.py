@@ -1,0 +1,272 @@
+"""Runs a Plan: each needed node is found in the cache or materialised into it.
+
+A node whose content key is in the cache costs a lookup. Otherwise it is
+computed tensor by tensor: inputs are read one tensor at a time (sources
+lazily, upstream nodes from their cache entries), moved to the compute
+device, combined by the op, and streamed into a new cache entry, so memory
+holds a few tensors, never a model. A source whose content hash is not in the
+memo is hashed in the same pass; the entry's key and metadata are patched in
+when the pass ends. A lock per node keeps concurrent runs from computing the
+same node twice: the second waits, then finds the first one's entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from merger.cache.keys import node_key, provisional_key
+from merger.cache.store import Cache, EntryInfo, cache_error
+from merger.core.nonfinite import nonfinite_error
+from merger.core.specs import TensorSpec
+from merger.engine.plan import Plan, PlannedNode, presented_spec
+from merger.engine.progress import Progress
+from merger.engine.provenance import node_metadata
+from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
+
+if TYPE_CHECKING:
+    from merger.core.arrays import Backend
+    from merger.engine.pipeline import ByteSource
+
+log = logging.getLogger("merger")
+
+
+@dataclass
+class NodeResult:
+    name: str
+    op: str
+    key: str
+    status: str  # "computed" | "cached"
+    seconds: float
+    entry: EntryInfo
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nonfinite(self) -> dict[str, Any]:
+        """{"output": {key: count}, "inputs": {source: {key: count}}}, as far as any were found."""
+        found: dict[str, Any] = self.entry.notes.get(NONFINITE_NOTE, {})
+        return found
+
+
+NONFINITE_NOTE = "nonfinite"
+
+
+class _NonFiniteWatch:
+    """Counts a node's non-finite values as its pipeline reports them; raises under `nonfinite: error`."""
+
+    def __init__(self, node: PlannedNode, where: str) -> None:
+        self._node = node
+        self._where = where
+        self._lock = threading.Lock()
+        self.output: dict[str, int] = {}
+        self.inputs: dict[str, dict[str, int]] = {}
+
+    def __call__(self, index: int | None, key: str, count: int) -> None:
+        name = "output" if index is None else f"input '{self._node.inputs[index].name}'"
+        with self._lock:
+            counts = self.output if index is None else self.inputs.setdefault(self._node.inputs[index].name, {})
+            counts[key] = counts.get(key, 0) + count
+        if self._node.nonfinite == "error":
+            raise nonfinite_error(self._where, f"node '{self._node.name}': its {name}", key, counts[key])
+
+    def notes(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        if self.output:
+            found["output"] = self.output
+        if self.inputs:
+            found["inputs"] = self.inputs
+        return {NONFINITE_NOTE: found} if found else {}
+
+
+class _Peek:
+    """Reads a source without feeding its content hash (for samples)."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        data: memoryview = self._source.peek_into(key, start, stop, out)
+        return data
+
+
+class Executor:
+    def __init__(self, plan: Plan, cache: Cache, *, device: str, progress: bool) -> None:
+        self.plan = plan
+        self.cache = cache
+        self.requested_device = device
+        self.progress = progress
+        self._backend: Backend | None = None
+        self.results: dict[str, NodeResult] = {}
+
+    @property
+    def device(self) -> str | None:
+        """Where maths ran ("cpu (numpy)", "cuda (torch)", ...); None when nothing was computed."""
+        if self._backend is None:
+            return None
+        return f"{self._backend.device} ({self._backend.name})"
+
+    def _backend_for(self) -> Backend:
+        if self._backend is None:
+            dtypes = {t.dtype for node in self.plan.nodes.values() for t in node.spec.tensors.values()}
+            for node in self.plan.nodes.values():
+                for ref in node.inputs:
+                    if ref.handle is not None:
+                        dtypes.update(t.dtype for t in ref.handle.spec().values())
+            from merger.core.arrays import select_backend  # numpy: only when something is computed
+
+            self._backend = select_backend(self.requested_device, dtypes)
+        return self._backend
+
+    def run(self) -> dict[str, NodeResult]:
+        for name, node in self.plan.nodes.items():
+            self.results[name] = self._run_node(node)
+        return self.results
+
+    def _input_keys(self, node: PlannedNode) -> tuple[list[str | None], list[str]]:
+        keys: list[str | None] = []
+        ids: list[str] = []
+        for ref in node.inputs:
+            if ref.handle is not None:
+                keys.append(ref.handle.content_hash)
+                ids.append(ref.handle.content_hash or ref.handle.identity)
+            else:
+                keys.append(self.results[ref.name].key)
+                ids.append(self.results[ref.name].key)
+        return keys, ids
+
+    def _known_key(self, node: PlannedNode) -> str | None:
+        keys, _ = self._input_keys(node)
+        if any(k is None for k in keys):
+            return None
+        return node_key(node.content, [k for k in keys if k is not None])
+
+    def _run_node(self, node: PlannedNode) -> NodeResult:
+        start = time.perf_counter()
+        key = self._known_key(node)
+        entry = self.cache.lookup(key) if key else None
+        if entry is None:
+            lock_name = key or provisional_key(node.content, self._input_keys(node)[1])
+            with self.cache.lock(lock_name):
+                for ref in node.inputs:
+                    if ref.handle is not None:
+                        ref.handle.refresh()
+                key = self._known_key(node)
+                entry = self.cache.lookup(key) if key else None
+                if entry is None:
+                    try:
+                        entry = self._compute(node)
+                    except OSError as e:
+                        raise cache_error(e, f"compute node '{node.name}'").located(
+                            self.plan.recipe.where(f"nodes.{node.name}")
+                        ) from None
+                    return NodeResult(
+                        node.name,
+                        node.op.name,
+                        entry.key,
+                        "computed",
+                        time.perf_counter() - start,
+                        entry,
+                        dict(node.spec.notes),
+                    )
+        assert key is not None
+        self._recheck_nonfinite(node, entry)
+        return NodeResult(
+            node.name, node.op.name, key, "cached", time.perf_counter() - start, entry, dict(node.spec.notes)
+        )
+
+    def _recheck_nonfinite(self, node: PlannedNode, entry: EntryInfo) -> None:
+        """A cached entry's recorded non-finite values fail a node that now says `nonfinite: error`."""
+        found = entry.notes.get(NONFINITE_NOTE, {})
+        if node.nonfinite != "error" or not found:
+            return
+        where = self.plan.recipe.where(f"nodes.{node.name}")
+        if found.get("output"):
+            key, count = next(iter(found["output"].items()))
+            raise nonfinite_error(where, f"node '{node.name}': its output", key, count)
+        name, counts = next(iter(found["inputs"].items()))
+        key, count = next(iter(counts.items()))
+        raise nonfinite_error(where, f"node '{node.name}': its input '{name}'", key, count)
+
+    def _source_hashes(self) -> dict[str, str | None]:
+        hashes: dict[str, str | None] = {}
+        for planned in self.plan.nodes.values():
+            for ref in planned.inputs:
+                if ref.handle is not None:
+                    hashes[ref.handle.name] = ref.handle.content_hash
+        return hashes
+
+    def _check_family(self, node: PlannedNode, sources: list[ByteSource], specs: list[dict[str, TensorSpec]]) -> None:
+        """Warn when a merge's inputs look unrelated (sampled cosine similarity, see merger.engine.family)."""
+        from merger.engine.family import FAMILY_THRESHOLD, compare
+
+        peekers = [_Peek(s) if hasattr(s, "peek_into") else s for s in sources]
+        names = [ref.name for ref in node.inputs]
+        found = compare(peekers, specs, names)
+        node.spec.notes["family"] = {s.name: round(s.median, 4) for s in found if s.tensors}
+        for similarity in found:
+            if similarity.tensors and not similarity.related:
+                log.warning(
+                    f"node '{node.name}': input '{similarity.name}' looks unrelated to '{names[0]}'"
+                    f" (median cosine {similarity.median:.3f} over {similarity.tensors} weight tensors,"
+                    f" below {FAMILY_THRESHOLD}); merging models that do not share a parent gives garbage"
+                )
+
+    def _compute(self, node: PlannedNode) -> EntryInfo:
+        from merger.engine.pipeline import Pipeline, RenamedSource
+
+        backend = self._backend_for()
+        spec = node.spec.tensors
+        known = self._known_key(node)
+        tmp = self.cache.new_tmp(known or node.name)
+        progress = Progress(node.name, len(spec), sum(s.nbytes for s in spec.values()), enabled=self.progress)
+        watch = _NonFiniteWatch(node, self.plan.recipe.where(f"nodes.{node.name}"))
+        entry_readers: list[SafetensorsReader] = []
+        writer: SafetensorsWriter | None = None
+        try:
+            sources: list[ByteSource] = []
+            specs: list[dict[str, TensorSpec]] = []
+            for ref in node.inputs:
+                source: ByteSource
+                if ref.handle is not None:
+                    source, spec_of_input = ref.handle, ref.handle.spec()
+                else:
+                    reader = SafetensorsReader(read_header(self.results[ref.name].entry.path))
+                    entry_readers.append(reader)
+                    source, spec_of_input = reader, self.plan.nodes[ref.name].spec.tensors
+                if ref.adaptation is not None:
+                    source = RenamedSource(source, ref.adaptation.rename)
+                sources.append(source)
+                specs.append(presented_spec(spec_of_input, ref.adaptation))
+            if node.op.family_check and len(sources) > 1:
+                self._check_family(node, sources, specs)
+            metadata = node_metadata(self.plan, node.name, known, self._source_hashes())
+            writer = SafetensorsWriter(tmp, spec, metadata, final_header=known is not None)
+            watched = frozenset(i for i, ref in enumerate(node.inputs) if ref.handle is not None)
+            pipeline = Pipeline(
+                node.op, node.keyed, sources, tuple(specs), backend, watched=watched, on_nonfinite=watch
+            )
+            pipeline.run(writer, node.spec, progress.advance)
+            for ref in node.inputs:
+                if ref.handle is not None:
+                    ref.handle.finish_hash()
+            key = self._known_key(node)
+            assert key is not None
+            sha = writer.finish(node_metadata(self.plan, node.name, key, self._source_hashes()))
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            progress.close()
+            for reader in entry_readers:
+                reader.close()
+        made = {"kind": "node", "node": node.name, "op": node.op.name, "recipe": self.plan.recipe.file}
+        entry = self.cache.commit(tmp, key, sha, made=made, notes=watch.notes())
+        for ref in node.inputs:
+            if ref.handle is not None:
+                ref.handle.remember()
+        return entry

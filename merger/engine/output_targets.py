@@ -1,0 +1,179 @@
+"""Where outputs land, and the rules that keep them from destroying what merger did not make.
+
+An output's path is relative to the job's output directory (a fresh one per
+job), or absolute, or climbs out of it with `..`. Wherever it lands, before
+anything is computed (in the pre-flight, and again when the job starts):
+
+- it may not be one of the recipe's sources, lie inside a source folder, or
+  be the same file as a source (links resolved): an output that replaced its
+  own input would be merged into itself on every re-run;
+- it may not lie inside the cache directory (a planted object would be
+  served to later runs);
+- an existing file there must be one merger wrote (it has merger's
+  provenance), unless the output sets `overwrite: true`; so must the `.json`
+  beside a `.pth` output;
+- two outputs of one job, or of two jobs of a sweep, may not be the same file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from merger.core.limits import MIB
+from merger.core.regular_file import open_regular
+from merger.core.strict_json import loads_strict
+from merger.engine.provenance import KEY_FIELD, SIDE_FILE_FIELD
+from merger.errors import MergerError, shown
+from merger.recipe.model import OutputDef, Recipe
+
+SWEEP_FIX = (
+    "put a swept variable in the path (e.g. 'blend_${alpha}.safetensors'), or use a relative path:"
+    " each job has its own output directory"
+)
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """One output's file (and side file), as absolute, normalised paths."""
+
+    name: str
+    path: Path
+    side: Path | None
+    outside: bool  # outside the job's output directory
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """The job's output directory can be made: no file stands where one of its folders would be."""
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise MergerError(
+                    f"cannot make the output directory '{shown(output_dir)}': '{shown(folder)}' is a file",
+                    where="hydra.run.dir / hydra.sweep.dir",
+                    fix=f"move the file '{shown(folder)}' away, or run merger in another directory",
+                )
+            return
+
+
+def output_targets(recipe: Recipe, output_dir: Path) -> list[OutputTarget]:
+    base = Path(os.path.normpath(output_dir.absolute()))
+    targets = []
+    for output in recipe.outputs.values():
+        path = Path(os.path.normpath(base / Path(output.path).expanduser()))
+        side = Path(os.path.normpath(base / output.side_file)) if output.side_file else None
+        targets.append(OutputTarget(output.name, path, side, not path.is_relative_to(base)))
+    return targets
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def _made_by_merger(path: Path) -> bool:
+    """Whether an existing file carries merger's provenance (a safetensors header, or the .json of a .pth)."""
+    from merger.io.safetensors_file import file_sha256, read_header
+
+    if path.suffix == ".safetensors":
+        try:
+            return KEY_FIELD in read_header(path).metadata
+        except MergerError:
+            return False
+    if path.suffix == ".pth":  # merger's if the .json beside it names this very file
+        side = _provenance_json(path.with_suffix(".json"))
+        made = side.get(SIDE_FILE_FIELD) if side else None
+        return (
+            isinstance(made, dict)
+            and made.get("bytes") == path.stat().st_size
+            and made.get("sha256") == (file_sha256(path))
+        )
+    return _provenance_json(path) is not None
+
+
+def _provenance_json(path: Path) -> dict[str, object] | None:
+    try:
+        with open_regular(path) as f:
+            data = loads_strict(f.read(MIB), what="provenance")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "key" in data and "version" in data else None
+
+
+def _refuse(recipe: Recipe, output: OutputDef, what: str, fix: str) -> MergerError:
+    return MergerError(what, where=recipe.where(f"outputs.{output.name}.path"), fix=fix)
+
+
+def check_output_targets(
+    recipe: Recipe, targets: Sequence[OutputTarget], sources: Iterable[Path], cache_root: Path
+) -> None:
+    """Raise MergerError for the first output that would destroy something merger did not make."""
+    source_paths = [Path(os.path.realpath(p)) for p in sources]
+    source_ids = set()
+    for path in source_paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        source_ids.add((st.st_dev, st.st_ino))
+    cache = Path(os.path.realpath(cache_root))
+    seen: dict[Path, str] = {}
+    for target in targets:
+        output = recipe.outputs[target.name]
+        for path in [p for p in (target.path, target.side) if p is not None]:
+            real = Path(os.path.realpath(path))
+            if real in seen:
+                raise _refuse(
+                    recipe,
+                    output,
+                    f"output '{output.name}' writes '{path}', as output '{seen[real]}' does",
+                    "give each output its own path",
+                )
+            seen[real] = output.name
+            source = next((s for s in source_paths if _inside(real, s)), None)
+            if source is None and real.exists() and (real.stat().st_dev, real.stat().st_ino) in source_ids:
+                source = real
+            if source is not None:
+                raise _refuse(
+                    recipe,
+                    output,
+                    f"output '{output.name}' would replace the source '{shown(source)}'",
+                    "write the output somewhere else: an output never replaces one of the recipe's models",
+                )
+            if _inside(real, cache):
+                raise _refuse(
+                    recipe,
+                    output,
+                    f"output '{output.name}' would write '{shown(path)}', inside the cache '{cache}'",
+                    "write outputs outside the cache directory (relative paths land in the job's output directory)",
+                )
+            _check_existing(recipe, output, path, real)
+
+
+def _check_existing(recipe: Recipe, output: OutputDef, path: Path, real: Path) -> None:
+    if real.is_dir():
+        raise _refuse(recipe, output, f"output path '{shown(path)}' is a directory", "give the output a file path")
+    if real.exists() and not output.overwrite and not _made_by_merger(real):
+        raise _refuse(
+            recipe,
+            output,
+            f"output '{output.name}' would replace '{shown(path)}', a file merger did not write",
+            "choose another path, or set overwrite: true on this output if you mean to replace it",
+        )
+
+
+def check_sweep_targets(recipe_of: Sequence[Recipe], targets_of: Sequence[Sequence[OutputTarget]]) -> None:
+    """Every job of a sweep writes its own files."""
+    owner: dict[Path, tuple[int, str]] = {}
+    for job, targets in enumerate(targets_of):
+        for target in targets:
+            for path in [p for p in (target.path, target.side) if p is not None]:
+                first = owner.setdefault(path, (job, target.name))
+                if first[0] != job:
+                    raise MergerError(
+                        f"output '{target.name}' writes '{shown(path)}' in job {first[0]} and in job {job} of the"
+                        " sweep: each job would replace the last one's output",
+                        where=recipe_of[job].where(f"outputs.{target.name}.path"),
+                        fix=SWEEP_FIX,
+                    )

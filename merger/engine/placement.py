@@ -1,0 +1,254 @@
+"""Outputs: a node's cache entry put at the output's path.
+
+With `dtype: keep` and a `.safetensors` path the output is the entry itself,
+hard-linked (or copied across filesystems). A dtype or format change makes an
+artifact (the entry cast, or saved as `.pth`), itself cached under a key
+derived from the node's, so a re-run links it too. The output appears
+atomically: linked or copied to a temporary name beside it, then renamed.
+A `.pth` output gets its provenance in a `.json` beside it. The sha256 the
+report gives is that of the file now at the path: the entry's, checked when
+it was looked up, for a link; the one computed while copying, for a copy.
+Where the output may land was checked before the run (merger.engine.output_targets).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merger.archs import esrgan
+from merger.cache.atomic import tmp_path_for, write_text_atomic
+from merger.cache.keys import artifact_key
+from merger.cache.store import Cache, EntryInfo
+from merger.core.nonfinite import NonFiniteCounts, nonfinite_error
+from merger.core.specs import DTYPE_NAMES, DTYPE_SIZES, TensorSpec
+from merger.engine.executor import NONFINITE_NOTE, NodeResult
+from merger.engine.output_targets import OutputTarget
+from merger.engine.provenance import DTYPE_FIELD, SIDE_FILE_FIELD, parse_metadata
+from merger.errors import MergerError
+from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, SafetensorsWriter, file_sha256, read_header
+from merger.recipe.model import OutputDef
+
+VARIANT_CHUNK = 4 * 1024 * 1024  # elements per read while casting or renaming
+
+
+@dataclass(frozen=True)
+class OutputResult:
+    name: str
+    node: str
+    path: Path
+    sha256: str
+    bytes: int
+    dtype: str
+    how: str  # "linked" | "copied"
+    entry_key: str  # the cache entry placed (the node's, or the artifact made from it)
+    overflow: dict[str, int] = field(default_factory=dict)  # tensor -> values the cast made non-finite
+
+
+def output_format(path: str) -> str:
+    return "pth" if path.lower().endswith(".pth") else "safetensors"
+
+
+def place_output(
+    output: OutputDef, node: NodeResult, cache: Cache, target: OutputTarget, *, nonfinite: str = "warn"
+) -> OutputResult:
+    """Put node's entry (or an artifact made from it) at the output's path. `nonfinite: error`
+    refuses an output whose cast (to float16, say) made values infinite, before it is placed."""
+    try:
+        return _place(output, node, cache, target, nonfinite)
+    except OSError as e:
+        raise MergerError(
+            f"cannot write output '{output.name}': {e.strerror or e} ({e.filename or target.path})",
+            where=f"outputs.{output.name}.path",
+            fix=PLACE_FIXES.get(
+                e.errno or 0,
+                "choose a path in a writable directory (relative paths land in the run's output directory)",
+            ),
+        ) from None
+
+
+PLACE_FIXES = {
+    errno.ENOSPC: "free space on that disk, or write the output to another disk",
+    errno.EFBIG: "the file is larger than this filesystem or your file-size limit (ulimit -f) allows",
+    errno.EROFS: "that filesystem is read-only: choose a path in a writable directory",
+}
+
+
+def _overflow(node: NodeResult, artifact: EntryInfo) -> dict[str, int]:
+    """Tensors with more non-finite values in the artifact than in the node's entry (a cast overflowed)."""
+    before = node.nonfinite.get("output", {})
+    after: dict[str, int] = artifact.notes.get(NONFINITE_NOTE, {}).get("output", {})
+    return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+
+
+def _place(output: OutputDef, node: NodeResult, cache: Cache, target: OutputTarget, nonfinite: str) -> OutputResult:
+    fmt = output_format(output.path)
+    suffix = ".pth" if fmt == "pth" else ".safetensors"
+    key = artifact_key(node.key, output.dtype, fmt, output.layout)
+    artifact = cache.lookup(key, suffix)
+    if artifact is None:
+        with cache.lock(key):
+            artifact = cache.lookup(key, suffix) or _make_artifact(cache, node, output, fmt, key)
+    overflow = _overflow(node, artifact)
+    if overflow and nonfinite == "error":
+        first, count = next(iter(overflow.items()))
+        raise nonfinite_error(f"outputs.{output.name}", f"output '{output.name}' cast to {output.dtype}", first, count)
+    how, sha = link_or_copy(artifact, target.path)
+    if how == "linked":
+        cache.placed(artifact)
+    elif sha != artifact.sha256:
+        target.path.unlink(missing_ok=True)
+        cache.quarantine(artifact.path, "its copy's sha256 differs from its record")
+        raise MergerError(
+            f"the cache entry of output '{output.name}' changed while it was copied",
+            where=f"outputs.{output.name}",
+            fix="run again: the damaged entry was moved aside and will be computed again",
+        )
+    if target.side is not None:
+        provenance = parse_metadata(read_header(node.entry.path).metadata) or {}
+        if output.dtype != "keep":
+            provenance["dtype"] = output.dtype
+        provenance[SIDE_FILE_FIELD] = {"sha256": sha, "bytes": artifact.bytes}  # ties the .json to this .pth
+        write_text_atomic(target.side, json.dumps(provenance, indent=2) + "\n")
+    return OutputResult(
+        output.name, node.name, target.path, sha, artifact.bytes, output.dtype, how, artifact.key, overflow
+    )
+
+
+def link_or_copy(entry: EntryInfo, target: Path) -> tuple[str, str]:
+    """Put the entry at `target` atomically: ("linked" | "copied", sha256 of the file now there)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(target)
+    try:
+        try:
+            os.link(entry.path, tmp)
+            how, sha = "linked", entry.sha256
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            how, sha = "copied", copy_hashed(entry.path, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return how, sha
+
+
+def copy_hashed(source: Path, target: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    """Copy `source` to a new file `target` (fsynced); the sha256 of the bytes written."""
+    sha = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(source, "rb", buffering=0) as src, open(target, "xb", buffering=0) as dst:
+        while n := src.readinto(buffer):
+            sha.update(view[:n])
+            done = 0
+            while done < n:
+                done += dst.write(view[done:n]) or 0
+        os.fsync(dst.fileno())
+    return sha.hexdigest()
+
+
+def _cast_spec(spec: TensorSpec, dtype: str) -> TensorSpec:
+    if dtype == "keep" or not spec.is_float:
+        return spec
+    return TensorSpec(DTYPE_NAMES[dtype], spec.shape)
+
+
+def _make_artifact(cache: Cache, node: NodeResult, output: OutputDef, fmt: str, key: str) -> EntryInfo:
+    header = read_header(node.entry.path)
+    made = {"kind": "artifact", "of": node.key, "node": node.name, "dtype": output.dtype, "format": fmt}
+    if output.layout is not None:
+        made["layout"] = output.layout
+    notes: dict[str, Any] = {}
+    if output.dtype != "keep" or output.layout is not None:
+        variant_key = key if fmt == "safetensors" else key + "-variant"
+        rename = _layout_rename(header, output)
+        variant = _write_variant(cache, header, output.dtype, rename, variant_key, made)
+        if fmt == "safetensors":
+            return variant
+        header = read_header(variant.path)
+        notes = variant.notes
+    return _write_pth(cache, header, key, made, notes)
+
+
+def _layout_rename(header: SafetensorsHeader, output: OutputDef) -> dict[str, str] | None:
+    if output.layout is None:
+        return None
+    found = esrgan.detect(header.tensors)
+    if found is None:  # the plan checked the node's spec; this is a damaged entry
+        raise MergerError(f"output '{output.name}' asks for a layout, but its model is not an ESRGAN")
+    return found.rename(output.layout)
+
+
+def _write_variant(
+    cache: Cache, header: SafetensorsHeader, dtype: str, rename: dict[str, str] | None, key: str, made: dict[str, Any]
+) -> EntryInfo:
+    """The entry with float tensors cast to `dtype` and keys renamed, in chunks (numpy); the
+    non-finite values of the result are counted (a cast to float16 may overflow)."""
+    from merger.core.arrays import select_backend
+
+    specs = {(rename or {}).get(k, k): _cast_spec(s, dtype) for k, s in header.tensors.items()}
+    xp = select_backend("cpu", {s.dtype for s in header.tensors.values()} | {s.dtype for s in specs.values()})
+    metadata = {**header.metadata, **({DTYPE_FIELD: dtype} if dtype != "keep" else {})}
+    tmp = cache.new_tmp(key)
+    writer = SafetensorsWriter(tmp, specs, metadata)
+    reader = SafetensorsReader(header)
+    buffer = memoryview(bytearray(VARIANT_CHUNK * 8))
+    counts = NonFiniteCounts()
+    try:
+        for name, spec in header.tensors.items():
+            new_name = (rename or {}).get(name, name)
+            target = specs[new_name]
+            size = DTYPE_SIZES[spec.dtype]
+            for start in range(0, max(spec.numel, 1), VARIANT_CHUNK):
+                stop = min(start + VARIANT_CHUNK, spec.numel)
+                data = reader.read_into(name, start * size, stop * size, buffer)
+                if target.dtype != spec.dtype:
+                    data = xp.store(xp.load(data, spec.dtype, (stop - start,)), target.dtype)
+                counts.add(new_name, data, target.dtype)
+                writer.write_chunk(new_name, data)
+        sha = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        reader.close()
+    notes = {NONFINITE_NOTE: {"output": counts.counts}} if counts.counts else {}
+    return cache.commit(tmp, key, sha, made=made, notes=notes)
+
+
+def _write_pth(
+    cache: Cache, header: SafetensorsHeader, key: str, made: dict[str, Any], notes: dict[str, Any]
+) -> EntryInfo:
+    """`torch.save` of the bare state dict, its tensors viewing a memory map of the entry."""
+    tmp = cache.new_tmp(key, ".pth")
+    try:
+        with open(header.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            _save_views(mapped, header, tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        return cache.commit(tmp, key, file_sha256(tmp), ".pth", made=made, notes=notes)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_views(mapped: mmap.mmap, header: SafetensorsHeader, target: Path) -> None:
+    import torch
+
+    from merger.core.tensor_bytes import TORCH_DTYPES
+
+    state: dict[str, torch.Tensor] = {}
+    for name, spec in header.tensors.items():
+        dtype = TORCH_DTYPES[spec.dtype]
+        if spec.numel == 0:
+            state[name] = torch.empty(spec.shape, dtype=dtype)
+        else:
+            offset = header.data_start + header.offsets[name][0]
+            state[name] = torch.frombuffer(mapped, dtype=dtype, count=spec.numel, offset=offset).reshape(spec.shape)
+    torch.save(state, target)

@@ -1,0 +1,346 @@
+"""The Recipe: sources, nodes, outputs and run settings, validated and frozen.
+
+Built from the resolved config (plain data) once, at the edge; everything
+after works on these typed objects. Every error names the recipe file and the
+dotted place in it (`nodes.blend.alpha`), and ends in a fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from merger.core.limits import MAX_RECIPE_NODES
+from merger.errors import MergerError, did_you_mean, has_control
+from merger.ops.base import AnyOp
+from merger.ops.params import OpParams
+from merger.ops.registry import OpRegistry
+
+SECTIONS = ("sources", "nodes", "outputs")
+SETTINGS = (
+    "device",
+    "cache_dir",
+    "cache_max_size",
+    "cache_verify",
+    "allow_env",
+    "nonfinite",
+    "seed",
+    "progress",
+    "preview",
+    "description",
+)
+
+OUTPUT_SUFFIXES = (".safetensors", ".pth")
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class SourceFileModel(_Strict):
+    path: str
+    key: str | None = None
+
+
+class SourceGlobModel(_Strict):
+    glob: str
+    key: str | None = None
+
+
+class OutputModel(_Strict):
+    node: str | None = None
+    path: str | None = None
+    dtype: Literal["keep", "float32", "float16", "bfloat16"] = "keep"
+    layout: Literal["old", "new", "basicsr"] | None = None
+    overwrite: bool = False  # replace an existing file that merger did not write
+
+
+class Settings(_Strict):
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    cache_dir: str | None = None  # None: $MERGER_CACHE_DIR, else outputs/cache
+    cache_max_size: int | str | None = None  # collect the cache down to this size at the end of a run
+    cache_verify: bool = False  # re-hash every cache entry the run uses
+    allow_env: bool = False  # ${oc.env:...} in recipe files (the command line's to set)
+    nonfinite: Literal["warn", "error"] = "warn"  # NaN/inf in inputs or outputs: a warning, or an error
+    seed: int = 0
+    progress: bool = True
+    preview: bool | str | list[str] | None = None  # sample | image paths: SR outputs upscale them
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceDef:
+    name: str
+    path: str | None = None
+    glob: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeDef:
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    params: OpParams
+    refs: tuple[tuple[str, str], ...] = ()  # (parameter, name) for parameters naming a model: base
+    nonfinite: str | None = None  # warn | error: this node's NaN/inf policy (None: the run's)
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """Every source or node this node reads: its reference parameters', then its inputs."""
+        return (*(name for _, name in self.refs), *self.inputs)
+
+
+@dataclass(frozen=True)
+class OutputDef:
+    name: str
+    node: str
+    path: str
+    dtype: str  # keep | float32 | float16 | bfloat16
+    layout: str | None = None  # ESRGAN key layout: old | new | basicsr
+    overwrite: bool = False  # may replace an existing file that merger did not write
+
+    @property
+    def side_file(self) -> str | None:
+        """The provenance file written beside a `.pth` output."""
+        return os.path.splitext(self.path)[0] + ".json" if self.path.lower().endswith(".pth") else None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    file: str
+    sources: dict[str, SourceDef]
+    nodes: dict[str, NodeDef]
+    outputs: dict[str, OutputDef]
+    settings: Settings
+    variables: dict[str, Any]
+
+    def where(self, place: str) -> str:
+        return f"{self.file}, {place}"
+
+
+def validation_error(error: ValidationError, model: type[BaseModel], *, where: str, what: str) -> MergerError:
+    """The first problem pydantic found, as a MergerError at `<where>.<field>`.
+
+    `where` is "<file>, <dotted place>" or just "<file>" for top-level settings.
+    """
+    errors = error.errors()
+    joiner = "." if ", " in where else ", "
+    schedule_errors = [e for e in errors if {"Rules", "Gradient"} & {str(p) for p in e["loc"]}]
+    if schedule_errors and isinstance(schedule_errors[0]["input"], dict):
+        return _schedule_error(schedule_errors, where + joiner)
+    errors = [e for e in errors if e not in schedule_errors] or errors  # a plain value: say what a number needs
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = ".".join(str(part) for part in first["loc"] if str(part) not in UNION_BRANCHES)
+    place = f"{where}{joiner}{loc}" if loc else where
+    fields = sorted(model.model_fields)
+    if first["type"] == "extra_forbidden":
+        name = str(first["loc"][-1])
+        close = did_you_mean(name, fields)
+        hint = f"did you mean '{close}'? " if close else ""
+        return MergerError(
+            f"unknown key '{name}' in {what}", where=place, fix=f"{hint}{what} takes: {', '.join(fields) or '(none)'}"
+        )
+    if first["type"] == "missing":
+        return MergerError(f"{what} needs '{loc}'", where=place, fix=f"add {loc}: <value>")
+    return MergerError(
+        f"{first['msg'].lower()}, got {first['input']!r}", where=place, fix=f"set {loc} to a valid value"
+    )
+
+
+#: names pydantic puts in an error's location for the branch of a union it tried
+UNION_BRANCHES = frozenset({"float", "int", "str", "bool", "Rules", "Gradient"})
+
+SCHEDULE_FORMS = (
+    "a number, a rule list {default: 0.5, rules: [{match: <regex>, value: 0.2}]}"
+    " or a gradient {blocks: <regex with (\\d+)>, values: [0.0, 1.0], default: 0.5}"
+)
+
+
+def _schedule_error(schedule_errors: list[Any], prefix: str) -> MergerError:
+    """A parameter that may be a number or a schedule, given neither well."""
+    loc = schedule_errors[0]["loc"]
+    cut = next(i for i, part in enumerate(loc) if str(part) in ("Rules", "Gradient"))
+    field = ".".join(str(p) for p in loc[:cut] if str(p) != "float")
+    given = schedule_errors[0]["input"]
+    branch = "Gradient" if isinstance(given, dict) and "blocks" in given else "Rules"
+    detail = next((e for e in schedule_errors if branch in [str(p) for p in e["loc"]]), schedule_errors[0])
+    inner = ".".join(str(p) for p in detail["loc"][detail["loc"].index(branch) + 1 :])
+    problem = f"{detail['msg'].lower()}" + (f" at {inner}" if inner else "")
+    return MergerError(f"'{field}' must be {SCHEDULE_FORMS}; {problem}", where=f"{prefix}{field}", fix=f"fix {field}")
+
+
+def _mapping(config: Mapping[str, Any], section: str, file: str) -> dict[str, Any]:
+    value = config.get(section)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MergerError(
+            f"'{section}' must be a mapping of name: definition, got {type(value).__name__}",
+            where=f"{file}, {section}",
+            fix=f"write {section} as `name: ...` entries (a mapping lets recipes extend each other)",
+        )
+    for name in value:
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise MergerError(
+                f"'{name}' is not a valid name",
+                where=f"{file}, {section}",
+                fix="names start with a letter or _ and use letters, digits, _, - and .",
+            )
+    return dict(value)
+
+
+def _source(name: str, raw: Any, where: str) -> SourceDef:
+    if isinstance(raw, str):
+        return SourceDef(name, path=raw)
+    if isinstance(raw, Mapping) and "glob" in raw:
+        try:
+            glob_model = SourceGlobModel.model_validate(dict(raw))
+        except ValidationError as e:
+            raise validation_error(e, SourceGlobModel, where=where, what="a glob source") from None
+        return SourceDef(name, glob=glob_model.glob, key=glob_model.key)
+    if isinstance(raw, Mapping):
+        try:
+            file_model = SourceFileModel.model_validate(dict(raw))
+        except ValidationError as e:
+            raise validation_error(e, SourceFileModel, where=where, what="a source") from None
+        return SourceDef(name, path=file_model.path, key=file_model.key)
+    raise MergerError(
+        f"source '{name}' must be a path or a mapping, got {raw!r}",
+        where=where,
+        fix="write `name: models/a.pth`, `name: {path: a.pth, key: params_ema}` or `name: {glob: 'zoo/*.pth'}`",
+    )
+
+
+def _node(name: str, raw: Any, registry: OpRegistry, where: str) -> NodeDef:
+    if not isinstance(raw, Mapping):
+        raise MergerError(
+            f"node '{name}' must be a mapping with op and inputs",
+            where=where,
+            fix="write `name: {op: lerp, inputs: [a, b], alpha: 0.5}`",
+        )
+    fields = dict(raw)
+    op_name = fields.pop("op", None)
+    if not isinstance(op_name, str):
+        raise MergerError(f"node '{name}' has no op", where=where, fix=f"add op: one of {', '.join(registry.names())}")
+    try:
+        op = registry.get(op_name)
+    except MergerError as e:
+        raise MergerError(e.what, where=f"{where}.op", fix=e.fix) from None
+    inputs = fields.pop("inputs", None)
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+        raise MergerError(
+            f"node '{name}' needs inputs: a non-empty list of source or node names, got {inputs!r}",
+            where=f"{where}.inputs",
+            fix="write inputs: [a, b] with the names of sources or other nodes",
+        )
+    nonfinite = fields.pop("nonfinite", None)
+    if nonfinite not in (None, "warn", "error"):
+        raise MergerError(
+            f"nonfinite must be warn or error, got {nonfinite!r}",
+            where=f"{where}.nonfinite",
+            fix="nonfinite: error fails the run when the node's inputs or output hold NaN or inf",
+        )
+    params = _params(op, fields, where)
+    refs = tuple((p, getattr(params, p)) for p in op.references if getattr(params, p, None) is not None)
+    return NodeDef(name, op_name, tuple(inputs), params, refs, nonfinite)
+
+
+def _params(op: AnyOp, fields: dict[str, Any], where: str) -> OpParams:
+    try:
+        return op.params_model.model_validate(fields)
+    except ValidationError as e:
+        raise validation_error(e, op.params_model, where=where, what=f"op '{op.name}'") from None
+
+
+def _output(name: str, raw: Any, where: str) -> OutputDef:
+    if raw is None:
+        raw = {}
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    if not isinstance(raw, Mapping):
+        raise MergerError(
+            f"output '{name}' must be a mapping",
+            where=where,
+            fix="write `name: {node: blend, path: blend.safetensors}`",
+        )
+    try:
+        model = OutputModel.model_validate(dict(raw))
+    except ValidationError as e:
+        raise validation_error(e, OutputModel, where=where, what="an output") from None
+    path = model.path or f"{name}.safetensors"
+    if has_control(path) or not path.strip():
+        raise MergerError(
+            f"output path {path!r} is empty or holds a control character (NUL, a line break, ...)",
+            where=f"{where}.path",
+            fix="give a plain file name such as blend.safetensors",
+        )
+    if not path.lower().endswith(OUTPUT_SUFFIXES):
+        raise MergerError(
+            f"output path '{path}' has an unknown format",
+            where=f"{where}.path",
+            fix="end the path in .safetensors (recommended) or .pth",
+        )
+    return OutputDef(name, model.node or name, path, model.dtype, model.layout, model.overwrite)
+
+
+RESERVED_FILES = ("merge_report.json", "merger.log", "sweep_report.json")
+
+
+def _check_output_paths(outputs: dict[str, OutputDef], file: str) -> None:
+    """Two outputs (or an output and a .pth's provenance .json, or the run report) may not share a file."""
+    taken: dict[str, str] = {name: "merger's own run files" for name in RESERVED_FILES}
+    for output in outputs.values():
+        paths = [os.path.normpath(p) for p in (output.path, output.side_file) if p is not None]
+        for path in paths:
+            other = taken.get(path)
+            if os.path.basename(path) in RESERVED_FILES:  # in any folder: a sweep reads every job's report
+                other = "merger's own run files"
+            if other is not None or path.startswith(".hydra" + os.sep):
+                raise MergerError(
+                    f"output '{output.name}' would write '{path}', which {other or 'Hydra'} already writes",
+                    where=f"{file}, outputs.{output.name}.path",
+                    fix="give each output its own path",
+                )
+            taken[path] = f"output '{output.name}'"
+
+
+def build_recipe(config: Mapping[str, Any], registry: OpRegistry, *, file: str) -> Recipe:
+    """Validate resolved config data into a Recipe (references are checked by the graph)."""
+    for section in SECTIONS:
+        entries = config.get(section)
+        if isinstance(entries, Mapping) and len(entries) > MAX_RECIPE_NODES:
+            raise MergerError(
+                f"'{section}' has {len(entries)} entries, more than the limit of {MAX_RECIPE_NODES}",
+                where=f"{file}, {section}",
+                fix="split the work into several recipes (a glob source counts as one entry)",
+            )
+    sources = {n: _source(n, raw, f"{file}, sources.{n}") for n, raw in _mapping(config, "sources", file).items()}
+    nodes = {n: _node(n, raw, registry, f"{file}, nodes.{n}") for n, raw in _mapping(config, "nodes", file).items()}
+    outputs = {n: _output(n, raw, f"{file}, outputs.{n}") for n, raw in _mapping(config, "outputs", file).items()}
+    if not outputs:
+        raise MergerError(
+            "the recipe has no outputs, so there is nothing to compute",
+            where=file,
+            fix="add an outputs section, e.g. outputs: {blend: {node: blend}}",
+        )
+    _check_output_paths(outputs, file)
+    clash = sorted(set(sources) & set(nodes))
+    if clash:
+        raise MergerError(
+            f"'{clash[0]}' is both a source and a node",
+            where=f"{file}, nodes.{clash[0]}",
+            fix="give the node another name",
+        )
+    try:
+        settings = Settings.model_validate({k: config[k] for k in SETTINGS if k in config and config[k] is not None})
+    except ValidationError as e:
+        raise validation_error(e, Settings, where=file, what="the run settings") from None
+    variables = {k: v for k, v in config.items() if k not in SECTIONS and k not in SETTINGS}
+    return Recipe(file, sources, nodes, outputs, settings, variables)
