@@ -10,7 +10,7 @@ written. Other sweepers (Optuna's, say) run as they are; each job checks itself 
 from dataclasses import dataclass
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # see merger.cli.hydra_private
 from hydra.core.config_store import ConfigStore
 
 

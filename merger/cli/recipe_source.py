@@ -18,9 +18,9 @@ from typing import Any
 from hydra.core.object_type import ObjectType
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
 from omegaconf import OmegaConf
-from omegaconf._utils import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
+from merger.cli.hydra_private import list_add_result, normalize_file_name, yaml_loader
 from merger.core.limits import MAX_RECIPE_BYTES
 from merger.core.regular_file import open_regular
 from merger.errors import MergerError, shown
@@ -66,7 +66,7 @@ def _checked_yaml(text: str, label: str) -> Any:
     """The YAML document, parsed once with OmegaConf's loader, its node graph checked before it is built."""
     stream = io.StringIO(text)
     stream.name = label  # YAML errors name the file
-    loader = get_yaml_loader()(stream)
+    loader = yaml_loader()(stream)
     try:
         try:
             root = loader.get_single_node()
@@ -130,7 +130,7 @@ class RecipeDirSource(ConfigSource):
         return parts[1] if len(parts) > 1 else ""
 
     def load_config(self, config_path: str) -> ConfigResult:
-        inner = self._in_group(self._normalize_file_name(config_path))
+        inner = self._in_group(normalize_file_name(self, config_path))
         file = self._root() / inner if inner else None
         if file is None or not file.is_file():
             raise ConfigLoadError(f"Config not found : {config_path}")
@@ -155,7 +155,7 @@ class RecipeDirSource(ConfigSource):
         return inner is not None and (self._root() / inner).is_dir()
 
     def is_config(self, config_path: str) -> bool:
-        inner = self._in_group(self._normalize_file_name(config_path))
+        inner = self._in_group(normalize_file_name(self, config_path))
         return bool(inner) and (self._root() / str(inner)).is_file()
 
     def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
@@ -169,5 +169,5 @@ class RecipeDirSource(ConfigSource):
         found: list[str] = []
         for entry in sorted(os.listdir(directory)):
             if entry.endswith(".yaml") or (directory / entry).is_dir():
-                self._list_add_result(found, f"{config_path}/{entry}", entry, results_filter)
+                list_add_result(self, found, f"{config_path}/{entry}", entry, results_filter)
         return sorted(set(found))

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Override, RangeSweep
 from hydra.errors import HydraException
@@ -22,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from merger.cli.failure import fail, wants_traceback
 from merger.cli.hydra_errors import explain_hydra_error
+from merger.cli.hydra_private import split_jobs
 from merger.cli.job_config import MAX_PREFLIGHT_JOBS, check_jobs
 from merger.core.limits import MAX_SWEEP_JOBS
 from merger.errors import MergerError
@@ -52,8 +52,7 @@ def _jobs(config_loader: Any, master: DictConfig, overrides: list[str]) -> tuple
             where="the sweep (the command line and hydra.sweeper.params)",
             fix="sweep fewer values, or search with hydra/sweeper=optuna",
         )
-    (jobs,) = BasicSweeper.split_arguments(parsed, None)
-    return jobs, total
+    return split_jobs(parsed), total
 
 
 def check_sweep(config_loader: Any, master: DictConfig, overrides: list[str]) -> None:

@@ -1,7 +1,7 @@
 """Merge operations: pure maths on arrays, one module per family; the op contract (base), the typed
 parameters they take (params), and the explicit registry of built-in ops.
 
-May import: merger.core.
+May import: merger.core, merger.archs.
 """
 
 from __future__ import annotations

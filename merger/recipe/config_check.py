@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from merger.core.limits import MAX_YAML_NODES
@@ -26,23 +26,28 @@ from merger.recipe.model import SECTIONS, SETTINGS
 _REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_-]*)(?=[\s.}\[])")
 
 
+def _raw(config: DictConfig) -> Any:
+    """The config as plain data, interpolations left unresolved (`${alpha}` stays a string)."""
+    return OmegaConf.to_container(config, resolve=False)
+
+
 def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
-    """(dotted path, raw value) for every leaf, interpolations left unresolved."""
-    if isinstance(node, DictConfig):
-        for key in node:
-            child = node._get_node(key)  # the node itself: reading a value would resolve it
-            yield from _walk(child, f"{path}.{key!s}" if path else str(key))
-    elif isinstance(node, ListConfig):
-        for i in range(len(node)):
-            yield from _walk(node._get_node(i), f"{path}[{i}]")
-    else:
-        yield path, node._value() if hasattr(node, "_value") else node
+    """(dotted path, raw value) for every leaf of plain config data, iteratively."""
+    pending: list[tuple[str, Any]] = [(path, node)]
+    while pending:
+        place, item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend((f"{place}.{k!s}" if place else str(k), v) for k, v in reversed(list(item.items())))
+        elif isinstance(item, list):
+            pending.extend((f"{place}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+        else:
+            yield place, item
 
 
 def referenced_names(config: DictConfig) -> set[str]:
     """Top-level names that some interpolation refers to (`${alpha}`, `${nodes.x.alpha}`)."""
     names: set[str] = set()
-    for _, value in _walk(config, ""):
+    for _, value in _walk(_raw(config), ""):
         if isinstance(value, str) and "${" in value:
             names.update(_REFERENCE.findall(value))
     return names
@@ -55,21 +60,19 @@ def _structure(config: DictConfig) -> tuple[dict[str, list[str]], dict[str, list
     """(children of each container path, the references of each leaf path), without resolving."""
     children: dict[str, list[str]] = {}
     references: dict[str, list[str]] = {}
-    pending: list[tuple[str, Any]] = [("", config)]
+    pending: list[tuple[str, Any]] = [("", _raw(config))]
     while pending:
         path, node = pending.pop()
-        if isinstance(node, DictConfig | ListConfig):
+        if isinstance(node, dict | list):
             items = (
-                [(f"{path}.{k!s}" if path else str(k), node._get_node(k)) for k in node]
-                if isinstance(node, DictConfig)
-                else [(f"{path}[{i}]", node._get_node(i)) for i in range(len(node))]
+                [(f"{path}.{k!s}" if path else str(k), v) for k, v in node.items()]
+                if isinstance(node, dict)
+                else [(f"{path}[{i}]", v) for i, v in enumerate(node)]
             )
             children[path] = [p for p, _ in items]
             pending.extend(items)
-        else:
-            value = node._value() if hasattr(node, "_value") else node
-            if isinstance(value, str) and "${" in value:
-                references[path] = _WHOLE_REFERENCE.findall(value)
+        elif isinstance(node, str) and "${" in node:
+            references[path] = _WHOLE_REFERENCE.findall(node)
     return children, references
 
 
@@ -140,7 +143,7 @@ def check_environment_reads(config: DictConfig, file: str, command_line: set[str
     """A recipe file reads the environment only where the user allowed it (allow_env=true)."""
     if config.get("allow_env") is True:
         return
-    for path, value in _walk(config, ""):
+    for path, value in _walk(_raw(config), ""):
         if isinstance(value, str) and _ENV_READ.search(value) and not _given_on_command_line(path, command_line):
             variable = _ENV_READ.search(value)
             name = variable.group(1).strip() if variable else "?"
@@ -154,7 +157,7 @@ def check_environment_reads(config: DictConfig, file: str, command_line: set[str
 
 def resolve(config: DictConfig, file: str) -> dict[str, Any]:
     """Plain data with every interpolation resolved."""
-    for path, value in _walk(config, ""):
+    for path, value in _walk(_raw(config), ""):
         if isinstance(value, str) and "${" in value:
             try:
                 OmegaConf.select(config, path, throw_on_missing=True)
