@@ -11,22 +11,71 @@ import difflib
 import errno
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 EXIT_USER_ERROR = 2
 
 
-class MergerError(Exception):
-    """A user error: `what` happened, `where` (file, node, key), `fix` to try."""
+@dataclass(frozen=True)
+class Location:
+    """Where an error is: the recipe file, the dotted place in it (`sources.a`, `nodes.blend.alpha`,
+    `outputs.x.path`), the model file, and anything else (`cache_dir`, `the command line`)."""
 
-    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None) -> None:
+    recipe: str | None = None
+    place: str | None = None
+    model: str | None = None
+    other: str | None = None
+
+    def at(self, place: str) -> Location:
+        """A place inside this one: `nodes.blend` at `alpha` is `nodes.blend.alpha`."""
+        joined = f"{self.place}.{place}" if self.place and place and not place.startswith("[") else place
+        joined = f"{self.place}{place}" if self.place and place.startswith("[") else joined
+        return Location(self.recipe, joined or self.place, self.model, self.other)
+
+    def within(self, outer: Location) -> Location:
+        """This location, with what `outer` knows and this one does not (the recipe, the source)."""
+        return Location(
+            self.recipe or outer.recipe,
+            self.place if outer.place is None or self.place == outer.place else _join(outer.place, self.place),
+            self.model or outer.model,
+            ", ".join(p for p in (outer.other, self.other) if p) or None,
+        )
+
+    def __str__(self) -> str:
+        return ", ".join(p for p in (self.recipe, self.place, self.model, self.other) if p)
+
+
+def _join(outer: str, inner: str | None) -> str:
+    return f"{outer}, {inner}" if inner else outer
+
+
+#: a location, or (where nothing finer is known) its text
+Where = Location | str
+
+
+def at(where: Where, place: str) -> Where:
+    """A place inside `where` (a Location's dotted place, or text joined with a dot)."""
+    return where.at(place) if isinstance(where, Location) else f"{where}.{place}"
+
+
+class MergerError(Exception):
+    """A user error: `what` happened, `where` (a Location: recipe file, place, model file), `fix` to try."""
+
+    def __init__(self, what: str, *, where: Location | str | None = None, fix: str | None = None) -> None:
         super().__init__(what)
         self.what = what
-        self.where = where
+        self.location = where if isinstance(where, Location) else Location(other=where) if where else None
         self.fix = fix
 
-    def located(self, where: str) -> MergerError:
-        """The same error with `where` prefixed by an outer location (e.g. the recipe file)."""
-        inner = f"{where}, {self.where}" if self.where else where
+    @property
+    def where(self) -> str | None:
+        """The location as the block prints it."""
+        return str(self.location) if self.location is not None else None
+
+    def located(self, outer: Location | str) -> MergerError:
+        """The same error, located within an outer location (e.g. the recipe and `sources.<name>`)."""
+        outside = outer if isinstance(outer, Location) else Location(other=outer)
+        inner = self.location.within(outside) if self.location is not None else outside
         return MergerError(self.what, where=inner, fix=self.fix)
 
     def render(self) -> str:

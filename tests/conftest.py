@@ -120,6 +120,28 @@ class Collector:
         return out
 
 
+def read_tensor(reader: Any, key: str) -> torch.Tensor:
+    """One whole tensor of a SafetensorsReader, as torch (tests compare what files hold)."""
+    from merger.core.tensor_bytes import tensor_from_buffer
+
+    spec = reader.header.tensors[key]
+    buffer = bytearray(spec.nbytes)
+    reader.read_into(key, 0, spec.nbytes, memoryview(buffer))
+    return tensor_from_buffer(buffer, spec.dtype, spec.shape)
+
+
+def write_tensor(writer: Any, key: str, tensor: torch.Tensor | bytes) -> None:
+    """A whole tensor (or its raw bytes) into a SafetensorsWriter, through its one way in: write_chunk."""
+    from merger.core.tensor_bytes import tensor_memoryview
+
+    data = tensor if isinstance(tensor, bytes) else tensor_memoryview(tensor.contiguous())
+    if not isinstance(tensor, bytes):
+        planned, got = writer.specs.get(key), spec_of({key: tensor})[key]
+        if planned is not None and planned != got:
+            raise RuntimeError(f"tensor {key!r} is {got.describe()}, planned {planned.describe()}")
+    writer.write_chunk(key, data)
+
+
 def spec_of(model: StateDict) -> dict[str, TensorSpec]:
     from merger.core.tensor_bytes import dtype_code
 

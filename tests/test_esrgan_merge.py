@@ -9,14 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from merger.archs import esrgan
-from merger.core.specs import TensorSpec
-from merger.core.tensor_bytes import dtype_code
-from tests.conftest import RunRecipe, expect_error, load
+from tests.conftest import RunRecipe, expect_error, load, spec_of
 from tests.esrgan_models import old_layout, to_layout
-
-
-def spec_of(sd: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    return {k: TensorSpec(dtype_code(v.dtype), tuple(v.shape)) for k, v in sd.items()}
 
 
 @pytest.fixture

@@ -430,10 +430,11 @@ def test_shape_mismatch_fails_in_prepare_before_any_tensor_is_read(
 ) -> None:
     save_file(tiny_state_dict(3, width=4), launch_dir / "models" / "narrow.safetensors")
 
-    def no_reads(self: SafetensorsReader, key: str) -> Any:
+    def no_reads(self: SafetensorsReader, key: str, *args: Any) -> Any:
         raise AssertionError(f"prepare read tensor {key!r}")
 
-    monkeypatch.setattr(SafetensorsReader, "read_tensor", no_reads)
+    monkeypatch.setattr(SafetensorsReader, "read_into", no_reads)  # every tensor read goes through it
+    monkeypatch.setattr("os.preadv", lambda *args: pytest.fail("prepare read tensor data"))
     error = expect_error(lambda: _prepare(lerp_recipe(0.5, b="models/narrow.safetensors"), launch_dir))
     assert error.where is not None
     assert "nodes.blend" in error.where

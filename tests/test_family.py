@@ -15,23 +15,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.core.specs import TensorSpec
 from merger.engine.family import FAMILY_THRESHOLD, compare
-from tests.conftest import BytesSource, RunRecipe, fine_tune, tiny_state_dict
+from tests.conftest import BytesSource, RunRecipe, fine_tune, spec_of, tiny_state_dict
 
 StateDict = dict[str, torch.Tensor]
 WEIGHT_TENSORS = 3  # tiny_state_dict's tensors of two or more dimensions
 
 
-def _spec_of(sd: StateDict) -> dict[str, TensorSpec]:
-    from merger.core.tensor_bytes import dtype_code
-
-    return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
-
-
 def _compare(*models: StateDict, names: tuple[str, ...] | None = None) -> Any:
     names = names or tuple(f"m{i}" for i in range(len(models)))
-    return compare([BytesSource.of(m) for m in models], [_spec_of(m) for m in models], names)
+    return compare([BytesSource.of(m) for m in models], [spec_of(m) for m in models], names)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ and how to fix it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,7 +59,8 @@ def test_valid_recipe_is_built_into_typed_definitions() -> None:
     assert node.inputs == ("a", "b")
     assert node.params.alpha == 0.5  # type: ignore[attr-defined]
     assert node.params.keys == "strict"  # type: ignore[attr-defined]
-    assert recipe.where("nodes.blend") == "r.yaml, nodes.blend"
+    where = recipe.where("nodes.blend")
+    assert (where.recipe, where.place, str(where)) == ("r.yaml", "nodes.blend", "r.yaml, nodes.blend")
 
 
 # --- nodes ----------------------------------------------------------------------------------------
@@ -365,3 +367,22 @@ def test_variables_are_collected() -> None:
     recipe = build(recipe_data(alpha=0.8, tag="v1", seed=3, device="cpu"))
     assert recipe.variables == {"alpha": 0.8, "tag": "v1"}
     assert build(recipe_data()).variables == {}
+
+
+def test_errors_carry_a_structured_location(launch_dir: Path) -> None:
+    from merger.cli.job import prepare
+    from merger.ops import builtin_registry
+
+    (launch_dir / "broken.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
+    data = {
+        "sources": {"a": "broken.safetensors"},
+        "nodes": {"x": {"op": "average", "inputs": ["a"]}},
+        "outputs": {"x": {}},
+    }
+    with pytest.raises(MergerError) as info:
+        prepare(data, builtin_registry(), file="r.yaml", launch_dir=launch_dir)
+    location = info.value.location
+    assert location is not None
+    assert (location.recipe, location.place) == ("r.yaml", "sources.a")
+    assert location.model == str(launch_dir / "broken.safetensors")
+    assert info.value.where == f"r.yaml, sources.a, {launch_dir / 'broken.safetensors'}"

@@ -18,7 +18,7 @@ from merger.core.limits import MAX_JSON_DEPTH, MAX_TENSORS
 from merger.core.specs import TensorSpec
 from merger.errors import MergerError
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
-from tests.conftest import expect_error, tiny_state_dict
+from tests.conftest import expect_error, read_tensor, spec_of, tiny_state_dict, write_tensor
 
 
 def _mixed_state_dict() -> dict[str, torch.Tensor]:
@@ -39,12 +39,6 @@ def _raw_file(path: Path, header: object, data: bytes = b"", *, length: int | No
     prefix = struct.pack("<Q", len(text) if length is None else length)
     path.write_bytes(prefix + text + data)
     return path
-
-
-def _specs(sd: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    from merger.core.tensor_bytes import dtype_code
-
-    return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
 
 
 # --- read_header on files written by the official library -----------------------------------------
@@ -106,7 +100,7 @@ def test_reader_matches_official_load(tmp_path: Path, key: str) -> None:
     expected = load_file(path)[key]
     reader = SafetensorsReader(read_header(path))
     try:
-        got = reader.read_tensor(key)
+        got = read_tensor(reader, key)
     finally:
         reader.close()
     assert got.dtype == expected.dtype
@@ -121,8 +115,8 @@ def test_reader_reads_many_keys_in_any_order(tmp_path: Path) -> None:
     reader = SafetensorsReader(read_header(path))
     try:
         for key in reversed(list(sd)):
-            assert torch.equal(reader.read_tensor(key), sd[key])
-        assert torch.equal(reader.read_tensor("conv_first.bias"), sd["conv_first.bias"])
+            assert torch.equal(read_tensor(reader, key), sd[key])
+        assert torch.equal(read_tensor(reader, "conv_first.bias"), sd["conv_first.bias"])
     finally:
         reader.close()
 
@@ -136,7 +130,7 @@ def test_reader_data_truncated_after_header_was_read(tmp_path: Path) -> None:
         f.truncate(path.stat().st_size - 8)
     reader = SafetensorsReader(header)
     try:
-        error = expect_error(lambda: reader.read_tensor(last))
+        error = expect_error(lambda: read_tensor(reader, last))
     finally:
         reader.close()
     assert "truncated" in error.what
@@ -149,9 +143,9 @@ def test_reader_data_truncated_after_header_was_read(tmp_path: Path) -> None:
 def test_writer_round_trip_read_by_official_library(tmp_path: Path) -> None:
     sd = _mixed_state_dict()
     path = tmp_path / "out.safetensors"
-    writer = SafetensorsWriter(path, _specs(sd), {"a": "1", "b": "two"})
+    writer = SafetensorsWriter(path, spec_of(sd), {"a": "1", "b": "two"})
     for key, tensor in sd.items():
-        writer.write(key, tensor)
+        write_tensor(writer, key, tensor)
     sha = writer.finish()
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
     back = load_file(path)
@@ -175,9 +169,9 @@ def test_writer_write_bytes_and_non_contiguous(tmp_path: Path) -> None:
     specs = {"t": TensorSpec("F32", (4, 3)), "s": TensorSpec("F32", (2, 4)), "raw": TensorSpec("I64", (5,))}
     path = tmp_path / "out.safetensors"
     writer = SafetensorsWriter(path, specs, {})
-    writer.write("t", transposed)
-    writer.write("s", sliced)
-    writer.write_bytes("raw", raw.numpy().tobytes())
+    write_tensor(writer, "t", transposed)
+    write_tensor(writer, "s", sliced)
+    write_tensor(writer, "raw", raw.numpy().tobytes())
     sha = writer.finish()
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
     back = load_file(path)
@@ -190,9 +184,9 @@ def test_writer_finish_patches_same_length_metadata(tmp_path: Path) -> None:
     sd = tiny_state_dict(1)
     path = tmp_path / "out.safetensors"
     placeholder = {"merger.key": "0" * 64, "merger.note": "pending"}
-    writer = SafetensorsWriter(path, _specs(sd), placeholder)
+    writer = SafetensorsWriter(path, spec_of(sd), placeholder)
     for key, tensor in sd.items():
-        writer.write(key, tensor)
+        write_tensor(writer, key, tensor)
     final = {"merger.key": "ab" * 32, "merger.note": "done!!!"}
     sha = writer.finish(metadata=final)
     data = path.read_bytes()
@@ -209,7 +203,7 @@ def test_writer_finish_with_unchanged_metadata_returns_file_sha(tmp_path: Path) 
     path = tmp_path / "out.safetensors"
     meta = {"k": "v"}
     writer = SafetensorsWriter(path, {"w": TensorSpec("F32", (3,))}, meta)
-    writer.write("w", torch.tensor([1.0, 2.0, 3.0]))
+    write_tensor(writer, "w", torch.tensor([1.0, 2.0, 3.0]))
     sha = writer.finish(metadata=dict(meta))
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
     assert read_header(path).metadata == meta
@@ -218,7 +212,7 @@ def test_writer_finish_with_unchanged_metadata_returns_file_sha(tmp_path: Path) 
 def test_writer_finish_patch_with_shorter_metadata(tmp_path: Path) -> None:
     path = tmp_path / "out.safetensors"
     writer = SafetensorsWriter(path, {"w": TensorSpec("F32", (3,))}, {"k": "x" * 40})
-    writer.write("w", torch.tensor([1.0, 2.0, 3.0]))
+    write_tensor(writer, "w", torch.tensor([1.0, 2.0, 3.0]))
     sha = writer.finish(metadata={"k": "short"})
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
     with safe_open(str(path), framework="pt") as f:
@@ -229,7 +223,7 @@ def test_writer_finish_patch_with_shorter_metadata(tmp_path: Path) -> None:
 def test_writer_finish_metadata_that_grows_raises(tmp_path: Path) -> None:
     path = tmp_path / "out.safetensors"
     writer = SafetensorsWriter(path, {"w": TensorSpec("F32", (2,))}, {"k": "0" * 8})
-    writer.write("w", torch.zeros(2))
+    write_tensor(writer, "w", torch.zeros(2))
     with pytest.raises(RuntimeError, match="length"):
         writer.finish(metadata={"k": "0" * 200})
     writer.abort()
@@ -240,35 +234,35 @@ def test_writer_keys_out_of_order_raises(tmp_path: Path) -> None:
     specs = {"a": TensorSpec("F32", (2,)), "b": TensorSpec("F32", (2,))}
     writer = SafetensorsWriter(tmp_path / "out.safetensors", specs, {})
     with pytest.raises(RuntimeError, match="'a'"):
-        writer.write("b", torch.zeros(2))
+        write_tensor(writer, "b", torch.zeros(2))
     writer.abort()
 
 
 def test_writer_unknown_key_raises(tmp_path: Path) -> None:
     writer = SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorSpec("F32", (2,))}, {})
     with pytest.raises(RuntimeError, match="'zzz'"):
-        writer.write("zzz", torch.zeros(2))
+        write_tensor(writer, "zzz", torch.zeros(2))
     writer.abort()
 
 
 def test_writer_wrong_dtype_raises(tmp_path: Path) -> None:
     writer = SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorSpec("F32", (2,))}, {})
     with pytest.raises(RuntimeError, match=r"F16\[2\].*F32\[2\]"):
-        writer.write("a", torch.zeros(2, dtype=torch.float16))
+        write_tensor(writer, "a", torch.zeros(2, dtype=torch.float16))
     writer.abort()
 
 
 def test_writer_wrong_shape_raises(tmp_path: Path) -> None:
     writer = SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorSpec("F32", (2, 3))}, {})
     with pytest.raises(RuntimeError, match=r"F32\[3, 2\].*F32\[2, 3\]"):
-        writer.write("a", torch.zeros(3, 2))
+        write_tensor(writer, "a", torch.zeros(3, 2))
     writer.abort()
 
 
 def test_writer_finish_before_all_tensors_raises(tmp_path: Path) -> None:
     specs = {"a": TensorSpec("F32", (2,)), "b": TensorSpec("F32", (2,))}
     writer = SafetensorsWriter(tmp_path / "out.safetensors", specs, {})
-    writer.write("a", torch.zeros(2))
+    write_tensor(writer, "a", torch.zeros(2))
     with pytest.raises(RuntimeError, match="'b'"):
         writer.finish()
     writer.abort()
@@ -277,7 +271,7 @@ def test_writer_finish_before_all_tensors_raises(tmp_path: Path) -> None:
 def test_writer_abort_removes_file(tmp_path: Path) -> None:
     path = tmp_path / "out.safetensors"
     writer = SafetensorsWriter(path, {"a": TensorSpec("F32", (2,)), "b": TensorSpec("F32", (2,))}, {})
-    writer.write("a", torch.zeros(2))
+    write_tensor(writer, "a", torch.zeros(2))
     assert path.exists()
     writer.abort()
     assert not path.exists()

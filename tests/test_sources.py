@@ -14,7 +14,7 @@ import merger
 from merger.core.specs import TensorSpec
 from merger.core.tensor_bytes import tensor_from_buffer
 from merger.io.sources import locate, open_source, resolve_path
-from tests.conftest import expect_error, tiny_state_dict
+from tests.conftest import expect_error, spec_of, tiny_state_dict
 
 WHERE = "test.yaml, sources.m"
 
@@ -53,12 +53,6 @@ def _read_all(location_path: Path, key: str | None = None) -> tuple[dict[str, Te
         source.close()
 
 
-def _expected_spec(sd: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    from merger.core.tensor_bytes import dtype_code
-
-    return {k: TensorSpec(dtype_code(t.dtype), tuple(t.shape)) for k, t in sd.items()}
-
-
 # --- locate -----------------------------------------------------------------------------------------
 
 
@@ -81,7 +75,7 @@ def test_locate_single_safetensors_file(tmp_path: Path) -> None:
     assert location.kind == "safetensors"
     assert location.files == (path,)
     spec, tensors = _read_all(path)
-    assert spec == _expected_spec(sd)
+    assert spec == spec_of(sd)
     for key, value in sd.items():
         assert torch.equal(tensors[key], value)
 
@@ -102,7 +96,7 @@ def test_locate_folder_with_model_safetensors(tmp_path: Path) -> None:
     assert location.kind == "folder"
     assert location.files == (folder / "model.safetensors",)
     spec, tensors = _read_all(folder)
-    assert spec == _expected_spec(sd)
+    assert spec == spec_of(sd)
     for key, value in sd.items():
         assert torch.equal(tensors[key], value)
 
@@ -116,7 +110,7 @@ def test_locate_sharded_folder(tmp_path: Path) -> None:
     assert location.files[0] == folder / "model.safetensors.index.json"
     assert set(location.files[1:]) == {folder / name for name in set(weight_map.values())}
     spec, tensors = _read_all(folder)
-    assert spec == _expected_spec(sd)
+    assert spec == spec_of(sd)
     assert set(spec) == set(sd)
     for key, value in sd.items():
         assert tensors[key].dtype == value.dtype
@@ -221,7 +215,7 @@ def test_pth_suffixes_keep_key_and_load(tmp_path: Path, suffix: str) -> None:
     assert location.key == "generator"
     assert location.files == (path,)
     spec, tensors = _read_all(path, "generator")
-    assert spec == _expected_spec(sd)
+    assert spec == spec_of(sd)
     for key, value in sd.items():
         assert torch.equal(tensors[key], value)
 

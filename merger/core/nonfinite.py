@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from merger.errors import MergerError, shown
+from merger.errors import MergerError, Where, shown
 
 #: for dtypes without a numpy float type: (bit mask, value): a value is non-finite when bits & mask == value
 _BIT_TESTS: dict[str, tuple[str, int, int]] = {
@@ -68,7 +68,7 @@ def describe(counts: Mapping[str, int]) -> str:
     return f"{total} non-finite values (NaN or inf) in {len(counts)} {tensors} (first: {first}{more})"
 
 
-def nonfinite_error(where: str, subject: str, key: str, count: int) -> MergerError:
+def nonfinite_error(where: Where, subject: str, key: str, count: int) -> MergerError:
     return MergerError(
         f"{subject}: tensor '{shown(key)}' holds {count} non-finite values (NaN or inf)",
         where=where,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 
-from merger.errors import MergerError, shown
+from merger.errors import MergerError, Where, shown
 
 
-def compile_regex(pattern: str, what: str, *, where: str | None = None) -> re.Pattern[str]:
+def compile_regex(pattern: str, what: str, *, where: Where | None = None) -> re.Pattern[str]:
     """`pattern` compiled; a MergerError naming `what` (e.g. "include") when it is not a valid regex."""
     try:
         return re.compile(pattern)

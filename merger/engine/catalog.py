@@ -15,7 +15,7 @@ from merger.cache.hashing import new_tensor_hasher, source_content_hash
 from merger.cache.memo import MemoEntry, SourceMemo, source_identity
 from merger.core.specs import TensorSpec
 from merger.engine.globbing import bounded_glob
-from merger.errors import MergerError, os_error_block
+from merger.errors import MergerError, Where, os_error_block
 from merger.io.sources import SourceLocation, TensorSource, locate, open_source, resolve_path
 from merger.recipe.model import Recipe, SourceDef
 
@@ -29,7 +29,7 @@ class SourceHandle:
     """One model file (or folder) of the run."""
 
     def __init__(
-        self, name: str, location: SourceLocation, memo: SourceMemo, where: str, seen: SpecsSeen | None = None
+        self, name: str, location: SourceLocation, memo: SourceMemo, where: Where, seen: SpecsSeen | None = None
     ) -> None:
         self.name = name
         self.location = location
@@ -78,7 +78,7 @@ class SourceHandle:
 
     def _located(self, error: MergerError) -> MergerError:
         """An error in the model file, told with the recipe and `sources.<name>` that brought it in."""
-        if error.where and error.where.startswith(self.where):
+        if error.where and error.where.startswith(str(self.where)):
             return error
         return error.located(self.where)
 

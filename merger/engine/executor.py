@@ -25,6 +25,7 @@ from merger.core.specs import TensorSpec
 from merger.engine.plan import Plan, PlannedNode, presented_spec
 from merger.engine.progress import Progress
 from merger.engine.provenance import node_metadata
+from merger.errors import Where
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ NONFINITE_NOTE = "nonfinite"
 class _NonFiniteWatch:
     """Counts a node's non-finite values as its pipeline reports them; raises under `nonfinite: error`."""
 
-    def __init__(self, node: PlannedNode, where: str) -> None:
+    def __init__(self, node: PlannedNode, where: Where) -> None:
         self._node = node
         self._where = where
         self._lock = threading.Lock()

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from merger.core.limits import MAX_GLOB_ENTRIES, MAX_GLOB_FILES
-from merger.errors import MergerError
+from merger.errors import MergerError, Where
 
 _MAGIC = frozenset("*?[")
 
@@ -23,7 +23,7 @@ def _magic(part: str) -> bool:
     return any(c in _MAGIC for c in part)
 
 
-def bounded_glob(pattern: Path, *, where: str, shown_as: str) -> list[Path]:
+def bounded_glob(pattern: Path, *, where: Where, shown_as: str) -> list[Path]:
     """The sorted paths that match the absolute `pattern`."""
     parts = pattern.parts
     first = next((i for i, p in enumerate(parts) if _magic(p)), len(parts))
@@ -73,7 +73,7 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _too_much(what: str, where: str, pattern: str) -> MergerError:
+def _too_much(what: str, where: Where, pattern: str) -> MergerError:
     return MergerError(
         f"glob '{pattern}' {what}, the limit",
         where=where,

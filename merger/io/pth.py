@@ -55,7 +55,7 @@ from typing import IO, Any
 from merger.core.limits import MIB, PICKLE_BASE_BYTES, PICKLE_BYTES_PER_STORAGE
 from merger.core.regular_file import open_regular
 from merger.core.specs import DTYPE_SIZES, TensorSpec
-from merger.errors import MergerError, shown
+from merger.errors import Location, MergerError, shown
 from merger.io.pickle_safe import (
     WORK_PER_BYTE,
     DType,
@@ -107,7 +107,9 @@ class PthSource:
         try:
             self._fd = _opened(path)
         except OSError as e:
-            raise MergerError(f"cannot read '{path}': {e.strerror}", where=str(path), fix=_READABLE) from None
+            raise MergerError(
+                f"cannot read '{path}': {e.strerror}", where=Location(model=str(path)), fix=_READABLE
+            ) from None
         try:
             if layout is not None:
                 self._plans = _plans_from_layout(path, layout, os.fstat(self._fd).st_size)
@@ -146,7 +148,7 @@ class PthSource:
                 done += n
         except OSError as e:
             raise MergerError(
-                f"cannot read '{self._path}': {e.strerror}", where=str(self._path), fix=_READABLE
+                f"cannot read '{self._path}': {e.strerror}", where=Location(model=str(self._path)), fix=_READABLE
             ) from None
         return view
 
@@ -182,7 +184,7 @@ def _opened(path: Path) -> int:
 def _unreadable(path: Path, detail: str, fix: str | None = None) -> MergerError:
     return MergerError(
         f"cannot read '{path}' as a PyTorch checkpoint: {detail}",
-        where=str(path),
+        where=Location(model=str(path)),
         fix=fix or "check that the file is a complete torch.save() checkpoint (re-download or re-save it)",
     )
 
@@ -215,11 +217,13 @@ def _load(path: Path, fd: int) -> tuple[Any, dict[str, tuple[int, int]]]:
     except MergerError:
         raise
     except PickleRefused as e:
-        raise MergerError(f"refused to load '{path}': {e.what}", where=str(path), fix=e.fix) from None
+        raise MergerError(f"refused to load '{path}': {e.what}", where=Location(model=str(path)), fix=e.fix) from None
     except PickleCorrupt as e:
         raise _unreadable(path, str(e), e.fix) from None
     except OSError as e:
-        raise MergerError(f"cannot read '{path}': {e.strerror or e}", where=str(path), fix=_READABLE) from None
+        raise MergerError(
+            f"cannot read '{path}': {e.strerror or e}", where=Location(model=str(path)), fix=_READABLE
+        ) from None
     except _ERRORS as e:
         raise _unreadable(path, _detail(e)) from None
     finally:
@@ -461,7 +465,7 @@ def unwrap(obj: Any, key: str | None, path: Path) -> dict[str, Tensor]:
                 available = _describe_keys(obj) if isinstance(obj, PickleDict) else _type_name(obj)
                 raise MergerError(
                     f"'{path}' has no entry '{part}' (of key: {key})",
-                    where=str(path),
+                    where=Location(model=str(path)),
                     fix=f"choose the state dict with key: one of {available}",
                 )
             obj = obj.get(part)
@@ -476,7 +480,7 @@ def unwrap(obj: Any, key: str | None, path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, PickleDict):
         raise MergerError(
             f"'{path}' holds a {_type_name(obj)}, not a state dict",
-            where=str(path),
+            where=Location(model=str(path)),
             fix="save a dict of tensors (model.state_dict())",
         )
     tensors: dict[str, Tensor] = {}
@@ -489,7 +493,7 @@ def unwrap(obj: Any, key: str | None, path: Path) -> dict[str, Tensor]:
     if not tensors:
         raise MergerError(
             f"'{path}' holds no tensors at this level: {_describe_keys(obj)}",
-            where=str(path),
+            where=Location(model=str(path)),
             fix="name the dict that holds the weights with key: (e.g. key: generator)",
         )
     if all(k.startswith(DATAPARALLEL_PREFIX) for k in tensors):
@@ -506,7 +510,7 @@ def _plan(path: Path, tensors: dict[str, Tensor], storages: dict[str, tuple[int,
         if dtype.code is None:
             raise MergerError(
                 f"tensor '{shown(name)}' in '{path}' has dtype torch.{dtype.name}, which merger does not merge",
-                where=str(path),
+                where=Location(model=str(path)),
                 fix="save the weights as float32, float16, bfloat16 or an integer dtype",
             )
         numel = math.prod(shape)
@@ -524,7 +528,7 @@ def _plan(path: Path, tensors: dict[str, Tensor], storages: dict[str, tuple[int,
             raise MergerError(
                 f"refused to load '{path}': tensor '{shown(name)}' has shape {list(shape)} ({nbytes} bytes) but its"
                 f" storage holds only {ref.nbytes} bytes (a stride-0 expand or an overlapping view)",
-                where=str(path),
+                where=Location(model=str(path)),
                 fix=f"re-save that tensor as real data: sd['{shown(name)}'] = sd['{shown(name)}'].contiguous().clone()",
             )
         total += nbytes
@@ -541,7 +545,7 @@ def _plan(path: Path, tensors: dict[str, Tensor], storages: dict[str, tuple[int,
         raise MergerError(
             f"refused to load '{path}': its tensors add up to {total} bytes from {sum(roots.values())} bytes of"
             f" storage (more than {ALIAS_FACTOR}x plus {ALIAS_SLACK_BYTES // MIB} MiB): many keys view the same data",
-            where=str(path),
+            where=Location(model=str(path)),
             fix="re-save each tensor as its own data: {k: t.clone() for k, t in sd.items()}",
         )
     return plans

@@ -27,10 +27,10 @@ from merger.core.limits import MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
 from merger.core.regular_file import open_regular
 from merger.core.specs import DTYPE_SIZES, TensorSpec
 from merger.core.strict_json import JSONError, kind, loads_strict, measure, paused_gc, short
-from merger.errors import MergerError
+from merger.errors import Location, MergerError
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 ALIGNMENT = 8
 WRITEBACK_BYTES = 64 * 1024 * 1024
@@ -82,7 +82,7 @@ class SafetensorsHeader:
 def _bad_file(path: Path, why: str) -> MergerError:
     return MergerError(
         f"'{path}' is not a valid safetensors file: {why}",
-        where=str(path),
+        where=Location(model=str(path)),
         fix="check that the file was fully written (re-download or re-save it)",
     )
 
@@ -116,7 +116,7 @@ def read_header(path: Path) -> SafetensorsHeader:
                 raise _bad_file(path, f"truncated header ({length} bytes declared, {file_size - 8} in the file)")
             raw = f.read(length)
     except OSError as e:
-        raise MergerError(f"cannot read '{path}': {e.strerror}", where=str(path)) from None
+        raise MergerError(f"cannot read '{path}': {e.strerror}", where=Location(model=str(path))) from None
     if len(raw) < length:
         raise _bad_file(path, f"truncated header ({length} bytes declared, {len(raw)} read)")
     data_start = 8 + length
@@ -327,18 +327,6 @@ class SafetensorsReader:
             done += n
         return view
 
-    def read_bytes(self, key: str) -> bytearray:
-        begin, end = self.header.offsets[key]
-        buffer = bytearray(end - begin)
-        self.read_into(key, 0, end - begin, memoryview(buffer))
-        return buffer
-
-    def read_tensor(self, key: str) -> torch.Tensor:
-        from merger.core.tensor_bytes import tensor_from_buffer
-
-        spec = self.header.tensors[key]
-        return tensor_from_buffer(self.read_bytes(key), spec.dtype, spec.shape)
-
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -410,23 +398,6 @@ class SafetensorsWriter:
             raise RuntimeError(f"writer got {len(data)} bytes for {key!r}, {self._left} due for {self._key!r}")
         self._write(memoryview(data).cast("B") if len(data) else b"")
         self._left -= len(data)
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        """A whole torch tensor, checked against its planned dtype and shape."""
-        from merger.core.tensor_bytes import dtype_code, tensor_memoryview
-
-        spec = self.specs.get(key)
-        got = TensorSpec(dtype_code(tensor.dtype), tuple(tensor.shape))
-        if spec is not None and got != spec:
-            raise RuntimeError(f"tensor {key!r} is {got.describe()}, planned {spec.describe()}")
-        self.write_bytes(key, tensor_memoryview(tensor.contiguous()))
-
-    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        """A whole tensor given as raw bytes (already in the planned dtype)."""
-        spec = self.specs.get(key)
-        if spec is None or len(data) != spec.nbytes or self._left:
-            raise RuntimeError(f"writer expected all {spec.nbytes if spec else '?'} bytes of {key!r}")
-        self.write_chunk(key, data)
 
     def finish(self, metadata: Mapping[str, str] | None = None) -> str:
         """Flush, patch the metadata if given, fsync, close; returns the file's sha256."""

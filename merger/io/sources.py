@@ -19,7 +19,7 @@ from merger.core.limits import MAX_INDEX_BYTES, MAX_TENSORS
 from merger.core.regular_file import open_regular
 from merger.core.specs import TensorSpec
 from merger.core.strict_json import JSONError, kind, loads_strict, short
-from merger.errors import MergerError, shown
+from merger.errors import MergerError, Where, shown
 from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, read_header
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class SourceLocation:
     key: str | None = None
 
 
-def resolve_path(text: str, launch_dir: Path, *, where: str) -> Path:
+def resolve_path(text: str, launch_dir: Path, *, where: Where) -> Path:
     """A recipe's path: relative to the launch directory, or `pkg://<package>/<file>`
     for a file shipped inside an installed Python package (the demo models). The package
     is found, never imported: importing it would run its code."""
@@ -65,7 +65,7 @@ def resolve_path(text: str, launch_dir: Path, *, where: str) -> Path:
     return launch_dir / Path(text).expanduser()
 
 
-def _package_file(package: str, inner: str, text: str, where: str) -> Path:
+def _package_file(package: str, inner: str, text: str, where: Where) -> Path:
     problem = None
     if not package.isidentifier():
         problem = f"'{shown(package)}' is not a top-level package name"
@@ -86,7 +86,7 @@ def _package_file(package: str, inner: str, text: str, where: str) -> Path:
     raise MergerError(problem, where=where, fix="write pkg://<installed package>/<file inside it>")
 
 
-def locate(path: Path, key: str | None, *, where: str) -> SourceLocation:
+def locate(path: Path, key: str | None, *, where: Where) -> SourceLocation:
     """Check that `path` is a model merger can read, and list its files."""
     if not path.exists():
         hint = "check the path (relative paths resolve against the directory you ran merger in)"
@@ -107,7 +107,7 @@ def locate(path: Path, key: str | None, *, where: str) -> SourceLocation:
     )
 
 
-def _no_key(key: str | None, path: Path, where: str) -> None:
+def _no_key(key: str | None, path: Path, where: Where) -> None:
     if key is not None:
         raise MergerError(
             f"'key: {key}' applies to PyTorch checkpoints, not to '{path}'",
@@ -116,7 +116,7 @@ def _no_key(key: str | None, path: Path, where: str) -> None:
         )
 
 
-def _folder_files(folder: Path, where: str) -> tuple[Path, ...]:
+def _folder_files(folder: Path, where: Where) -> tuple[Path, ...]:
     index = folder / FOLDER_INDEX
     if index.is_file():
         shards = sorted(set(_read_index(index, where).values()))
@@ -138,7 +138,7 @@ def _folder_files(folder: Path, where: str) -> tuple[Path, ...]:
     )
 
 
-def _read_index(index: Path, where: str) -> dict[str, str]:
+def _read_index(index: Path, where: Where) -> dict[str, str]:
     """A sharded folder's weight_map (tensor name -> shard file), read strictly.
 
     The index is at most MAX_INDEX_BYTES of strict JSON (see merger.core.strict_json),
@@ -235,7 +235,7 @@ class SafetensorsSource:
             reader.close()
 
 
-def open_source(location: SourceLocation, *, where: str) -> TensorSource:
+def open_source(location: SourceLocation, *, where: Where) -> TensorSource:
     if location.kind == "pth":
         from merger.io.pth import PthSource  # the unpickler: only for checkpoints
 

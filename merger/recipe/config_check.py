@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from merger.core.limits import MAX_YAML_NODES
-from merger.errors import MergerError, did_you_mean
+from merger.errors import Location, MergerError, did_you_mean
 from merger.recipe.model import SECTIONS, SETTINGS
 
 _REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_-]*)(?=[\s.}\[])")
@@ -101,7 +101,7 @@ def check_expansion(config: DictConfig, file: str) -> None:
         if sizes[path] > MAX_YAML_NODES:
             raise MergerError(
                 f"the recipe's interpolations expand to more than {MAX_YAML_NODES} values",
-                where=f"{file}, {path}" if path else file,
+                where=Location(file, path or None),
                 fix="refer to values, not to lists of references to lists (MAX_YAML_NODES)",
             )
 
@@ -119,7 +119,7 @@ def check_variables(config: DictConfig, file: str) -> None:
             hint = f"did you mean '{close}'? " if close else ""
             raise MergerError(
                 f"top-level key '{name}' is neither a section, a run setting nor a variable in use",
-                where=f"{file}, {name}",
+                where=Location(file, name),
                 fix=f"{hint}sections: {', '.join(SECTIONS)}; settings: {', '.join(SETTINGS)};"
                 f" a variable must be used as ${{{name}}} somewhere in the recipe",
             )
@@ -150,7 +150,7 @@ def check_environment_reads(config: DictConfig, file: str, command_line: set[str
             raise MergerError(
                 f"'{value}' reads the environment variable {name}; a recipe may read the environment"
                 " only when you allow it",
-                where=f"{file}, {path}",
+                where=Location(file, path),
                 fix="if you trust this recipe, run with allow_env=true; or give the value on the command line",
             )
 
@@ -168,7 +168,7 @@ def resolve(config: DictConfig, file: str) -> dict[str, Any]:
                 hint = f"did you mean '${{{close}}}'? " if close else ""
                 raise MergerError(
                     f"cannot resolve '{value}': {str(e).splitlines()[0]}",
-                    where=f"{file}, {path}",
+                    where=Location(file, path),
                     fix=f"{hint}define the variable at the top of the recipe (e.g. alpha: 0.5)",
                 ) from None
     try:

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from merger.core.limits import MAX_ALIAS_EXPANSIONS, MAX_RECIPE_BYTES, MAX_YAML_NODES
-from merger.errors import MergerError, shown
+from merger.errors import Location, MergerError, shown
 
 #: keys that make Hydra (or logging) call Python code, wherever they appear
 CODE_KEYS = frozenset({"_target_", "_args_", "_partial_", "_convert_", "_recursive_", "()"})
@@ -61,7 +61,7 @@ COMMAND_LINE_FIX = "set it on the command line (merger key=value); a recipe file
 
 
 def _refuse(what: str, label: str, place: str | None, fix: str) -> MergerError:
-    return MergerError(what, where=f"{label}, {place}" if place else label, fix=fix)
+    return MergerError(what, where=Location(label, place), fix=fix)
 
 
 def check_size(size: int, label: str) -> None:

@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from merger.core.limits import MAX_RECIPE_NODES
-from merger.errors import MergerError, did_you_mean, has_control
+from merger.core.strict_model import StrictModel
+from merger.errors import Location, MergerError, did_you_mean, has_control
 from merger.ops.base import AnyOp
 from merger.ops.params import OpParams
 from merger.ops.registry import OpRegistry
@@ -39,21 +40,17 @@ OUTPUT_SUFFIXES = (".safetensors", ".pth")
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class SourceFileModel(_Strict):
+class SourceFileModel(StrictModel):
     path: str
     key: str | None = None
 
 
-class SourceGlobModel(_Strict):
+class SourceGlobModel(StrictModel):
     glob: str
     key: str | None = None
 
 
-class OutputModel(_Strict):
+class OutputModel(StrictModel):
     node: str | None = None
     path: str | None = None
     dtype: Literal["keep", "float32", "float16", "bfloat16"] = "keep"
@@ -61,7 +58,7 @@ class OutputModel(_Strict):
     overwrite: bool = False  # replace an existing file that merger did not write
 
 
-class Settings(_Strict):
+class Settings(StrictModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     cache_dir: str | None = None  # None: $MERGER_CACHE_DIR, else outputs/cache
     cache_max_size: int | str | None = None  # collect the cache down to this size at the end of a run
@@ -121,24 +118,20 @@ class Recipe:
     settings: Settings
     variables: dict[str, Any]
 
-    def where(self, place: str) -> str:
-        return f"{self.file}, {place}"
+    def where(self, place: str) -> Location:
+        return Location(self.file, place)
 
 
-def validation_error(error: ValidationError, model: type[BaseModel], *, where: str, what: str) -> MergerError:
-    """The first problem pydantic found, as a MergerError at `<where>.<field>`.
-
-    `where` is "<file>, <dotted place>" or just "<file>" for top-level settings.
-    """
+def validation_error(error: ValidationError, model: type[BaseModel], *, where: Location, what: str) -> MergerError:
+    """The first problem pydantic found, as a MergerError at `<where>.<field>`."""
     errors = error.errors()
-    joiner = "." if ", " in where else ", "
     schedule_errors = [e for e in errors if {"Rules", "Gradient"} & {str(p) for p in e["loc"]}]
     if schedule_errors and isinstance(schedule_errors[0]["input"], dict):
-        return _schedule_error(schedule_errors, where + joiner)
+        return _schedule_error(schedule_errors, where)
     errors = [e for e in errors if e not in schedule_errors] or errors  # a plain value: say what a number needs
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(part) for part in first["loc"] if str(part) not in UNION_BRANCHES)
-    place = f"{where}{joiner}{loc}" if loc else where
+    place = where.at(loc) if loc else where
     fields = sorted(model.model_fields)
     if first["type"] == "extra_forbidden":
         name = str(first["loc"][-1])
@@ -163,7 +156,7 @@ SCHEDULE_FORMS = (
 )
 
 
-def _schedule_error(schedule_errors: list[Any], prefix: str) -> MergerError:
+def _schedule_error(schedule_errors: list[Any], where: Location) -> MergerError:
     """A parameter that may be a number or a schedule, given neither well."""
     loc = schedule_errors[0]["loc"]
     cut = next(i for i, part in enumerate(loc) if str(part) in ("Rules", "Gradient"))
@@ -173,7 +166,7 @@ def _schedule_error(schedule_errors: list[Any], prefix: str) -> MergerError:
     detail = next((e for e in schedule_errors if branch in [str(p) for p in e["loc"]]), schedule_errors[0])
     inner = ".".join(str(p) for p in detail["loc"][detail["loc"].index(branch) + 1 :])
     problem = f"{detail['msg'].lower()}" + (f" at {inner}" if inner else "")
-    return MergerError(f"'{field}' must be {SCHEDULE_FORMS}; {problem}", where=f"{prefix}{field}", fix=f"fix {field}")
+    return MergerError(f"'{field}' must be {SCHEDULE_FORMS}; {problem}", where=where.at(field), fix=f"fix {field}")
 
 
 def _mapping(config: Mapping[str, Any], section: str, file: str) -> dict[str, Any]:
@@ -183,20 +176,20 @@ def _mapping(config: Mapping[str, Any], section: str, file: str) -> dict[str, An
     if not isinstance(value, Mapping):
         raise MergerError(
             f"'{section}' must be a mapping of name: definition, got {type(value).__name__}",
-            where=f"{file}, {section}",
+            where=Location(file, section),
             fix=f"write {section} as `name: ...` entries (a mapping lets recipes extend each other)",
         )
     for name in value:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise MergerError(
                 f"'{name}' is not a valid name",
-                where=f"{file}, {section}",
+                where=Location(file, section),
                 fix="names start with a letter or _ and use letters, digits, _, - and .",
             )
     return dict(value)
 
 
-def _source(name: str, raw: Any, where: str) -> SourceDef:
+def _source(name: str, raw: Any, where: Location) -> SourceDef:
     if isinstance(raw, str):
         return SourceDef(name, path=raw)
     if isinstance(raw, Mapping) and "glob" in raw:
@@ -218,7 +211,7 @@ def _source(name: str, raw: Any, where: str) -> SourceDef:
     )
 
 
-def _node(name: str, raw: Any, registry: OpRegistry, where: str) -> NodeDef:
+def _node(name: str, raw: Any, registry: OpRegistry, where: Location) -> NodeDef:
     if not isinstance(raw, Mapping):
         raise MergerError(
             f"node '{name}' must be a mapping with op and inputs",
@@ -232,19 +225,19 @@ def _node(name: str, raw: Any, registry: OpRegistry, where: str) -> NodeDef:
     try:
         op = registry.get(op_name)
     except MergerError as e:
-        raise MergerError(e.what, where=f"{where}.op", fix=e.fix) from None
+        raise MergerError(e.what, where=where.at("op"), fix=e.fix) from None
     inputs = fields.pop("inputs", None)
     if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
         raise MergerError(
             f"node '{name}' needs inputs: a non-empty list of source or node names, got {inputs!r}",
-            where=f"{where}.inputs",
+            where=where.at("inputs"),
             fix="write inputs: [a, b] with the names of sources or other nodes",
         )
     nonfinite = fields.pop("nonfinite", None)
     if nonfinite not in (None, "warn", "error"):
         raise MergerError(
             f"nonfinite must be warn or error, got {nonfinite!r}",
-            where=f"{where}.nonfinite",
+            where=where.at("nonfinite"),
             fix="nonfinite: error fails the run when the node's inputs or output hold NaN or inf",
         )
     params = _params(op, fields, where)
@@ -252,14 +245,14 @@ def _node(name: str, raw: Any, registry: OpRegistry, where: str) -> NodeDef:
     return NodeDef(name, op_name, tuple(inputs), params, refs, nonfinite)
 
 
-def _params(op: AnyOp, fields: dict[str, Any], where: str) -> OpParams:
+def _params(op: AnyOp, fields: dict[str, Any], where: Location) -> OpParams:
     try:
         return op.params_model.model_validate(fields)
     except ValidationError as e:
         raise validation_error(e, op.params_model, where=where, what=f"op '{op.name}'") from None
 
 
-def _output(name: str, raw: Any, where: str) -> OutputDef:
+def _output(name: str, raw: Any, where: Location) -> OutputDef:
     if raw is None:
         raw = {}
     if isinstance(raw, str):
@@ -278,13 +271,13 @@ def _output(name: str, raw: Any, where: str) -> OutputDef:
     if has_control(path) or not path.strip():
         raise MergerError(
             f"output path {path!r} is empty or holds a control character (NUL, a line break, ...)",
-            where=f"{where}.path",
+            where=where.at("path"),
             fix="give a plain file name such as blend.safetensors",
         )
     if not path.lower().endswith(OUTPUT_SUFFIXES):
         raise MergerError(
             f"output path '{path}' has an unknown format",
-            where=f"{where}.path",
+            where=where.at("path"),
             fix="end the path in .safetensors (recommended) or .pth",
         )
     return OutputDef(name, model.node or name, path, model.dtype, model.layout, model.overwrite)
@@ -305,7 +298,7 @@ def _check_output_paths(outputs: dict[str, OutputDef], file: str) -> None:
             if other is not None or path.startswith(".hydra" + os.sep):
                 raise MergerError(
                     f"output '{output.name}' would write '{path}', which {other or 'Hydra'} already writes",
-                    where=f"{file}, outputs.{output.name}.path",
+                    where=Location(file, f"outputs.{output.name}.path"),
                     fix="give each output its own path",
                 )
             taken[path] = f"output '{output.name}'"
@@ -318,16 +311,22 @@ def build_recipe(config: Mapping[str, Any], registry: OpRegistry, *, file: str) 
         if isinstance(entries, Mapping) and len(entries) > MAX_RECIPE_NODES:
             raise MergerError(
                 f"'{section}' has {len(entries)} entries, more than the limit of {MAX_RECIPE_NODES}",
-                where=f"{file}, {section}",
+                where=Location(file, section),
                 fix="split the work into several recipes (a glob source counts as one entry)",
             )
-    sources = {n: _source(n, raw, f"{file}, sources.{n}") for n, raw in _mapping(config, "sources", file).items()}
-    nodes = {n: _node(n, raw, registry, f"{file}, nodes.{n}") for n, raw in _mapping(config, "nodes", file).items()}
-    outputs = {n: _output(n, raw, f"{file}, outputs.{n}") for n, raw in _mapping(config, "outputs", file).items()}
+    sources = {
+        n: _source(n, raw, Location(file, f"sources.{n}")) for n, raw in _mapping(config, "sources", file).items()
+    }
+    nodes = {
+        n: _node(n, raw, registry, Location(file, f"nodes.{n}")) for n, raw in _mapping(config, "nodes", file).items()
+    }
+    outputs = {
+        n: _output(n, raw, Location(file, f"outputs.{n}")) for n, raw in _mapping(config, "outputs", file).items()
+    }
     if not outputs:
         raise MergerError(
             "the recipe has no outputs, so there is nothing to compute",
-            where=file,
+            where=Location(file),
             fix="add an outputs section, e.g. outputs: {blend: {node: blend}}",
         )
     _check_output_paths(outputs, file)
@@ -335,12 +334,12 @@ def build_recipe(config: Mapping[str, Any], registry: OpRegistry, *, file: str) 
     if clash:
         raise MergerError(
             f"'{clash[0]}' is both a source and a node",
-            where=f"{file}, nodes.{clash[0]}",
+            where=Location(file, f"nodes.{clash[0]}"),
             fix="give the node another name",
         )
     try:
         settings = Settings.model_validate({k: config[k] for k in SETTINGS if k in config and config[k] is not None})
     except ValidationError as e:
-        raise validation_error(e, Settings, where=file, what="the run settings") from None
+        raise validation_error(e, Settings, where=Location(file), what="the run settings") from None
     variables = {k: v for k, v in config.items() if k not in SECTIONS and k not in SETTINGS}
     return Recipe(file, sources, nodes, outputs, settings, variables)

@@ -22,14 +22,14 @@ from collections import Counter
 from collections.abc import Iterable
 
 from merger.core.patterns import compile_regex
-from merger.errors import MergerError, shown
+from merger.errors import MergerError, Where, at, shown
 from merger.ops.params import Gradient, OpParams, Rules, is_schedule
 
 
 class _Resolved:
     """One schedule, ready to give the value for a key (and the label of the rule used)."""
 
-    def __init__(self, schedule: Rules | Gradient, keys: Iterable[str], where: str) -> None:
+    def __init__(self, schedule: Rules | Gradient, keys: Iterable[str], where: Where) -> None:
         self.schedule = schedule
         if isinstance(schedule, Rules):
             self.patterns: list[re.Pattern[str]] = [
@@ -92,18 +92,18 @@ class KeyedParams:
     """An op's parameters with every schedule resolved, key by key: instances of the op's
     `resolved_model` (numbers only), validated, so a schedule never reaches the maths."""
 
-    def __init__(self, params: OpParams, resolved_model: type[OpParams], keys: list[str], where: str) -> None:
+    def __init__(self, params: OpParams, resolved_model: type[OpParams], keys: list[str], where: Where) -> None:
         self.params = params
         self._model = resolved_model
         self._fields: dict[tuple[str, int | None], _Resolved] = {}
         for name in type(params).model_fields:
             value = getattr(params, name)
             if is_schedule(value):
-                self._fields[(name, None)] = _Resolved(value, keys, f"{where}.{name}")
+                self._fields[(name, None)] = _Resolved(value, keys, at(where, name))
             elif isinstance(value, list):
                 for i, item in enumerate(value):
                     if is_schedule(item):
-                        self._fields[(name, i)] = _Resolved(item, keys, f"{where}.{name}[{i}]")
+                        self._fields[(name, i)] = _Resolved(item, keys, at(where, f"{name}[{i}]"))
         self._cache: dict[tuple[float, ...], OpParams] = {}
         self._usage: dict[str, Counter[str]] = {}
 

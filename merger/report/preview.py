@@ -16,7 +16,7 @@ from typing import Any
 
 from merger.archs import esrgan
 from merger.core.limits import MAX_PREVIEW_PIXELS
-from merger.errors import MergerError, shown
+from merger.errors import MergerError, Where, shown
 from merger.io.safetensors_file import read_header
 from merger.io.sources import locate, open_source
 
@@ -39,7 +39,7 @@ class PreviewImage:
         return "sample" if self.downscale > 1 and self.path == SAMPLE_IMAGE else self.path.stem
 
 
-def preview_images(setting: Any, launch_dir: Path, *, where: str) -> list[PreviewImage]:
+def preview_images(setting: Any, launch_dir: Path, *, where: Where) -> list[PreviewImage]:
     """The images a `preview` setting names (empty when previews are off)."""
     if setting in (None, False, [], ""):
         return []
@@ -61,7 +61,7 @@ def preview_images(setting: Any, launch_dir: Path, *, where: str) -> list[Previe
     return images
 
 
-def check_image(path: Path, where: str) -> None:
+def check_image(path: Path, where: Where) -> None:
     """A preview image must be an image Pillow reads, of at most MAX_PREVIEW_PIXELS (from its header:
     a small PNG can declare a huge canvas, and every pixel is upscaled by each output)."""
     try:
