@@ -26,13 +26,29 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from merger.core.specs import TensorSpec
 
 LAYOUTS = ("old", "new", "basicsr")
 
-#: a role: ("first"|"trunk"|"hr"|"last", 0, 0, "") | ("up", m, 0, "") | ("block", i, k, "conv<j>"|"conv1x1")
-Role = tuple[str, int, int, str]
+
+class Role(NamedTuple):
+    """Where a tensor sits in the network: `first`, `trunk`, `hr`, `last`; `up` stage `number`;
+    or `block` `number`, dense block `dense`, conv `conv` (conv1..conv5, or conv1x1 in ESRGAN+)."""
+
+    kind: str
+    number: int = 0
+    dense: int = 0
+    conv: str = ""
+
+
+class Placed(NamedTuple):
+    """A key's role and whether it is the weight or the bias."""
+
+    role: Role
+    suffix: str
+
 
 _PATTERNS: dict[str, list[tuple[re.Pattern[str], str]]] = {
     "old": [
@@ -80,7 +96,7 @@ class Esrgan:
     in_channels: int  # image channels (the first conv takes in_channels * shuffle**2)
     out_channels: int
     plus: bool  # ESRGAN+ (1x1 convs in the dense blocks)
-    roles: dict[str, tuple[Role, str]]  # key -> (role, "weight"|"bias")
+    roles: dict[str, Placed]  # key -> (role, "weight"|"bias")
 
     def describe(self) -> str:
         extras = f", pixel-unshuffle {self.shuffle}" if self.shuffle > 1 else ""
@@ -121,9 +137,9 @@ def role_key(role: Role, suffix: str, layout: str, upsamples: int, blocks: int) 
     return f"{name}.{suffix}"
 
 
-def _roles(spec: Mapping[str, TensorSpec], layout: str) -> dict[str, tuple[Role, str]] | None:
+def _roles(spec: Mapping[str, TensorSpec], layout: str) -> dict[str, Placed] | None:
     """Every key's role in `layout`, or None when some key has none."""
-    roles: dict[str, tuple[Role, str]] = {}
+    roles: dict[str, Placed] = {}
     tail: dict[int, list[str]] = {}
     block_indices: set[int] = set()
     for key in spec:
@@ -134,16 +150,16 @@ def _roles(spec: Mapping[str, TensorSpec], layout: str) -> dict[str, tuple[Role,
             groups = found.groups()
             if kind == "block":
                 block_indices.add(int(groups[0]))
-                roles[key] = (("block", int(groups[0]), int(groups[1]), groups[2]), groups[3])
+                roles[key] = Placed(Role("block", int(groups[0]), int(groups[1]), groups[2]), groups[3])
             elif kind == "trunk" and layout == "old":
-                roles[key] = (("trunk?", int(groups[0]), 0, ""), groups[1])
+                roles[key] = Placed(Role("trunk?", int(groups[0]), 0, ""), groups[1])
             elif kind == "tail":
                 tail.setdefault(int(groups[0]), []).append(key)
-                roles[key] = (("tail", int(groups[0]), 0, ""), groups[1])
+                roles[key] = Placed(Role("tail", int(groups[0]), 0, ""), groups[1])
             elif kind == "up":
-                roles[key] = (("up", int(groups[0]), 0, ""), groups[1])
+                roles[key] = Placed(Role("up", int(groups[0]), 0, ""), groups[1])
             else:
-                roles[key] = ((kind, 0, 0, ""), groups[0])
+                roles[key] = Placed(Role(kind), groups[0])
             break
         else:
             return None
@@ -153,7 +169,7 @@ def _roles(spec: Mapping[str, TensorSpec], layout: str) -> dict[str, tuple[Role,
             if kind == "trunk?":
                 if index != blocks:
                     return None
-                roles[key] = (("trunk", 0, 0, ""), suffix)
+                roles[key] = Placed(Role("trunk", 0, 0, ""), suffix)
         if not tail:
             return None
         last = max(tail)
@@ -164,17 +180,17 @@ def _roles(spec: Mapping[str, TensorSpec], layout: str) -> dict[str, tuple[Role,
             if kind != "tail":
                 continue
             if index == last:
-                roles[key] = (("last", 0, 0, ""), suffix)
+                roles[key] = Placed(Role("last", 0, 0, ""), suffix)
             elif index == last - 2:
-                roles[key] = (("hr", 0, 0, ""), suffix)
+                roles[key] = Placed(Role("hr", 0, 0, ""), suffix)
             elif index % 3 == 0 and 1 <= index // 3 <= upsamples:
-                roles[key] = (("up", index // 3, 0, ""), suffix)
+                roles[key] = Placed(Role("up", index // 3, 0, ""), suffix)
             else:
                 return None
     return roles
 
 
-def _shape(spec: Mapping[str, TensorSpec], roles: dict[str, tuple[Role, str]], kind: str) -> tuple[int, ...] | None:
+def _shape(spec: Mapping[str, TensorSpec], roles: dict[str, Placed], kind: str) -> tuple[int, ...] | None:
     for key, (role, suffix) in roles.items():
         if role[0] == kind and suffix == "weight":
             return spec[key].shape

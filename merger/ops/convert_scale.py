@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from merger.archs import esrgan
+from merger.archs.esrgan import Role
 from merger.core.specs import TensorSpec
 from merger.errors import MergerError
 from merger.ops.base import Arity, InputSpecs, NodeSpec, Op, PieceMode, TensorInputs
@@ -68,7 +69,7 @@ def _plan(spec: dict[str, TensorSpec], params: ConvertScaleParams) -> tuple[esrg
                 + (" and needs a model without pixel-unshuffle" if found.shuffle != 1 else ""),
                 fix="use method: upconv for larger scales, or a scale of old/2 or old/4",
             )
-        first = found.key(("first", 0, 0, ""), "weight")
+        first = found.key(Role("first", 0), "weight")
         for key in spec:
             plan[key] = Making("spread", key, factor) if key == first else Making("copy", key)
         return found, plan
@@ -84,18 +85,16 @@ def _plan(spec: dict[str, TensorSpec], params: ConvertScaleParams) -> tuple[esrg
             plan[key] = Making("copy", key)
     for m in range(1, target + 1):
         for suffix in ("weight", "bias"):
-            new_key = found.key(("up", m, 0, ""), suffix, upsamples=target)
+            new_key = found.key(Role("up", m), suffix, upsamples=target)
             if m <= found.upsamples:
-                plan[new_key] = Making("copy", found.key(("up", m, 0, ""), suffix))
+                plan[new_key] = Making("copy", found.key(Role("up", m), suffix))
             elif params.init == "copy" and found.upsamples > 0:
-                plan[new_key] = Making("copy", found.key(("up", found.upsamples, 0, ""), suffix))
+                plan[new_key] = Making("copy", found.key(Role("up", found.upsamples), suffix))
             else:
                 plan[new_key] = Making("identity", suffix, found.filters)
     for kind in ("hr", "last"):
         for suffix in ("weight", "bias"):
-            plan[found.key((kind, 0, 0, ""), suffix, upsamples=target)] = Making(
-                "copy", found.key((kind, 0, 0, ""), suffix)
-            )
+            plan[found.key(Role(kind), suffix, upsamples=target)] = Making("copy", found.key(Role(kind), suffix))
     return found, plan
 
 
@@ -110,7 +109,7 @@ class ConvertScale(Op[ConvertScaleParams, ConvertScaleParams, Conversion]):
     def spec(self, inputs: InputSpecs, params: ConvertScaleParams) -> NodeSpec[Conversion]:
         source = inputs.specs[0]
         found, plan = _plan(source, params)
-        dtype = source[found.key(("first", 0, 0, ""), "weight")].dtype
+        dtype = source[found.key(Role("first", 0), "weight")].dtype
         tensors: dict[str, TensorSpec] = {}
         for key, making in plan.items():
             how, origin, extra = making.how, making.source, making.factor
