@@ -236,3 +236,23 @@ def run_cli(
     return subprocess.run(
         [str(executable), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+PROCESS_NAMES = frozenset({"run_cli", "subprocess", "Popen", "Process"})
+
+
+def _names(code: Any) -> set[str]:
+    """Every global or attribute name a code object (and the functions inside it) uses."""
+    found = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            found |= _names(const)
+    return found
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start processes are `slow` (pytest -m "not slow" leaves them out), found from their code."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and _names(function.__code__) & PROCESS_NAMES:
+            item.add_marker(pytest.mark.slow)

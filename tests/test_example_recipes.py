@@ -97,6 +97,140 @@ def test_every_example_has_models_here() -> None:
     assert set(EXAMPLES) == set(MODELS)
 
 
+State = dict[str, torch.Tensor]
+
+
+def model(models: Path, name: str) -> State:
+    """A model as its recipe names it: a folder (model.safetensors), a .safetensors file, or a .pth."""
+    path = models / name
+    if path.is_dir():
+        return load(path / "model.safetensors")
+    if (models / f"{name}.safetensors").is_file():
+        return load(models / f"{name}.safetensors")
+    loaded = torch.load(models / name, weights_only=True)
+    return dict(loaded.get("params_ema", loaded))
+
+
+def weights(sd: State) -> list[str]:
+    return [k for k, v in sd.items() if v.is_floating_point() and v.dim() >= 2]
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=1e-4)
+
+
+def plain_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    dot = torch.clamp((a / a.norm()).flatten() @ (b / b.norm()).flatten(), -1, 1)
+    if abs(dot) > 0.9995:
+        return (1 - t) * a + t * b
+    theta = torch.arccos(dot)
+    return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+
+
+def plain_ties(base: torch.Tensor, tuned: list[torch.Tensor], w: list[float], density: float) -> torch.Tensor:
+    trimmed = []
+    for m, weight in zip(tuned, w, strict=True):
+        delta = (m - base).flatten()
+        keep = torch.zeros_like(delta, dtype=torch.bool)
+        keep[delta.abs().topk(max(1, int(density * delta.numel()))).indices] = True
+        trimmed.append(torch.where(keep, delta, 0.0) * weight)
+    sign = torch.where(sum(trimmed) >= 0, 1.0, -1.0)
+    agree = [(d * sign > 0) for d in trimmed]
+    mixed = sum(torch.where(a, d, 0.0) for a, d in zip(agree, trimmed, strict=True))
+    divisor = sum(a.float() * weight for a, weight in zip(agree, w, strict=True))
+    return base + (mixed / torch.where(divisor == 0, 1.0, divisor)).reshape(base.shape)
+
+
+def plain_model_stock(base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+    deltas = [(m - base).flatten() for m in tuned]
+    pairs = [(i, j) for i in range(len(deltas)) for j in range(i + 1, len(deltas))]
+    cos = sum(torch.dot(deltas[i], deltas[j]) / (deltas[i].norm() * deltas[j].norm()) for i, j in pairs) / len(pairs)
+    n = len(tuned)
+    t = n * cos / (1 + (n - 1) * cos)
+    return t * sum(tuned) / n + (1 - t) * base
+
+
+def check(name: str, models: Path, out: dict[str, State]) -> None:
+    """Each example's result against an independent computation in plain torch (or a property of it)."""
+    (first,) = out.values() if len(out) == 1 else (None,)
+    if name == "add_difference":
+        target, tuned, base = (model(models, n) for n in ("target", "tuned", "base"))
+        for k in weights(target):
+            close(first[k], target[k] + (tuned[k] - base[k]))
+    elif name == "esrgan_dni":
+        psnr, gan = model(models, "RRDB_PSNR_x4.pth"), model(models, "RRDB_ESRGAN_x4.pth")
+        assert all(v.dtype == torch.float16 for v in first.values())
+        for k in weights(psnr):
+            close(first[k], 0.2 * psnr[k] + 0.8 * gan[k], atol=2e-3)
+    elif name == "esrgan_splice":
+        psnr, gan = model(models, "RRDB_PSNR_x4.pth"), model(models, "RRDB_ESRGAN_x4.pth")
+        from_gan = 0
+        for k in weights(psnr):
+            rows_psnr = (first[k] == psnr[k]).flatten(1).all(1)
+            rows_gan = (first[k] == gan[k]).flatten(1).all(1)
+            assert bool((rows_psnr | rows_gan).all()), k  # every filter whole from one input
+            from_gan += int(rows_gan.sum())
+        assert from_gan > 0
+    elif name in ("esrgan_x2", "esrgan_x8"):
+        x4 = model(models, "RRDB_ESRGAN_x4.pth")
+        trunk = [k for k in x4 if k.startswith("model.1.sub.")]
+        for o in out.values():
+            assert any(k in o for k in trunk) or any(k.startswith("body.") for k in o)
+            for k in trunk:
+                if k in o:
+                    assert torch.equal(o[k], x4[k]), k  # the trunk is carried over as it is
+    elif name == "esrgan_cross_scale":
+        x2 = model(models, "ESRGAN_x2.pth")
+        x4 = model(models, "ESRGAN_x4.pth")
+        for k in (k for k in weights(x2) if k.startswith("model.1.sub.")):
+            close(first[k], 0.5 * x2[k] + 0.5 * x4[k])
+    elif name == "folder_average":
+        zoo = [model(models / "zoo", f"m{i}.pth") for i in range(3)]
+        for k in weights(zoo[0]):
+            close(first[k], sum(z[k] for z in zoo) / 3)
+    elif name == "weighted_blend":
+        parent, ft = model(models, "parent"), [model(models, f"ft{i}") for i in (1, 2, 3)]
+        for k in weights(parent):
+            soup = (2 * ft[0][k] + ft[1][k] + ft[2][k]) / 4
+            close(first[k], 0.5 * parent[k] + 0.5 * soup)
+    elif name == "task_arithmetic":
+        base, math_, code = (model(models, n) for n in ("base", "math", "code"))
+        for k in weights(base):
+            close(first[k], base[k] + 0.6 * (math_[k] - base[k]) + 0.4 * (code[k] - base[k]))
+    elif name == "ties":
+        base, tuned = model(models, "base"), [model(models, n) for n in ("math", "code", "chat")]
+        for k in weights(base):
+            close(first[k], plain_ties(base[k], [t[k] for t in tuned], [1.0, 0.8, 0.5], 0.5))
+    elif name == "dare":
+        base, math_, code = (model(models, n) for n in ("base", "math", "code"))
+        for k in weights(base):
+            changed = float((first[k] != base[k]).float().mean())
+            assert 0.3 < changed < 0.75, (k, changed)  # drops at densities 0.3 and 0.5, not all kept
+    elif name == "model_stock":
+        base, runs = model(models, "base"), [model(models, f"run{i}") for i in (1, 2, 3)]
+        for k in weights(base):
+            close(first[k], plain_model_stock(base[k], [r[k] for r in runs]), atol=1e-4)
+    elif name == "passthrough":
+        chat, code = model(models, "chat"), model(models, "code")
+        for new, (source, layer) in enumerate([(chat, 0), (chat, 1), (chat, 2), (code, 1), (code, 2), (code, 3)]):
+            key = f"model.layers.{new}.mlp.up_proj.weight"
+            assert torch.equal(first[key], source[f"model.layers.{layer}.mlp.up_proj.weight"]), key
+    elif name == "per_layer":
+        chat, code = model(models, "chat"), model(models, "code")
+        assert torch.equal(first["model.embed_tokens.weight"], chat["model.embed_tokens.weight"])  # excluded
+        for layer in range(4):
+            key = f"model.layers.{layer}.self_attn.q_proj.weight"
+            close(first[key], torch.lerp(chat[key], code[key], layer / 3))
+        close(first["lm_head.weight"], torch.lerp(chat["lm_head.weight"], code["lm_head.weight"], 0.5))
+    elif name == "slerp":
+        chat, code = model(models, "chat"), model(models, "code")
+        for k in weights(chat):
+            t = 0.3 if "self_attn" in k else 0.7 if "mlp" in k else 0.5
+            close(first[k], plain_slerp(chat[k], code[k], t), atol=2e-2)  # a bfloat16 output
+    else:
+        pytest.fail(f"no independent check for example '{name}'")
+
+
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_recipe_runs(launch_dir: Path, name: str) -> None:
     (launch_dir / "models").mkdir()
@@ -107,16 +241,10 @@ def test_example_recipe_runs(launch_dir: Path, name: str) -> None:
     (report_path,) = launch_dir.glob("outputs/*/*/merge_report.json")
     report = json.loads(report_path.read_text())
     assert all(node["status"] == "computed" for node in report["nodes"].values())
-    for output in report["outputs"].values():
-        assert Path(output["path"]).is_file()
-    if name == "passthrough":
-        (output,) = report["outputs"].values()
-        layers = {k.split(".")[2] for k in load(Path(output["path"])) if k.startswith("model.layers.")}
-        assert layers == {"0", "1", "2", "3", "4", "5"}
+    outputs = {n: load(Path(o["path"])) for n, o in report["outputs"].items()}
+    check(name, launch_dir / "models", outputs)
     if name.startswith("esrgan_x") or name == "esrgan_cross_scale":
         spandrel = pytest.importorskip("spandrel")
         expected = {"esrgan_x8": {8}, "esrgan_x2": {2}, "esrgan_cross_scale": {2}}[name]
-        scales = {
-            spandrel.ModelLoader().load_from_state_dict(load(Path(o["path"]))).scale for o in report["outputs"].values()
-        }
+        scales = {spandrel.ModelLoader().load_from_state_dict(o).scale for o in outputs.values()}
         assert scales == expected

@@ -386,3 +386,23 @@ def test_errors_carry_a_structured_location(launch_dir: Path) -> None:
     assert (location.recipe, location.place) == ("r.yaml", "sources.a")
     assert location.model == str(launch_dir / "broken.safetensors")
     assert info.value.where == f"r.yaml, sources.a, {launch_dir / 'broken.safetensors'}"
+
+
+@pytest.mark.parametrize(
+    ("alpha", "message", "place"),
+    [
+        ({"rules": [{"match": "x", "value": 0.2}]}, "field required at default", "nodes.blend.alpha"),
+        ({"default": 0.5, "rules": []}, "list should have at least 1 item after validation, not 0 at rules", "alpha"),
+        ({"default": 0.5, "rules": [{"match": "x", "value": "high"}]}, "at rules.0.value", "alpha"),
+        ({"blocks": "layers\\.(\\d+)", "values": [1.0]}, "at values", "nodes.blend.alpha"),
+        ({"blocks": "layers\\.(\\d+)", "values": [0.0, 1.0], "extra": 1}, "extra inputs are not permitted", "alpha"),
+    ],
+)
+def test_schedule_errors_say_what_a_schedule_is(alpha: Any, message: str, place: str) -> None:
+    error = expect_error(
+        lambda: build(recipe_data(nodes={"blend": {"op": "lerp", "inputs": ["a", "b"], "alpha": alpha}}))
+    )
+    assert error.what.startswith("'alpha' must be a number, a rule list {default: 0.5, rules: [{match: <regex>, value:")
+    assert message in error.what
+    assert error.where is not None and error.where.endswith(place)
+    assert error.fix == "fix alpha"

@@ -126,8 +126,10 @@ def validation_error(error: ValidationError, model: type[BaseModel], *, where: L
     """The first problem pydantic found, as a MergerError at `<where>.<field>`."""
     errors = error.errors()
     schedule_errors = [e for e in errors if {"Rules", "Gradient"} & {str(p) for p in e["loc"]}]
-    if schedule_errors and isinstance(schedule_errors[0]["input"], dict):
-        return _schedule_error(schedule_errors, where)
+    # what the field was given: the input of its number branch (a schedule's errors carry inner values)
+    given = next((e["input"] for e in errors if e["loc"] and str(e["loc"][-1]) == "float"), None)
+    if schedule_errors and isinstance(given if given is not None else schedule_errors[0]["input"], dict):
+        return _schedule_error(schedule_errors, where, given if isinstance(given, dict) else None)
     errors = [e for e in errors if e not in schedule_errors] or errors  # a plain value: say what a number needs
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(part) for part in first["loc"] if str(part) not in UNION_BRANCHES)
@@ -156,12 +158,12 @@ SCHEDULE_FORMS = (
 )
 
 
-def _schedule_error(schedule_errors: list[Any], where: Location) -> MergerError:
+def _schedule_error(schedule_errors: list[Any], where: Location, given: Any) -> MergerError:
     """A parameter that may be a number or a schedule, given neither well."""
     loc = schedule_errors[0]["loc"]
     cut = next(i for i, part in enumerate(loc) if str(part) in ("Rules", "Gradient"))
     field = ".".join(str(p) for p in loc[:cut] if str(p) != "float")
-    given = schedule_errors[0]["input"]
+    given = given if given is not None else schedule_errors[0]["input"]
     branch = "Gradient" if isinstance(given, dict) and "blocks" in given else "Rules"
     detail = next((e for e in schedule_errors if branch in [str(p) for p in e["loc"]]), schedule_errors[0])
     inner = ".".join(str(p) for p in detail["loc"][detail["loc"].index(branch) + 1 :])
