@@ -50,7 +50,8 @@ def max_relative_difference(a: Path, b: Path) -> float:
     import numpy as np
 
     from merger.core.arrays import NumpyBackend
-    from merger.io.safetensors_file import SafetensorsReader, read_header
+    from merger.io.safetensors_file import SafetensorsReader
+    from merger.io.safetensors_header import read_header
 
     xp = NumpyBackend()
     ra, rb = SafetensorsReader(read_header(a)), SafetensorsReader(read_header(b))

@@ -64,7 +64,7 @@ def test_not_esrgan_is_explained() -> None:
 def test_demo_models_are_2x_old_layout() -> None:
     from pathlib import Path
 
-    from merger.io.safetensors_file import read_header
+    from merger.io.safetensors_header import read_header
 
     demo = Path(__file__).resolve().parents[1] / "merger" / "demo" / "psnr.safetensors"
     assert describe(read_header(demo).tensors) == (

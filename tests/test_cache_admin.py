@@ -1,4 +1,4 @@
-"""merger.cache.admin and `merger-cache`: listing, usage, collection, verification, removal."""
+"""merger.cache.listing, .collect, .verify and `merger-cache`: listing, usage, collection, verification, removal."""
 
 from __future__ import annotations
 
@@ -12,21 +12,13 @@ from typing import Any
 
 import pytest
 
-from merger.cache.admin import (
-    PARTS,
-    collect,
-    entries,
-    max_size_setting,
-    parse_size,
-    remove,
-    strays,
-    usage,
-    verify,
-)
 from merger.cache.atomic import TMP_MARK, tmp_path_for
+from merger.cache.collect import collect
+from merger.cache.listing import PARTS, entries, max_size_setting, parse_size, strays, usage
 from merger.cache.memo import MemoEntry
 from merger.cache.record import record_path
 from merger.cache.store import Cache
+from merger.cache.verify import remove, verify
 from merger.core.specs import TensorSpec
 from tests.conftest import RunRecipe, expect_error, run_cli
 

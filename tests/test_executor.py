@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import merger
 import merger.engine.placement
 from merger.cli.job import prepare
-from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
+from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter
+from merger.io.safetensors_header import read_header
 from merger.ops import builtin_registry
 from merger.ops.linear import Lerp
 from merger.report.run_report import REPORT_NAME

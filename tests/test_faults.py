@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from merger.cache.atomic import TMP_MARK
 from merger.cache.record import read_record
-from merger.io.safetensors_file import file_sha256, read_header
+from merger.io.safetensors_file import file_sha256
+from merger.io.safetensors_header import read_header
 
 pytestmark = pytest.mark.slow
 

@@ -799,7 +799,7 @@ def test_memo_amplification_refused(tmp_path: Path) -> None:
 
 def test_many_empty_containers_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 1-byte opcodes that each make a ~60-byte object: charged, so memory stays proportional to the file
-    monkeypatch.setattr("merger.io.pth.WORK_PER_BYTE", 1)  # the same bound, reached in fewer opcodes
+    monkeypatch.setattr("merger.io.pth_archive.WORK_PER_BYTE", 1)  # the same bound, reached in fewer opcodes
     pickled = b"\x80\x02" + b"}" * 3_000_000 + b"."
     error = _loads_quickly(_zip_with_pickle(tmp_path / "d.pth", pickled), seconds=10)
     assert error is not None and "refused" in error.what
@@ -848,8 +848,8 @@ def test_the_unpickler_runs_once_per_file_per_run(tmp_path: Path) -> None:
         "nodes:\n  blend: {op: lerp, inputs: [a, b], alpha: '${alpha}'}\noutputs:\n  blend: {}\n"
     )
     script = (
-        "import atexit, sys\nimport merger.io.pth as pth\ncalls = []\nreal = pth._load\n"
-        "pth._load = lambda *a: calls.append(a[0].name) or real(*a)\n"
+        "import atexit, sys\nimport merger.io.pth as pth\ncalls = []\nreal = pth.load_archive\n"
+        "pth.load_archive = lambda *a: calls.append(a[0].name) or real(*a)\n"
         "atexit.register(lambda: print('UNPICKLED', sorted(calls)))\n"
         "from merger.cli.command import merger\nsys.argv = ['merger', *sys.argv[1:]]\nmerger()\n"
     )

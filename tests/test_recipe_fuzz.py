@@ -23,7 +23,7 @@ from merger.cli.job import prepare, run
 from merger.cli.job_config import recipe_data
 from merger.cli.recipe_source import PACKAGE_LINE, RecipeDirSource
 from merger.errors import MergerError
-from merger.io.safetensors_file import read_header
+from merger.io.safetensors_header import read_header
 from merger.ops import builtin_registry
 from merger.report.run_report import RunContext
 from tests.conftest import REPO, run_cli

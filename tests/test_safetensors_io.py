@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from merger.core.limits import MAX_JSON_DEPTH, MAX_TENSORS
 from merger.core.specs import TensorSpec
 from merger.errors import MergerError
-from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
+from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter
+from merger.io.safetensors_header import read_header
 from tests.conftest import expect_error, read_tensor, spec_of, tiny_state_dict, write_tensor
 
 
@@ -686,7 +687,7 @@ def test_tensor_limit_refused_before_parsing(tmp_path: Path) -> None:
 
 
 def test_tensor_limit_is_not_off_by_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import merger.io.safetensors_file as safetensors_file
+    import merger.io.safetensors_header as safetensors_file
 
     monkeypatch.setattr(safetensors_file, "MAX_TENSORS", 100)
     for count, metadata in ((100, b'"__metadata__":{},'), (100, b""), (101, b'"__metadata__":{"k":"v"},')):

@@ -35,7 +35,7 @@ from merger.core.limits import MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_TENSORS
 from merger.core.specs import DTYPE_SIZES
 from merger.core.strict_json import JSONError, loads_strict, measure
 from merger.errors import MergerError
-from merger.io.safetensors_file import read_header
+from merger.io.safetensors_header import read_header
 from merger.io.sources import locate, open_source
 from tests.conftest import expect_error
 

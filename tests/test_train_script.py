@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from merger.archs import describe
-from merger.io.safetensors_file import read_header
+from merger.io.safetensors_header import read_header
 from tests.conftest import REPO
 
 pytest.importorskip("skimage")

@@ -24,7 +24,7 @@ from merger.engine.family import FAMILY_THRESHOLD, compare
 from merger.engine.progress import human_size
 from merger.engine.provenance import Provenance
 from merger.errors import EXIT_USER_ERROR, MergerError, shown
-from merger.io.safetensors_file import read_header
+from merger.io.safetensors_header import read_header
 from merger.io.sources import TensorSource, locate, open_source
 from merger.report.run_report import REPORT_NAME
 

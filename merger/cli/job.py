@@ -80,7 +80,7 @@ def prepare(
         plan = build_plan(recipe, graph, catalog, registry)
         max_bytes = None
         if recipe.settings.cache_max_size is not None:
-            from merger.cache.admin import max_size_setting
+            from merger.cache.listing import max_size_setting
 
             max_bytes = max_size_setting(recipe.settings.cache_max_size)
         prepared = Prepared(plan, catalog, cache, previews, None, max_bytes)
@@ -138,7 +138,7 @@ def run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
     write_report(context.output_dir, report)
     log.info(summary(report))
     if prepared.max_cache_bytes is not None:
-        from merger.cache.admin import collect
+        from merger.cache.collect import collect
 
         used = {r.key for r in results.values()} | {o.entry_key for o in outputs.values()}
         freed = collect(prepared.cache, max_size=prepared.max_cache_bytes, keep=used)

@@ -26,7 +26,8 @@ from merger.engine.plan import Plan, PlannedNode, presented_spec
 from merger.engine.progress import Progress
 from merger.engine.provenance import node_metadata
 from merger.errors import Where
-from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, read_header
+from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter
+from merger.io.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from merger.core.arrays import Backend

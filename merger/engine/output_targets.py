@@ -74,7 +74,8 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _made_by_merger(path: Path) -> bool:
     """Whether an existing file carries merger's provenance (a safetensors header, or the .json of a .pth)."""
-    from merger.io.safetensors_file import file_sha256, read_header
+    from merger.io.safetensors_file import file_sha256
+    from merger.io.safetensors_header import read_header
 
     if path.suffix == ".safetensors":
         try:

@@ -32,7 +32,8 @@ from merger.engine.executor import NONFINITE_NOTE, NodeResult
 from merger.engine.output_targets import OutputTarget
 from merger.engine.provenance import DTYPE_FIELD, SIDE_FILE_FIELD, parse_metadata
 from merger.errors import MergerError
-from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, SafetensorsWriter, file_sha256, read_header
+from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter, file_sha256
+from merger.io.safetensors_header import SafetensorsHeader, read_header
 from merger.recipe.model import OutputDef
 
 VARIANT_CHUNK = 4 * 1024 * 1024  # elements per read while casting or renaming

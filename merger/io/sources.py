@@ -20,7 +20,8 @@ from merger.core.regular_file import open_regular
 from merger.core.specs import TensorSpec
 from merger.core.strict_json import JSONError, kind, loads_strict, short
 from merger.errors import MergerError, Where, shown
-from merger.io.safetensors_file import SafetensorsHeader, SafetensorsReader, read_header
+from merger.io.safetensors_file import SafetensorsReader
+from merger.io.safetensors_header import SafetensorsHeader, read_header
 
 if TYPE_CHECKING:
     pass

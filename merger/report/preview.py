@@ -17,7 +17,7 @@ from typing import Any
 from merger.archs import esrgan
 from merger.core.limits import MAX_PREVIEW_PIXELS
 from merger.errors import MergerError, Where, shown
-from merger.io.safetensors_file import read_header
+from merger.io.safetensors_header import read_header
 from merger.io.sources import locate, open_source
 
 log = logging.getLogger("merger")
