@@ -212,3 +212,24 @@ def test_concurrent_runs_compute_a_node_once(project: Path) -> None:
     assert sorted(r["nodes"]["blend"]["status"] for r in reports) == ["cached", "computed"]
     assert len({r["outputs"]["blend"]["sha256"] for r in reports}) == 1
     assert not list((project / "outputs" / "cache" / "tmp").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("sweep", "phrases"),
+    [
+        ("alpha=range(0,1,0)", ("not a finite range", "step that is not 0")),
+        ("alpha=range(0,inf)", ("not a finite range",)),
+        ("alpha=[1", ("cannot parse the override 'alpha=[1'",)),
+        ("hydra/launcher=nope", ("'hydra/launcher/nope' not found",)),
+        ("alpah=0,1", ("'alpah'", "did you mean 'alpha'")),
+    ],
+)
+def test_a_bad_sweep_is_one_block_not_hydras_text(project: Path, sweep: str, phrases: tuple[str, ...]) -> None:
+    done = run_cli(["-m", "recipe=blend", sweep], project)
+    assert_user_error(done, *phrases)
+    assert "HYDRA_FULL_ERROR" not in done.stderr and not (project / "outputs").exists()
+
+
+def test_dash_v_shows_hydras_traceback_under_multirun(project: Path) -> None:
+    done = run_cli(["-v", "-m", "recipe=blend", "alpha=[1"], project)
+    assert done.returncode != 0 and "Traceback" in done.stderr and "OverrideParseException" in done.stderr

@@ -82,7 +82,9 @@ def test_an_unrelated_file_is_not_replaced_without_overwrite(
     error = refused(run_recipe, blend("../notes.safetensors"))
     assert "a file merger did not write" in error.what and "overwrite: true" in (error.fix or "")
     assert theirs.read_bytes() == b"the user's own file"
-    report = run_recipe(blend("../notes.safetensors", overwrite=True))
+    error = refused(run_recipe, blend("../notes.safetensors", overwrite=True))  # a recipe's word alone: not enough
+    assert "allow_overwrite=true" in (error.fix or "") and theirs.read_bytes() == b"the user's own file"
+    report = run_recipe({**blend("../notes.safetensors", overwrite=True), "allow_overwrite": True})
     assert Path(report["outputs"]["blend"]["path"]) == theirs
     assert digest(theirs) == report["outputs"]["blend"]["sha256"]
 
@@ -187,3 +189,87 @@ def test_a_huge_sweep_is_refused_without_listing_it(launch_dir: Path, models: Mo
     done = run_cli(["-m", "recipe=r", "alpha=0,1"], launch_dir)
     assert time.perf_counter() - start < 30
     assert done.returncode == 2 and "more than the limit of 10000 (MAX_SWEEP_JOBS)" in done.stderr, done.stderr
+
+
+def test_a_forged_provenance_does_not_make_a_file_merger_s(
+    models: Models, run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    from tests.conftest import tiny_state_dict
+
+    forged = launch_dir / "theirs.safetensors"
+    save_file(tiny_state_dict(5), forged, metadata={"merger.key": "anything"})
+    before = digest(forged)
+    assert "did not write" in refused(run_recipe, blend("../theirs.safetensors")).what
+    assert digest(forged) == before
+
+
+def test_a_forged_side_json_does_not_make_its_pth_merger_s(
+    models: Models, run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    (launch_dir / "old.json").write_text('{"key": "k", "version": "1"}')  # no content key: not merger's
+    error = refused(run_recipe, blend("../old.pth"))
+    assert "old.json" in error.what and "did not write" in error.what
+    assert (launch_dir / "old.json").read_text() == '{"key": "k", "version": "1"}'
+
+
+def test_a_pth_output_never_lands_where_python_runs_pth_files(
+    models: Models, run_recipe: RunRecipe, launch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    site = launch_dir / "venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    error = refused(run_recipe, blend(str(site / "evil.pth")))
+    assert "runs their import lines" in error.what and not (site / "evil.pth").exists()
+    on_path = launch_dir / "plugins"
+    on_path.mkdir()
+    monkeypatch.setattr(sys, "path", [*sys.path, str(on_path)])
+    assert "Python reads .pth files" in refused(run_recipe, blend("../plugins/evil.pth")).what
+    run_recipe(blend(str(site / "fine.safetensors")))  # other formats may go there
+
+
+def test_every_job_of_a_sweep_claims_its_files(models: Models, launch_dir: Path) -> None:
+    """However many jobs a sweep has (the sweeper checks the first ones together), a job that would write a
+    file another job of the sweep wrote is refused as it starts, before it computes anything."""
+    from merger.cli.api import JobSource, execute
+    from merger.engine.output_targets import CLAIMS_FOLDER, SweepJob
+
+    sweep = launch_dir / "sweep"
+    shared = launch_dir / "shared.safetensors"
+
+    def job(number: int, alpha: float) -> Any:
+        data = {**blend(str(shared)), "progress": False, "cache_dir": str(launch_dir / "cache")}
+        data["nodes"]["blend"]["alpha"] = alpha
+        return execute(
+            data,
+            label="r.yaml",
+            source=JobSource(None, None),
+            overrides=(),
+            launch_dir=launch_dir,
+            output_dir=sweep / str(number),
+            sweep_job=SweepJob(sweep, number),
+        )
+
+    first = job(0, 0.25)
+    job(0, 0.25)  # the same job again keeps its own claim
+    error = expect_error(lambda: job(300, 0.75))
+    assert "in job 0 and in job 300 of the sweep" in error.what and "swept variable" in (error.fix or "")
+    assert digest(shared) == first.outputs["blend"].sha256
+    assert len(list((sweep / CLAIMS_FOLDER).iterdir())) == 1
+
+
+def test_sweep_distinctness_resolves_links(models: Models, launch_dir: Path) -> None:
+    from merger.engine.output_targets import OutputTarget, check_sweep_targets
+    from merger.ops import builtin_registry
+    from merger.recipe.model import build_recipe
+
+    (launch_dir / "real").mkdir()
+    (launch_dir / "link").symlink_to(launch_dir / "real")
+    recipe = build_recipe(blend("x.safetensors"), builtin_registry(), file="r.yaml")
+    targets = [
+        [OutputTarget("blend", launch_dir / folder / "x.safetensors", None, True)] for folder in ("real", "link")
+    ]
+    error = expect_error(lambda: check_sweep_targets([recipe, recipe], targets))
+    assert "in job 0 and in job 1 of the sweep" in error.what

@@ -68,6 +68,11 @@ def test_sweep_settings_are_allowed(tmp_path: Path) -> None:
         ("params:\n      hydra/launcher: joblib\n", "cannot be swept from a recipe"),
         ("params:\n      alpha: ${oc.env:HOME}\n", "plain value or list"),
         ("params:\n      alpha: {a: 1}\n", "plain value or list"),
+        ("params:\n      alpha: '{a: 1}'\n", "plain value or list"),  # Hydra would parse it as a mapping
+        ("params:\n      alpha: '[0, {a: 1}]'\n", "plain value or list"),
+        ("params:\n      alpha: '\\\\${oc.env:HOME}'\n", "plain value or list"),  # an escaped interpolation
+        ("params:\n      alpha: [0, '$x']\n", "plain value or list"),
+        ("max_batch_size: 0\n", "must hold a plain int"),  # Hydra's sweeper would loop forever
         ("n_trials: ten\n", "must hold a plain int"),
         ("n_trials: true\n", "must hold a plain int"),
         ("direction: ${oc.env:HOME}\n", "plain string"),
@@ -117,7 +122,9 @@ def test_code_keys_are_refused_anywhere(tmp_path: Path, key: str) -> None:
     assert "recipes may not name code to run" in error.what and key in error.what
 
 
-@pytest.mark.parametrize("setting", ["allow_env: true", "cache_dir: /tmp/elsewhere", "cache_max_size: 0"])
+@pytest.mark.parametrize(
+    "setting", ["allow_env: true", "allow_overwrite: true", "cache_dir: /tmp/elsewhere", "cache_max_size: 0"]
+)
 def test_command_line_settings_are_refused_in_files(tmp_path: Path, setting: str) -> None:
     error = refusal(tmp_path, HEAD + BODY + setting + "\n")
     assert f"a recipe file may not set '{setting.split(':')[0]}'" in error.what
@@ -263,3 +270,26 @@ def test_interpolations_that_fan_out_are_refused(launch_dir: Path) -> None:
     start = time.perf_counter()
     assert_refused(run_cli(["recipe=fan"], launch_dir), "interpolations expand to more than 200000 values")
     assert time.perf_counter() - start < 20
+
+
+def test_keys_a_recipe_sweeps_are_not_the_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hydra hands a recipe's sweep params to each job as overrides: they are the recipe's values, so an
+    environment read in one is not the user's own (as `extra.n=\\${oc.env:X}` would be once unescaped)."""
+    from omegaconf import OmegaConf
+
+    from merger.cli.job_config import recipe_data
+
+    monkeypatch.setenv("MERGER_TEST_SECRET", "hunter2")
+    cfg = OmegaConf.create(
+        {
+            "extra": {"n": "${oc.env:MERGER_TEST_SECRET}"},
+            "description": "${extra.n}",
+            "hydra": {"sweeper": {"params": {"extra.n": "a,b"}}},
+        }
+    )
+    with pytest.raises(MergerError) as info:
+        recipe_data(cfg, None, tmp_path, ["extra.n=x"])
+    assert "reads the environment variable MERGER_TEST_SECRET" in info.value.what
+    del cfg["hydra"]  # the same key given on the command line alone is the user's
+    data, _, _ = recipe_data(cfg, None, tmp_path, ["extra.n=x"])
+    assert data["description"] == "hunter2"

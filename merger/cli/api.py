@@ -16,12 +16,19 @@ Errors raise MergerError.
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from merger.errors import MergerError, os_error_block
+from merger.errors import MergerError, os_error_block, shown
+
+if TYPE_CHECKING:
+    from merger.engine.output_targets import SweepJob
+
+
+_RECIPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ def execute(
     overrides: Sequence[str],
     launch_dir: Path,
     output_dir: Path,
+    sweep_job: SweepJob | None = None,
 ) -> RunResult:
     """Prepare, run and report one job of checked recipe data (the command's jobs come here too)."""
     from merger.cli.job import prepare, run
@@ -89,7 +97,7 @@ def execute(
         launch_dir=launch_dir,
         output_dir=output_dir,
     )
-    report = run(prepared, context)
+    report = run(prepared, context, sweep_job)
     return RunResult(
         output_dir=output_dir,
         report_path=output_dir / REPORT_NAME,
@@ -125,8 +133,15 @@ def _from_file(path: Path, overrides: list[str], launch_dir: Path) -> tuple[dict
 
     if not path.is_file():
         raise MergerError(f"recipe file not found: '{path}'", fix="give the path of a recipe .yaml file")
+    folder = str(path.parent.resolve())
+    if path.suffix != ".yaml" or not _RECIPE_NAME.fullmatch(path.stem) or "$" in folder:
+        raise MergerError(
+            f"cannot run '{shown(path)}' as a recipe: its name must be NAME.yaml (letters, digits, _ . -)"
+            " in a folder whose path has no '$'",
+            fix="rename the file, or copy it to such a place",
+        )
     Plugins.instance().register(RecipeDirSource)
-    job = [f"recipe={path.stem}", f"hydra.searchpath=[merger-recipes://{path.parent.resolve()}]", *overrides]
+    job = [f"recipe={path.stem}", f"hydra.searchpath=[{_quoted(f'merger-recipes://{folder}')}]", *overrides]
     try:
         with initialize_config_module(config_module="merger.conf", version_base="1.3"):
             cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
@@ -134,6 +149,14 @@ def _from_file(path: Path, overrides: list[str], launch_dir: Path) -> tuple[dict
         raise explain_hydra_error(e, list(overrides), launch_dir, list) from None
     data, label, _ = recipe_data(cfg, None, launch_dir, job, file=path)
     return data, label
+
+
+def _quoted(text: str) -> str:
+    """`text` as one quoted value of Hydra's override grammar, where backslashes are literal except
+    those before a quote or at the end, which come in pairs."""
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    return f"'{text}'"
 
 
 def _from_mapping(recipe: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -80,9 +81,12 @@ def preflight(overrides: list[str], launch_dir: Path) -> None:
 def _task(cfg: DictConfig) -> None:
     """One Hydra job: validate, execute, report (through merger.cli.api.execute, as merger.run)."""
     from merger.cli.api import JobSource, execute
+    from merger.engine.output_targets import SweepJob
 
     hc = HydraConfig.get()
     launch_dir = Path(hc.runtime.cwd)
+    multirun = hc.mode == RunMode.MULTIRUN
+    sweep_job = SweepJob(launch_dir / str(hc.sweep.dir), int(hc.job.num)) if multirun else None
     choice = hc.runtime.choices.get("recipe")
     overrides = list(hc.overrides.task)
     try:
@@ -95,6 +99,7 @@ def _task(cfg: DictConfig) -> None:
             overrides=overrides,
             launch_dir=launch_dir,
             output_dir=Path(hc.runtime.output_dir),
+            sweep_job=sweep_job,
         )
     except Exception as e:
         raise SystemExit(fail(e, traceback=wants_traceback(sys.argv))) from None
@@ -108,9 +113,18 @@ def run(argv: list[str]) -> None:
     sys.argv = argv  # Hydra reads its arguments from sys.argv
     Plugins.instance().register(RecipeDirSource)
     multirun, overrides, skip = _split_args(argv[1:])
+    launch_dir = Path(os.getcwd())
     if not skip and not multirun:
-        preflight(overrides, Path(os.getcwd()))
-    _hydra_main()
+        preflight(overrides, launch_dir)
+    # Hydra prints its own errors (a traceback, or a line and advice about HYDRA_FULL_ERROR) unless that
+    # is set; set, it raises them, and merger shows its block (the user's -v is MERGER_VERBOSE: failure.py)
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError, OverflowError) as e:
+        if wants_traceback(argv):
+            raise
+        raise explain_hydra_error(e, overrides, launch_dir, functools.partial(_recipe_keys, overrides)) from None
 
 
 def main() -> None:

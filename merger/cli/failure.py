@@ -35,8 +35,13 @@ class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so that clean-up code runs."""
 
 
+VERBOSE_VARIABLE = "MERGER_VERBOSE"
+
+
 def wants_traceback(argv: list[str]) -> bool:
-    return any(a in VERBOSE_FLAGS for a in argv) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    """-v on the command line, or (in this process and the jobs it starts) MERGER_VERBOSE=1, which
+    `command` sets for -v or for the user's own HYDRA_FULL_ERROR=1 (merger sets that one for itself)."""
+    return any(a in VERBOSE_FLAGS for a in argv) or os.environ.get(VERBOSE_VARIABLE) == "1"
 
 
 def without_verbose(argv: list[str]) -> list[str]:
@@ -96,9 +101,9 @@ def prepare_process() -> None:
 
 def command(body: Callable[[list[str]], None], argv: list[str]) -> NoReturn:
     """Run a console command's `body(argv)` (argv without -v) with merger's failure rules; exits."""
-    traceback = wants_traceback(argv)
+    traceback = wants_traceback(argv) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     if traceback:
-        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra, and jobs in other processes, show tracebacks too
+        os.environ[VERBOSE_VARIABLE] = "1"  # jobs in other processes (Hydra's launchers) show tracebacks too
     prepare_process()
     try:
         body(without_verbose(argv))

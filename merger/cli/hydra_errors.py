@@ -101,7 +101,7 @@ def explain_hydra_error(
         return MergerError(
             f"'{key}' is not a key of the recipe, so it cannot be overridden",
             where=f"the command line: {next((o for o in overrides if o.startswith(key + '=')), key)}",
-            fix=f"{hint}to add a new key use +{key}=...; the recipe's keys: {', '.join(keys)}",
+            fix=f"{hint}to add a new key use +{key}=..." + (f"; the recipe's keys: {', '.join(keys)}" if keys else ""),
         )
     found = re.search(r"In '(recipe/[^']+)': \w+ raised while composing config:\n(.+)", message)
     if found:

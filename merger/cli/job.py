@@ -17,7 +17,14 @@ from merger.core.nonfinite import describe
 from merger.engine.catalog import SourceCatalog, SpecsSeen
 from merger.engine.executor import Executor, NodeResult
 from merger.engine.graph import build_graph
-from merger.engine.output_targets import OutputTarget, check_output_dir, check_output_targets, output_targets
+from merger.engine.output_targets import (
+    OutputTarget,
+    SweepJob,
+    check_output_dir,
+    check_output_targets,
+    claim_sweep_targets,
+    output_targets,
+)
 from merger.engine.placement import OutputResult, place_output
 from merger.engine.plan import Plan, build_plan
 from merger.engine.progress import human_size
@@ -104,11 +111,15 @@ def nonfinite_warnings(results: Mapping[str, NodeResult]) -> list[str]:
     return lines
 
 
-def run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
-    """Materialise the plan, place the outputs, write the report; returns the report."""
+def run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None = None) -> dict[str, Any]:
+    """Materialise the plan, place the outputs, write the report; returns the report.
+    A job of a sweep claims its output files first (merger.engine.output_targets.claim_sweep_targets)."""
     start = time.perf_counter()
     plan = prepared.plan
-    targets = {t.name: t for t in prepared.check_targets(context.output_dir)}
+    checked = prepared.check_targets(context.output_dir)
+    if sweep_job is not None:
+        claim_sweep_targets(plan.recipe, checked, sweep_job)
+    targets = {t.name: t for t in checked}
     for warning in plan.warnings:
         log.warning(warning)
     prepared.cache.remove_stale_tmp()

@@ -37,10 +37,13 @@ def recipe_data(
     label = _label(file, launch_dir) if file else "the command line"
     config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     assert isinstance(config, DictConfig)
+    swept = set()  # keys a sweeper sweeps from its params (a recipe's): their values are not the user's own
     if "hydra" in config:
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        swept = {str(k).lstrip("+~") for k in params} if isinstance(params, DictConfig) else set()
         with open_dict(config):
             del config["hydra"]
-    return checked_recipe_data(config, label, override_keys(overrides)), label, file
+    return checked_recipe_data(config, label, override_keys(overrides) - swept), label, file
 
 
 def job_output_dir(cfg: DictConfig, launch_dir: Path, index: int, sweep_dir: Path | None) -> Path:

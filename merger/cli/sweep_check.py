@@ -34,8 +34,15 @@ def sweep_size(override: Override) -> int:
     value = override.value()
     if isinstance(value, RangeSweep):
         assert value.start is not None and value.stop is not None
-        step = value.step or 1
-        return max(0, math.ceil((value.stop - value.start) / step))
+        start, stop, step = value.start, value.stop, 1 if value.step is None else value.step
+        if not all(math.isfinite(v) for v in (start, stop, step)) or step == 0:
+            raise MergerError(
+                f"the sweep '{override.input_line}' is not a finite range: range(start, stop, step) needs"
+                " finite numbers and a step that is not 0",
+                where="the sweep (the command line and hydra.sweeper.params)",
+                fix="e.g. alpha=range(0,1,0.25)",
+            )
+        return max(0, math.ceil((stop - start) / step))
     if isinstance(value, ChoiceSweep):
         return len(value.list)
     return 1  # glob and interval sweeps: the basic sweeper lists or refuses them itself
@@ -75,5 +82,6 @@ def check_sweep(config_loader: Any, master: DictConfig, overrides: list[str]) ->
     except MergerError as e:
         raise SystemExit(fail(e, traceback=False)) from None
     except (HydraException, OmegaConfBaseException) as e:
-        block = explain_hydra_error(e, jobs[0] if jobs else overrides, launch_dir, list)
+        keys = lambda: sorted(str(k) for k in master if k != "hydra")  # noqa: E731
+        block = explain_hydra_error(e, jobs[0] if jobs else overrides, launch_dir, keys)
         raise SystemExit(fail(block, traceback=wants_traceback(sys.argv))) from None

@@ -10,14 +10,19 @@ anything is computed (in the pre-flight, and again when the job starts):
 - it may not lie inside the cache directory (a planted object would be
   served to later runs);
 - an existing file there must be one merger wrote (it has merger's
-  provenance), unless the output sets `overwrite: true`; so must the `.json`
-  beside a `.pth` output;
+  provenance), unless the output sets `overwrite: true` and the command line
+  says `allow_overwrite=true` (a recipe alone never replaces a user's file);
+  so must the `.json` beside a `.pth` output;
+- a `.pth` output may not land in a folder Python reads `.pth` files from at
+  start-up (site-packages, or any folder on sys.path): their `import` lines run;
 - two outputs of one job, or of two jobs of a sweep, may not be the same file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +30,11 @@ from pathlib import Path
 from merger.core.limits import MIB
 from merger.core.regular_file import open_regular
 from merger.core.strict_json import loads_strict
-from merger.engine.provenance import KEY_FIELD, SIDE_FILE_FIELD
+from merger.engine.provenance import SIDE_FILE_FIELD, Provenance
 from merger.errors import MergerError, shown
 from merger.recipe.model import OutputDef, Recipe
 
+_CONTENT_KEY = re.compile(r"[0-9a-f]{64}")
 SWEEP_FIX = (
     "put a swept variable in the path (e.g. 'blend_${alpha}.safetensors'), or use a relative path:"
     " each job has its own output directory"
@@ -73,33 +79,44 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _made_by_merger(path: Path) -> bool:
-    """Whether an existing file carries merger's provenance (a safetensors header, or the .json of a .pth)."""
+    """Whether an existing file carries merger's provenance, whole and well formed: a safetensors header
+    with it, or for a `.pth` the `.json` beside it that names this very file by size and sha256."""
     from merger.io.safetensors_file import file_sha256
     from merger.io.safetensors_header import read_header
 
     if path.suffix == ".safetensors":
         try:
-            return KEY_FIELD in read_header(path).metadata
-        except MergerError:
+            return _is_merger_key(Provenance.from_metadata(read_header(path).metadata))
+        except (MergerError, ValueError):
             return False
-    if path.suffix == ".pth":  # merger's if the .json beside it names this very file
+    if path.suffix == ".pth":
         side = _provenance_json(path.with_suffix(".json"))
         made = side.get(SIDE_FILE_FIELD) if side else None
         return (
             isinstance(made, dict)
             and made.get("bytes") == path.stat().st_size
-            and made.get("sha256") == (file_sha256(path))
+            and made.get("sha256") == file_sha256(path)
         )
     return _provenance_json(path) is not None
 
 
+def _is_merger_key(provenance: Provenance | None) -> bool:
+    return provenance is not None and _CONTENT_KEY.fullmatch(provenance.key) is not None
+
+
 def _provenance_json(path: Path) -> dict[str, object] | None:
+    """The provenance `.json` merger writes beside a `.pth`, or None for any other file."""
     try:
         with open_regular(path) as f:
-            data = loads_strict(f.read(MIB), what="provenance")
+            raw = f.read(MIB + 1)
+        if len(raw) > MIB:
+            return None
+        data = loads_strict(raw, what="provenance")
+        if not isinstance(data, dict) or not _is_merger_key(Provenance.from_json(raw)):
+            return None
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and "key" in data and "version" in data else None
+    return data
 
 
 def _refuse(recipe: Recipe, output: OutputDef, what: str, fix: str) -> MergerError:
@@ -149,19 +166,42 @@ def check_output_targets(
                     f"output '{output.name}' would write '{shown(path)}', inside the cache '{cache}'",
                     "write outputs outside the cache directory (relative paths land in the job's output directory)",
                 )
+            if real.suffix == ".pth" and _is_site_dir(real.parent):
+                raise _refuse(
+                    recipe,
+                    output,
+                    f"output '{output.name}' would write '{shown(path)}' into '{shown(real.parent)}', a folder"
+                    " Python reads .pth files from at start-up (and runs their import lines)",
+                    "write the output somewhere else, or as .safetensors",
+                )
             _check_existing(recipe, output, path, real)
+
+
+def _is_site_dir(folder: Path) -> bool:
+    """A folder whose `.pth` files Python's `site` module reads, and runs lines of, at every start."""
+    import site
+    import sys
+
+    if folder.name in ("site-packages", "dist-packages"):
+        return True
+    known = [*sys.path, *site.getsitepackages(), site.getusersitepackages()]
+    return any(entry and Path(os.path.realpath(entry)) == folder for entry in known)
 
 
 def _check_existing(recipe: Recipe, output: OutputDef, path: Path, real: Path) -> None:
     if real.is_dir():
         raise _refuse(recipe, output, f"output path '{shown(path)}' is a directory", "give the output a file path")
-    if real.exists() and not output.overwrite and not _made_by_merger(real):
-        raise _refuse(
-            recipe,
-            output,
-            f"output '{output.name}' would replace '{shown(path)}', a file merger did not write",
-            "choose another path, or set overwrite: true on this output if you mean to replace it",
-        )
+    if not real.exists() or (output.overwrite and recipe.settings.allow_overwrite) or _made_by_merger(real):
+        return
+    what = f"output '{output.name}' would replace '{shown(path)}', a file merger did not write"
+    if not output.overwrite:
+        raise _refuse(recipe, output, what, "choose another path, or set overwrite: true on this output")
+    raise _refuse(
+        recipe,
+        output,
+        f"{what}; the output sets overwrite: true, which takes effect only with allow_overwrite=true",
+        "if you mean to replace that file, run with allow_overwrite=true on the command line",
+    )
 
 
 def check_sweep_targets(recipe_of: Sequence[Recipe], targets_of: Sequence[Sequence[OutputTarget]]) -> None:
@@ -170,7 +210,7 @@ def check_sweep_targets(recipe_of: Sequence[Recipe], targets_of: Sequence[Sequen
     for job, targets in enumerate(targets_of):
         for target in targets:
             for path in [p for p in (target.path, target.side) if p is not None]:
-                first = owner.setdefault(path, (job, target.name))
+                first = owner.setdefault(Path(os.path.realpath(path)), (job, target.name))  # links resolved
                 if first[0] != job:
                     raise MergerError(
                         f"output '{target.name}' writes '{shown(path)}' in job {first[0]} and in job {job} of the"
@@ -178,3 +218,42 @@ def check_sweep_targets(recipe_of: Sequence[Recipe], targets_of: Sequence[Sequen
                         where=recipe_of[job].where(f"outputs.{target.name}.path"),
                         fix=SWEEP_FIX,
                     )
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """A job of a sweep: the sweep's directory and the job's number."""
+
+    sweep_dir: Path
+    number: int
+
+
+CLAIMS_FOLDER = ".merger-claims"
+
+
+def claim_sweep_targets(recipe: Recipe, targets: Sequence[OutputTarget], job: SweepJob) -> None:
+    """Claim each output file for this job of its sweep, as it starts: a file another job of the sweep
+    claimed is refused (merger's sweeper checks the first jobs together before the sweep; this holds
+    for every job, however many). A claim is a file in the sweep's own directory, made exclusively."""
+    folder = job.sweep_dir / CLAIMS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for target in targets:
+        for path in [p for p in (target.path, target.side) if p is not None]:
+            real = os.path.realpath(path)
+            claim = folder / hashlib.sha256(os.fsencode(real)).hexdigest()[:32]
+            mine = f"{job.number}\n{real}\n".encode(errors="surrogateescape")
+            try:
+                with open(claim, "xb") as f:
+                    f.write(mine)
+                continue
+            except FileExistsError:
+                with open_regular(claim) as f:
+                    theirs = f.read(64 * 1024)
+            if theirs != mine:
+                first = theirs.split(b"\n", 1)[0].decode(errors="replace")
+                raise MergerError(
+                    f"output '{target.name}' writes '{shown(path)}' in job {first} and in job {job.number} of"
+                    " the sweep: this job would replace that one's output",
+                    where=recipe.where(f"outputs.{target.name}.path"),
+                    fix=SWEEP_FIX,
+                )

@@ -37,7 +37,7 @@ from merger.errors import Location, MergerError, shown
 #: keys that make Hydra (or logging) call Python code, wherever they appear
 CODE_KEYS = frozenset({"_target_", "_args_", "_partial_", "_convert_", "_recursive_", "()"})
 #: run settings that only the command line may set: a recipe may not move the cache, collect it, or read the env
-COMMAND_LINE_SETTINGS = ("allow_env", "cache_dir", "cache_max_size")
+COMMAND_LINE_SETTINGS = ("allow_env", "allow_overwrite", "cache_dir", "cache_max_size")
 #: top-level keys a recipe file may neither set nor sweep: those settings, and Hydra's group choice `recipe`
 RESERVED_KEYS = (*COMMAND_LINE_SETTINGS, "recipe")
 #: the hydra keys a recipe may set (they shape a sweep), and the plain type each holds
@@ -55,6 +55,7 @@ _INTERPOLATION = re.compile(r"\$\{")
 _PLAIN_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_.\-]*(\[\d+\])*\}")
 _NOW = re.compile(r"\$\{now:[^${}]*\}")
 _ENV = re.compile(r"\$\{oc\.env:[^${}]*\}")
+_UNPLAIN = re.compile(r"[{}\[\]$\\]")
 _SWEEP_PARAM = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][A-Za-z0-9_.\-]*$")
 _DEFAULT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
 COMMAND_LINE_FIX = "set it on the command line (merger key=value); a recipe file may not"
@@ -175,10 +176,14 @@ def _check_defaults(defaults: Any, label: str) -> None:
 
 def _check_sweep_value(kind: str, value: Any, label: str, place: str) -> None:
     def plain(item: Any) -> bool:
-        return isinstance(item, (int, float, str, bool)) and not (isinstance(item, str) and "${" in item)
+        """A number, or text of values and sweep functions: no `{ } [ ]` (Hydra would merge a mapping or
+        list into the config), no `$` or `\\` (an escaped `$\\{...\\}` becomes an interpolation after this check)."""
+        return isinstance(item, (int, float, str, bool)) and not (isinstance(item, str) and _UNPLAIN.search(item))
 
     ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
+        "int": isinstance(value, int)
+        and not isinstance(value, bool)
+        and (place != "hydra.sweeper.max_batch_size" or value >= 1),
         "strings": isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
         "mapping": isinstance(value, dict),
     }[kind] and (not isinstance(value, str) or plain(value))

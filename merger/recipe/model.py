@@ -29,6 +29,7 @@ SETTINGS = (
     "cache_max_size",
     "cache_verify",
     "allow_env",
+    "allow_overwrite",
     "nonfinite",
     "seed",
     "progress",
@@ -64,6 +65,7 @@ class Settings(StrictModel):
     cache_max_size: int | str | None = None  # collect the cache down to this size at the end of a run
     cache_verify: bool = False  # re-hash every cache entry the run uses
     allow_env: bool = False  # ${oc.env:...} in recipe files (the command line's to set)
+    allow_overwrite: bool = False  # outputs' `overwrite: true` may replace files merger did not write (ditto)
     nonfinite: Literal["warn", "error"] = "warn"  # NaN/inf in inputs or outputs: a warning, or an error
     seed: int = 0
     progress: bool = True
