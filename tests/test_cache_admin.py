@@ -14,11 +14,12 @@ import pytest
 
 from merger.cache.atomic import TMP_MARK, tmp_path_for
 from merger.cache.collect import collect
-from merger.cache.listing import PARTS, entries, max_size_setting, parse_size, strays, usage
+from merger.cache.listing import PARTS, entries, max_size_setting, strays, usage
 from merger.cache.memo import MemoEntry
 from merger.cache.record import record_path
 from merger.cache.store import Cache
 from merger.cache.verify import remove, verify
+from merger.core.sizes import parse_size
 from merger.core.specs import TensorSpec
 from tests.conftest import RunRecipe, expect_error, run_cli
 

@@ -259,3 +259,28 @@ def test_eight_runs_at_once_compute_each_node_once(tmp_path: Path) -> None:
         for r in reports:
             assert file_sha256(Path(r["outputs"][name]["path"])) == r["outputs"][name]["sha256"]
     check_outputs_and_cache(tmp_path, cache)
+
+
+def test_a_stop_signal_where_python_cannot_raise_still_stops_the_run(tmp_path: Path) -> None:
+    """SIGTERM landing in a weakref callback (as inside an import) is swallowed by Python, which
+    prints a traceback and goes on: merger sends it again, and the run stops with its message."""
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, signal, time, weakref
+        from merger.cli.failure import command
+        def body(argv):
+            class Thing: pass
+            thing = Thing()
+            ref = weakref.ref(thing, lambda r: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(0.01))
+            del thing
+            time.sleep(2)
+            print("not stopped")
+        command(body, ["merger"])
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 143 and "not stopped" not in done.stdout
+    assert "Traceback" not in done.stderr and "merger: terminated" in done.stderr

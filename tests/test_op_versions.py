@@ -4,11 +4,15 @@ Every op runs through the real pipeline on fixed, seeded tiny inputs whose value
 so every sum is exact and the results do not depend on summation order, SIMD width or machine. The
 digest of each op's result is pinned in VERSIONS under (op name, op version). A change of results
 without a version bump fails here: cached entries of the old results would still be served.
+An SVD is not bit-reproducible across LAPACK builds (nor are its singular vectors' signs), so
+extract_lora's digest is of a canonical form of its outputs (`CANONICAL`): the sign-free products
+B @ A and the factors' squared row norms, on a 1/64 grid, with the factors' shapes.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -17,7 +21,8 @@ import torch
 from merger.core.arrays import NumpyBackend
 from merger.core.tensor_bytes import dtype_code, tensor_memoryview
 from merger.ops import builtin_ops
-from tests.conftest import pipeline_outputs
+from merger.ops.base import AnyOp, InputSpecs, NodeSpec
+from tests.conftest import BytesSource, Collector, keyed, spec_of
 from tests.esrgan_models import old_layout
 
 StateDict = dict[str, torch.Tensor]
@@ -38,6 +43,8 @@ VERSIONS: dict[tuple[str, int], str] = {
     ("select", 1): "e04be291c44eec43cb50bbb13de91f53671727a5986bb28d2d2b9f539d8fc9be",
     ("splice", 1): "9806f547ed6ebb8f23bfee294e5ad6bb00ca3c1bf7b4f904f7d65cdfc50028cf",
     ("convert_scale", 1): "cf244928644e640e15d9b521747c94ca195e819a716f6a56b84820ea010a97a2",
+    ("apply_lora", 1): "8113a74c0f6c3fa0e5b4aea56ee2c255ef8009a8a9251bced6ee7b84abe64f15",
+    ("extract_lora", 1): "c6a9a24b615f93971830727035df1818e17bee18b3cac94329f0dae9f5c58632",
 }
 
 
@@ -54,6 +61,36 @@ def llm(seed: int) -> StateDict:
         sd[f"model.layers.{i}.mlp.up_proj.weight"] = dyadic((16, 8), g)
     sd["lm_head.weight"] = dyadic((16, 8), g).to(torch.bfloat16)
     sd["counter"] = torch.tensor(3, dtype=torch.int64)
+    return sd
+
+
+def lora_adapter(seed: int) -> StateDict:
+    """LoRA factors of llm()'s q_proj (rank 2) and up_proj (rank 1), as peft names them."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(3):
+        for module, rank, (out, n_in) in (("self_attn.q_proj", 2, (8, 8)), ("mlp.up_proj", 1, (16, 8))):
+            prefix = f"base_model.model.model.layers.{i}.{module}"
+            sd[f"{prefix}.lora_A.weight"] = dyadic((rank, n_in), g)
+            sd[f"{prefix}.lora_B.weight"] = dyadic((out, rank), g)
+    return sd
+
+
+LORA_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {"up_proj": 1}}
+
+
+def low_rank_tuned(seed: int) -> StateDict:
+    """llm(0) plus, on each q_proj and up_proj, a signed permutation of diag(3, 2, 1.5): a delta whose
+    SVD is exact in any LAPACK, with distinct singular values."""
+    g = torch.Generator().manual_seed(seed)
+    sd = llm(0)
+    for key, value in sd.items():
+        if key.endswith(("q_proj.weight", "up_proj.weight")):
+            rows, columns = torch.randperm(value.shape[0], generator=g)[:3], torch.randperm(8, generator=g)[:3]
+            signs = torch.randint(0, 2, (3,), generator=g) * 2 - 1
+            delta = torch.zeros_like(value)
+            delta[rows, columns] = torch.tensor([3.0, 2.0, 1.5]) * signs
+            sd[key] = value + delta
     return sd
 
 
@@ -80,7 +117,50 @@ CASES: dict[str, tuple[dict[str, Any], list[StateDict], tuple[str, ...]]] = {
     ),
     "splice": ({"p": 0.5, "granularity": "filter", "seed": 3}, [esrgan(1), esrgan(2)], ("a", "b")),
     "convert_scale": ({"scale": 8}, [esrgan(1)], ("a",)),
+    "apply_lora": ({"scale": 0.5}, [llm(0), lora_adapter(1)], ("base", "adapter")),
+    "extract_lora": ({"rank": 2}, [llm(0), low_rank_tuned(1)], ("base", "tuned")),
 }
+#: the adapter_config.json of inputs that are PEFT adapter folders, by op and input index
+CONFIGS: dict[str, dict[int, Mapping[str, Any]]] = {"apply_lora": {1: LORA_CONFIG}}
+
+
+def on_grid(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.round(tensor.double() * 64) / 64
+
+
+def lora_canonical(outputs: StateDict) -> StateDict:
+    """Per module: B @ A, the squared row norms of A, and the factors' shapes (see the module docstring)."""
+    found: StateDict = {}
+    for key, a in outputs.items():
+        if key.endswith(".lora_A.weight"):
+            b = outputs[key.replace(".lora_A.", ".lora_B.")]
+            module = key.removesuffix(".lora_A.weight")
+            found[f"{module}.delta"] = on_grid(b.double() @ a.double())
+            found[f"{module}.spectrum"] = on_grid((a.double() ** 2).sum(dim=1))
+            found[f"{module}.shapes"] = torch.tensor([*a.shape, *b.shape])
+    return found
+
+
+CANONICAL: dict[str, Callable[[StateDict], StateDict]] = {"extract_lora": lora_canonical}
+
+
+def outputs_of(
+    op: AnyOp, params: Any, models: list[StateDict], names: tuple[str, ...], backend: Any = None
+) -> tuple[NodeSpec[Any], StateDict]:
+    """conftest.pipeline_outputs, with the inputs' adapter configs (CONFIGS) in the op's InputSpecs."""
+    from merger.core.tensor_bytes import tensor_from_buffer
+    from merger.engine.pipeline import ByteSource, Pipeline
+
+    specs = tuple(spec_of(m) for m in models)
+    configs = tuple(CONFIGS.get(op.name, {}).get(i) for i in range(len(models)))
+    spec = op.spec(InputSpecs(names, specs, configs), params)
+    collector = Collector()
+    sources: list[ByteSource] = [BytesSource.of(m) for m in models]
+    pipeline = Pipeline(op, keyed(op, params, spec), sources, specs, backend or NumpyBackend())
+    pipeline.run(collector, spec, lambda key, nbytes: None)
+    joined = collector.joined()
+    out = {k: tensor_from_buffer(bytearray(joined[k]), t.dtype, t.shape) for k, t in spec.tensors.items()}
+    return spec, out
 
 
 def digest(outputs: StateDict) -> str:
@@ -99,8 +179,8 @@ def pinned_problem(op: Any) -> str | None:
     """Why `op`'s results on its case do not match the digest pinned for its version (None: they match)."""
     raw, models, names = CASES[op.name]
     params = op.params_model.model_validate(raw)
-    _, outputs = pipeline_outputs(op, params, models, NumpyBackend(), names)
-    found = digest(outputs)
+    _, outputs = outputs_of(op, params, models, names)
+    found = digest(CANONICAL.get(op.name, dict)(outputs))
     expected = VERSIONS.get((op.name, op.version))
     if found == expected:
         return None

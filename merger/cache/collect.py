@@ -14,7 +14,6 @@ from merger.cache.atomic import TMP_MARK, is_stale_tmp
 #: the parts of a cache directory, in the order `usage` lists them
 from merger.cache.listing import (
     DAY_SECONDS,
-    SIZE_FORMS,
     CacheEntry,
     _all_files,
     _files,
@@ -27,6 +26,7 @@ from merger.cache.listing import (
 )
 from merger.cache.record import RECORD_SUFFIX, read_record, record_path
 from merger.cache.store import LOCK_SUFFIX, Cache
+from merger.core.sizes import SIZE_FORMS
 from merger.errors import MergerError
 
 # --- collection -------------------------------------------------------------------------------------

@@ -52,3 +52,9 @@ def artifact_key(key: str, dtype: str, fmt: str, layout: str | None = None) -> s
     if layout is not None:
         content["layout"] = layout
     return digest_json(content)
+
+
+def shard_key(key: str, shard_size: int, index: int, count: int) -> str:
+    """The key of shard `index` of `count` of the entry `key`, cut at `shard_size` bytes."""
+    content = {"scheme": KEY_SCHEME, "shard_of": key, "shard_size": shard_size, "index": index, "count": count}
+    return digest_json(content)

@@ -9,14 +9,14 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from merger.cache.atomic import TMP_MARK
 from merger.cache.record import RECORD_SUFFIX, EntryRecord, read_record, record_path
 from merger.cache.store import Cache, cache_error
-from merger.errors import MergerError, shown
+from merger.core.sizes import parse_size
+from merger.errors import MergerError
 
 #: the parts of a cache directory, in the order `usage` lists them
 PARTS = ("objects", "memo", "locks", "tmp", "quarantine")
@@ -39,45 +39,6 @@ def merger_named(part: str, path: Path) -> bool:
     """Whether `path` bears a name merger gives files in `part` of its cache (temporary files aside)."""
     pattern = _MERGER_NAMES.get(part)
     return pattern is not None and bool(pattern.fullmatch(path.name))
-
-
-# --- sizes ------------------------------------------------------------------------------------------
-
-SIZE_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-SIZE_FORMS = (
-    "a number of bytes (5000000000), or one with a unit: 5GB, 1.5 GB, 500MB, 20GiB"
-    " (KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB: powers of 1024)"
-)
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from `5000`, `5GB` (5 * 10**9), `5GiB` (5 * 2**30), `1.5 gb`...: the units of
-    `transformers`' max_shard_size, case-insensitive; a bad value is a MergerError."""
-    if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise MergerError(f"'{shown(text)}' is not a size", fix=f"give {SIZE_FORMS}")
-    if isinstance(text, int):
-        if text < 0:
-            raise MergerError(f"a size cannot be negative ({text})", fix=f"give {SIZE_FORMS}")
-        return text
-    match = _SIZE.fullmatch(text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or (unit and unit not in SIZE_UNITS):
-        raise MergerError(f"'{shown(text)}' is not a size", fix=f"give {SIZE_FORMS}")
-    value = Fraction(match.group(1)) * SIZE_UNITS[unit or "b"]
-    if not unit and value.denominator != 1:
-        raise MergerError(f"'{shown(text)}' is not a whole number of bytes", fix=f"give {SIZE_FORMS}")
-    return int(value)
 
 
 def max_size_setting(value: int | str | None) -> int | None:

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from merger.cache.collect import GcResult, collect
-from merger.cache.listing import PARTS, SIZE_FORMS, CacheEntry, entries, parse_size, strays, usage
+from merger.cache.listing import PARTS, CacheEntry, entries, strays, usage
 from merger.cache.store import CACHE_DIR_VARIABLE, COMMIT_GRACE_SECONDS, DEFAULT_CACHE_DIR, Cache, cache_location
 from merger.cache.verify import remove, verify
+from merger.core.sizes import SIZE_FORMS, parse_size
 from merger.engine.progress import human_size
 from merger.errors import EXIT_USER_ERROR, MergerError, os_error_block, shown
 

@@ -20,7 +20,7 @@ import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from merger.errors import EXIT_USER_ERROR, MergerError, os_error_block, shown
 
@@ -80,11 +80,29 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
+def _redeliver(args: Any) -> None:
+    """Python swallows an exception raised where it cannot propagate (a weakref callback inside an
+    import, say) and prints a traceback: a stop signal landing there is sent again instead, so that
+    it ends the run where it can, with merger's message."""
+    stops = {Terminated: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}
+    signum = next(
+        (n for kind, n in stops.items() if args.exc_type is not None and issubclass(args.exc_type, kind)), None
+    )
+    if signum is None:
+        sys.__unraisablehook__(args)
+        return
+    import threading
+
+    # from another thread, a moment later: the handler then runs once this hook has returned
+    threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+
+
 def prepare_process() -> None:
     """Process-wide set-up for the command: SIGTERM cleans up; Python warnings (torch's among them)
     go to the job's log file, not the terminal; the open-files limit is raised to its maximum."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
+    sys.unraisablehook = _redeliver
     logging.captureWarnings(True)
     captured = logging.getLogger("py.warnings")
     captured.addHandler(logging.NullHandler())  # until Hydra's logging config gives it the log file

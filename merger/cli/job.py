@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,9 @@ from merger.cache.store import Cache, cache_location
 from merger.core.nonfinite import describe
 from merger.engine.catalog import SourceCatalog, SpecsSeen
 from merger.engine.executor import Executor, NodeResult
+from merger.engine.folder_output import FolderFacts, folder_facts, place_folder
 from merger.engine.graph import build_graph
+from merger.engine.model_card import CardContext
 from merger.engine.output_targets import (
     OutputTarget,
     SweepJob,
@@ -45,6 +47,8 @@ class Prepared:
     previews: list[PreviewImage]
     targets: list[OutputTarget] | None  # where the outputs land, when the output directory was known
     max_cache_bytes: int | None  # cache_max_size: collect the cache to this size after the run
+    folders: dict[str, FolderFacts] = field(default_factory=dict)  # folder outputs: config, card facts
+    warnings: tuple[str, ...] = ()  # the plan's, and the outputs' (said once, before the run)
 
     def source_files(self) -> list[Path]:
         return [f for h in self.catalog.all() for f in (h.location.path, *h.location.files)]
@@ -90,7 +94,13 @@ def prepare(
             from merger.cache.listing import max_size_setting
 
             max_bytes = max_size_setting(recipe.settings.cache_max_size)
-        prepared = Prepared(plan, catalog, cache, previews, None, max_bytes)
+        folders: dict[str, FolderFacts] = {}
+        warnings = list(plan.warnings)
+        for output in recipe.outputs.values():
+            if output.format == "folder":
+                folders[output.name], more = folder_facts(plan, output)
+                warnings.extend(more)
+        prepared = Prepared(plan, catalog, cache, previews, None, max_bytes, folders, tuple(warnings))
         if output_dir is not None:
             prepared = replace(prepared, targets=prepared.check_targets(output_dir))
     except BaseException:
@@ -120,7 +130,7 @@ def run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None = No
     if sweep_job is not None:
         claim_sweep_targets(plan.recipe, checked, sweep_job)
     targets = {t.name: t for t in checked}
-    for warning in plan.warnings:
+    for warning in prepared.warnings:
         log.warning(warning)
     prepared.cache.remove_stale_tmp()
     executor = Executor(
@@ -132,18 +142,24 @@ def run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None = No
         prepared.catalog.close()
     warnings = nonfinite_warnings(results)
     outputs: dict[str, OutputResult] = {}
+    card = CardContext(context.recipe_name, context.recipe_file, context.overrides)
     for name, output in plan.recipe.outputs.items():
         node = results[output.node]
-        outputs[name] = place_output(
-            output, node, prepared.cache, targets[name], nonfinite=plan.nodes[output.node].nonfinite
-        )
+        nonfinite = plan.nodes[output.node].nonfinite
+        if name in prepared.folders:
+            facts = prepared.folders[name]
+            outputs[name] = place_folder(
+                output, node, plan, prepared.cache, targets[name], facts, card, nonfinite=nonfinite
+            )
+        else:
+            outputs[name] = place_output(output, node, prepared.cache, targets[name], nonfinite=nonfinite)
         if outputs[name].overflow:
             warnings.append(f"output '{name}': the cast to {output.dtype} made {describe(outputs[name].overflow)}")
     for warning in warnings:
         log.warning(warning)
-    previews = render({name: out.path for name, out in outputs.items()}, prepared.previews, context.output_dir)
+    previews = render({name: out.model_file for name, out in outputs.items()}, prepared.previews, context.output_dir)
     report = build_report(plan, results, outputs, context, device=executor.device, seconds=time.perf_counter() - start)
-    report["warnings"].extend(warnings)
+    report["warnings"].extend([*(w for w in prepared.warnings if w not in plan.warnings), *warnings])
     if previews:
         report["previews"] = previews
     write_report(context.output_dir, report)
@@ -151,7 +167,7 @@ def run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None = No
     if prepared.max_cache_bytes is not None:
         from merger.cache.collect import collect
 
-        used = {r.key for r in results.values()} | {o.entry_key for o in outputs.values()}
+        used = {r.key for r in results.values()} | {k for o in outputs.values() for k in (o.entry_key, *o.more_keys)}
         freed = collect(prepared.cache, max_size=prepared.max_cache_bytes, keep=used)
         log.info(
             f"merger: cache_max_size {human_size(prepared.max_cache_bytes)}: removed {len(freed.removed)} files"

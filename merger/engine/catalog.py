@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from merger.cache.hashing import new_tensor_hasher, source_content_hash
+from merger.cache.hashing import digest_json, new_tensor_hasher, source_content_hash
 from merger.cache.memo import MemoEntry, SourceMemo, source_identity
 from merger.core.specs import TensorSpec
 from merger.engine.globbing import bounded_glob
 from merger.errors import MergerError, Where, os_error_block
+from merger.io.folder_config import ADAPTER_CONFIG, read_config
 from merger.io.sources import SourceLocation, TensorSource, locate, open_source, resolve_path
 from merger.recipe.model import Recipe, SourceDef
 
@@ -44,10 +45,25 @@ class SourceHandle:
         self._digests: dict[str, str] = {}
         self._hashing: dict[str, tuple[Any, int]] = {}  # key -> (hasher, bytes fed so far)
         self._learnt = False  # a content hash computed in this run, not memoised yet
+        self._configs: dict[str, dict[str, Any] | None] = {}
 
     @property
     def path(self) -> Path:
         return self.location.path
+
+    def folder_config(self, name: str) -> dict[str, Any] | None:
+        """The folder's `config.json` or `adapter_config.json` (by `name`), read once; None when the
+        source is not a folder or has no such file."""
+        if name not in self._configs:
+            path = self.location.path / name
+            found = self.location.kind == "folder" and path.is_file()
+            self._configs[name] = read_config(path, where=self.where) if found else None
+        return self._configs[name]
+
+    @property
+    def adapter_config(self) -> dict[str, Any] | None:
+        """A PEFT adapter folder's config (what ops may read: it is part of the content hash)."""
+        return self.folder_config(ADAPTER_CONFIG)
 
     def _open(self) -> TensorSource:
         if self._reader is None:
@@ -137,7 +153,10 @@ class SourceHandle:
                     self.read_into(key, 0, 0, scratch)
                 for begin in range(start, tensor.nbytes, HASH_CHUNK_BYTES):
                     self.read_into(key, begin, min(begin + HASH_CHUNK_BYTES, tensor.nbytes), scratch)
-            rows = ((k, s.dtype, s.shape, self._digests[k]) for k, s in spec.items())
+            rows = [(k, s.dtype, s.shape, self._digests[k]) for k, s in spec.items()]
+            adapter = self.adapter_config
+            if adapter is not None:  # an adapter's alpha and rank rules change what applying it gives
+                rows.append((ADAPTER_CONFIG, "JSON", (), digest_json(adapter)))
             self.content_hash = source_content_hash(rows)
             self._learnt = True
             self._digests = {}

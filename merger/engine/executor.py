@@ -8,10 +8,15 @@ holds a few tensors, never a model. A source whose content hash is not in the
 memo is hashed in the same pass; the entry's key and metadata are patched in
 when the pass ends. A lock per node keeps concurrent runs from computing the
 same node twice: the second waits, then finds the first one's entry.
+
+What an op notes while computing (`TensorInputs.note`: per output key, e.g. a reconstruction
+error) is summarised by the op (`summarise_notes`, when it has one) and committed with the entry,
+under RUNTIME_NOTE, so a cached run reports the same notes as the run that computed it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -31,7 +36,8 @@ from merger.io.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from merger.core.arrays import Backend
-    from merger.engine.pipeline import ByteSource
+    from merger.engine.pipeline import ByteSource, Noted
+    from merger.ops.base import AnyOp
 
 log = logging.getLogger("merger")
 
@@ -54,6 +60,37 @@ class NodeResult:
 
 
 NONFINITE_NOTE = "nonfinite"
+#: the entry note holding what the op noted while computing (summarised), merged into the node's notes
+RUNTIME_NOTE = "runtime"
+#: a larger summary would crowd the entry's record (merger.cache.record caps it): per-key tables are dropped
+MAX_RUNTIME_NOTE_BYTES = 256 * 1024
+
+
+def runtime_notes(op: AnyOp, noted: Noted) -> dict[str, Any]:
+    """The report notes of what `op` noted: its summary, else `{"noted": noted}`; bounded in size."""
+    if not noted:
+        return {}
+    summary = op.summarise_notes(noted)
+    if len(json.dumps(summary)) <= MAX_RUNTIME_NOTE_BYTES:
+        return summary
+    log.warning(f"op '{op.name}': its per-key notes are over {MAX_RUNTIME_NOTE_BYTES} bytes; only totals are kept")
+    return {
+        name: {k: v for k, v in value.items() if not isinstance(v, dict)} | {"per_key_dropped": True}
+        if isinstance(value, dict)
+        else value
+        for name, value in summary.items()
+    }
+
+
+def node_notes(planned: dict[str, Any], entry: EntryInfo) -> dict[str, Any]:
+    """A node's notes: the plan's, with what its entry records from computing it merged in
+    (one level deep: a runtime `lora` table joins the plan's `lora` table)."""
+    notes = dict(planned)
+    runtime = entry.notes.get(RUNTIME_NOTE)
+    for name, value in (runtime if isinstance(runtime, dict) else {}).items():
+        known = notes.get(name)
+        notes[name] = {**known, **value} if isinstance(known, dict) and isinstance(value, dict) else value
+    return notes
 
 
 class _NonFiniteWatch:
@@ -171,12 +208,18 @@ class Executor:
                         "computed",
                         time.perf_counter() - start,
                         entry,
-                        dict(node.spec.notes),
+                        node_notes(node.spec.notes, entry),
                     )
         assert key is not None
         self._recheck_nonfinite(node, entry)
         return NodeResult(
-            node.name, node.op.name, key, "cached", time.perf_counter() - start, entry, dict(node.spec.notes)
+            node.name,
+            node.op.name,
+            key,
+            "cached",
+            time.perf_counter() - start,
+            entry,
+            node_notes(node.spec.notes, entry),
         )
 
     def _recheck_nonfinite(self, node: PlannedNode, entry: EntryInfo) -> None:
@@ -251,6 +294,7 @@ class Executor:
                 node.op, node.keyed, sources, tuple(specs), backend, watched=watched, on_nonfinite=watch
             )
             pipeline.run(writer, node.spec, progress.advance)
+            runtime = runtime_notes(node.op, pipeline.noted)
             for ref in node.inputs:
                 if ref.handle is not None:
                     ref.handle.finish_hash()
@@ -267,7 +311,8 @@ class Executor:
             for reader in entry_readers:
                 reader.close()
         made = {"kind": "node", "node": node.name, "op": node.op.name, "recipe": self.plan.recipe.file}
-        entry = self.cache.commit(tmp, key, sha, made=made, notes=watch.notes())
+        notes = watch.notes() | ({RUNTIME_NOTE: runtime} if runtime else {})
+        entry = self.cache.commit(tmp, key, sha, made=made, notes=notes)
         for ref in node.inputs:
             if ref.handle is not None:
                 ref.handle.remember()

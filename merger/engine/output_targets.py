@@ -100,18 +100,33 @@ def _made_by_merger(path: Path) -> bool:
     return _provenance_json(path) is not None
 
 
+def _made_by_merger_folder(folder: Path) -> bool:
+    """A folder output merger wrote: its weights (or shard index, or adapter) carry merger's provenance."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = _provenance_json(index, field="metadata")
+        return data is not None
+    return any(_made_by_merger(folder / name) for name in ("model.safetensors", "adapter_model.safetensors"))
+
+
 def _is_merger_key(provenance: Provenance | None) -> bool:
     return provenance is not None and _CONTENT_KEY.fullmatch(provenance.key) is not None
 
 
-def _provenance_json(path: Path) -> dict[str, object] | None:
-    """The provenance `.json` merger writes beside a `.pth`, or None for any other file."""
+def _provenance_json(path: Path, field: str | None = None) -> dict[str, object] | None:
+    """The provenance `.json` merger writes beside a `.pth` (or, `field` "metadata", the index of a
+    sharded folder output, whose metadata holds the key), or None for any other file."""
     try:
         with open_regular(path) as f:
-            raw = f.read(MIB + 1)
-        if len(raw) > MIB:
+            raw = f.read(64 * MIB + 1)
+        if len(raw) > (64 * MIB if field else MIB):
             return None
         data = loads_strict(raw, what="provenance")
+        if field is not None:
+            inner = data.get(field) if isinstance(data, dict) else None
+            key = inner.get("merger.key") if isinstance(inner, dict) else None
+            found = isinstance(data, dict) and isinstance(key, str) and _CONTENT_KEY.fullmatch(key)
+            return data if found and isinstance(data, dict) else None
         if not isinstance(data, dict) or not _is_merger_key(Provenance.from_json(raw)):
             return None
     except (OSError, ValueError):
@@ -189,8 +204,18 @@ def _is_site_dir(folder: Path) -> bool:
 
 
 def _check_existing(recipe: Recipe, output: OutputDef, path: Path, real: Path) -> None:
-    if real.is_dir():
+    folder = output.format == "folder"
+    if real.is_dir() and not folder:
         raise _refuse(recipe, output, f"output path '{shown(path)}' is a directory", "give the output a file path")
+    if real.exists() and folder and not real.is_dir():
+        raise _refuse(
+            recipe,
+            output,
+            f"output '{output.name}' is a model folder, but '{shown(path)}' is a file",
+            "choose another path (a folder output's path has no extension)",
+        )
+    if folder and real.is_dir() and (_made_by_merger_folder(real) or not any(real.iterdir())):
+        return
     if not real.exists() or (output.overwrite and recipe.settings.allow_overwrite) or _made_by_merger(real):
         return
     what = f"output '{output.name}' would replace '{shown(path)}', a file merger did not write"

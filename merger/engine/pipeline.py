@@ -9,11 +9,14 @@ inputs are added), so memory holds a few chunks whatever the model size, the
 tensor size or the number of inputs; other ops get whole tensors. Non-finite
 values are counted off the compute thread: in what the reader reads from the
 watched inputs (sources) and in what the writer writes (see merger.core.nonfinite).
+Numbers an op notes about the key it computes (`TensorInputs.note`) are gathered in
+`Pipeline.noted` for the executor, which keeps them with the node's cache entry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -47,6 +50,8 @@ class ChunkWriter(Protocol):
 
 #: called with (input index, or None for the output; tensor key; how many non-finite values a chunk held)
 NonFiniteSink = Callable[[int | None, str, int], None]
+#: what an op noted while computing: name -> output key -> value (None: it was not finite)
+Noted = dict[str, dict[str, float | None]]  # as merger.ops.base.Noted, filled in while computing
 
 
 class RenamedSource:
@@ -138,6 +143,13 @@ class Pipeline:
         self._stop = threading.Event()
         self._watched = watched if on_nonfinite else frozenset()
         self._on_nonfinite = on_nonfinite
+        self.noted: Noted = {}
+        self._noted_lock = threading.Lock()
+
+    def _note(self, name: str, key: str, value: float) -> None:
+        number = float(value)
+        with self._noted_lock:
+            self.noted.setdefault(name, {})[key] = number if math.isfinite(number) else None
 
     def _count(self, index: int | None, key: str, data: memoryview, code: str) -> None:
         if self._on_nonfinite is not None:
@@ -275,6 +287,9 @@ class _TensorInputs:
             if index in self._pipeline._watched:
                 self._pipeline._count(index, key, data, spec.dtype)
         return self._pipeline.backend.load(data, spec.dtype, spec.shape)
+
+    def note(self, name: str, value: float) -> None:
+        self._pipeline._note(name, self._fetched.piece.key, value)
 
 
 def _address(buffer: Any) -> tuple[int, int]:

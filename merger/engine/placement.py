@@ -18,6 +18,7 @@ import hashlib
 import json
 import mmap
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,14 @@ class OutputResult:
     how: str  # "linked" | "copied"
     entry_key: str  # the cache entry placed (the node's, or the artifact made from it)
     overflow: dict[str, int] = field(default_factory=dict)  # tensor -> values the cast made non-finite
+    more_keys: tuple[str, ...] = ()  # other cache entries it places (a folder's shards)
+    files: dict[str, str] = field(default_factory=dict)  # a folder's files: name -> sha256
 
-
-def output_format(path: str) -> str:
-    return "pth" if path.lower().endswith(".pth") else "safetensors"
+    @property
+    def model_file(self) -> Path:
+        """The file a loader reads: the output itself, or a folder's single weights file."""
+        single = self.path / "model.safetensors"
+        return single if self.files and "model.safetensors" in self.files else self.path
 
 
 def place_output(
@@ -88,10 +93,12 @@ def _overflow(node: NodeResult, artifact: EntryInfo) -> dict[str, int]:
     return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
 
 
-def _place(output: OutputDef, node: NodeResult, cache: Cache, target: OutputTarget, nonfinite: str) -> OutputResult:
-    fmt = output_format(output.path)
+def output_artifact(output: OutputDef, node: NodeResult, cache: Cache, fmt: str, *, nonfinite: str) -> EntryInfo:
+    """The cache entry an output places: the node's own, or made from it (cast, renamed, saved as
+    .pth, wrapped) and cached; `nonfinite: error` refuses one whose cast made values infinite."""
     suffix = ".pth" if fmt == "pth" else ".safetensors"
-    key = artifact_key(node.key, output.dtype, fmt, output.layout)
+    tagged = f"pth+{output.wrap}" if fmt == "pth" and output.wrap else fmt  # the key of a wrapped .pth differs
+    key = artifact_key(node.key, output.dtype, tagged, output.layout)
     artifact = cache.lookup(key, suffix)
     if artifact is None:
         with cache.lock(key):
@@ -100,6 +107,12 @@ def _place(output: OutputDef, node: NodeResult, cache: Cache, target: OutputTarg
     if overflow and nonfinite == "error":
         first, count = next(iter(overflow.items()))
         raise nonfinite_error(f"outputs.{output.name}", f"output '{output.name}' cast to {output.dtype}", first, count)
+    return artifact
+
+
+def _place(output: OutputDef, node: NodeResult, cache: Cache, target: OutputTarget, nonfinite: str) -> OutputResult:
+    artifact = output_artifact(output, node, cache, output.format, nonfinite=nonfinite)
+    overflow = _overflow(node, artifact)
     how, sha = link_or_copy(artifact, target.path)
     if how == "linked":
         cache.placed(artifact)
@@ -115,6 +128,7 @@ def _place(output: OutputDef, node: NodeResult, cache: Cache, target: OutputTarg
         provenance = parse_metadata(read_header(node.entry.path).metadata) or {}
         if output.dtype != "keep":
             provenance["dtype"] = output.dtype
+        provenance.update({k: v for k, v in (("layout", output.layout), ("wrap", output.wrap)) if v is not None})
         provenance[SIDE_FILE_FIELD] = {"sha256": sha, "bytes": artifact.bytes}  # ties the .json to this .pth
         write_text_atomic(target.side, json.dumps(provenance, indent=2) + "\n")
     return OutputResult(
@@ -170,12 +184,14 @@ def _make_artifact(cache: Cache, node: NodeResult, output: OutputDef, fmt: str, 
     if output.dtype != "keep" or output.layout is not None:
         variant_key = key if fmt == "safetensors" else key + "-variant"
         rename = _layout_rename(header, output)
-        variant = _write_variant(cache, header, output.dtype, rename, variant_key, made)
+        variant = write_variant(cache, header, output.dtype, rename, variant_key, made)
         if fmt == "safetensors":
             return variant
         header = read_header(variant.path)
         notes = variant.notes
-    return _write_pth(cache, header, key, made, notes)
+    if output.wrap:
+        made["wrap"] = output.wrap
+    return _write_pth(cache, header, key, made, notes, output.wrap)
 
 
 def _layout_rename(header: SafetensorsHeader, output: OutputDef) -> dict[str, str] | None:
@@ -187,15 +203,22 @@ def _layout_rename(header: SafetensorsHeader, output: OutputDef) -> dict[str, st
     return found.rename(output.layout)
 
 
-def _write_variant(
-    cache: Cache, header: SafetensorsHeader, dtype: str, rename: dict[str, str] | None, key: str, made: dict[str, Any]
+def write_variant(
+    cache: Cache,
+    header: SafetensorsHeader,
+    dtype: str,
+    rename: dict[str, str] | None,
+    key: str,
+    made: dict[str, Any],
+    keys: Sequence[str] | None = None,
 ) -> EntryInfo:
-    """The entry with float tensors cast to `dtype` and keys renamed, in chunks (numpy); the
-    non-finite values of the result are counted (a cast to float16 may overflow)."""
+    """The entry (or its tensors `keys`) with float tensors cast to `dtype` and keys renamed, in
+    chunks (numpy); the non-finite values of the result are counted (a cast to float16 may overflow)."""
     from merger.core.arrays import select_backend
 
-    specs = {(rename or {}).get(k, k): _cast_spec(s, dtype) for k, s in header.tensors.items()}
-    xp = select_backend("cpu", {s.dtype for s in header.tensors.values()} | {s.dtype for s in specs.values()})
+    chosen = header.tensors if keys is None else {k: header.tensors[k] for k in keys}
+    specs = {(rename or {}).get(k, k): _cast_spec(s, dtype) for k, s in chosen.items()}
+    xp = select_backend("cpu", {s.dtype for s in chosen.values()} | {s.dtype for s in specs.values()})
     metadata = {**header.metadata, **({DTYPE_FIELD: dtype} if dtype != "keep" else {})}
     tmp = cache.new_tmp(key)
     writer = SafetensorsWriter(tmp, specs, metadata)
@@ -203,7 +226,7 @@ def _write_variant(
     buffer = memoryview(bytearray(VARIANT_CHUNK * 8))
     counts = NonFiniteCounts()
     try:
-        for name, spec in header.tensors.items():
+        for name, spec in chosen.items():
             new_name = (rename or {}).get(name, name)
             target = specs[new_name]
             size = DTYPE_SIZES[spec.dtype]
@@ -225,13 +248,14 @@ def _write_variant(
 
 
 def _write_pth(
-    cache: Cache, header: SafetensorsHeader, key: str, made: dict[str, Any], notes: dict[str, Any]
+    cache: Cache, header: SafetensorsHeader, key: str, made: dict[str, Any], notes: dict[str, Any], wrap: str | None
 ) -> EntryInfo:
-    """`torch.save` of the bare state dict, its tensors viewing a memory map of the entry."""
+    """`torch.save` of the bare state dict (or of `{wrap: state dict}`), its tensors viewing a memory
+    map of the entry."""
     tmp = cache.new_tmp(key, ".pth")
     try:
         with open(header.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-            _save_views(mapped, header, tmp)
+            _save_views(mapped, header, tmp, wrap)
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         return cache.commit(tmp, key, file_sha256(tmp), ".pth", made=made, notes=notes)
@@ -239,7 +263,7 @@ def _write_pth(
         tmp.unlink(missing_ok=True)
 
 
-def _save_views(mapped: mmap.mmap, header: SafetensorsHeader, target: Path) -> None:
+def _save_views(mapped: mmap.mmap, header: SafetensorsHeader, target: Path, wrap: str | None) -> None:
     import torch
 
     from merger.core.tensor_bytes import TORCH_DTYPES
@@ -252,4 +276,4 @@ def _save_views(mapped: mmap.mmap, header: SafetensorsHeader, target: Path) -> N
         else:
             offset = header.data_start + header.offsets[name][0]
             state[name] = torch.frombuffer(mapped, dtype=dtype, count=spec.numel, offset=offset).reshape(spec.shape)
-    torch.save(state, target)
+    torch.save({wrap: state} if wrap else state, target)

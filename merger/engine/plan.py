@@ -3,6 +3,11 @@ output spec, computed from specs alone before any tensor is read.
 
 This is where a shape mismatch, a wrong number of inputs or weights, or a
 missing key fails, in about a second even for a 10 GB merge, naming the node.
+Language models get two checks of their own (see merger.archs.embeddings):
+inputs whose vocabularies differ (token embeddings / LM heads with other row
+counts) fail unless the node says `vocab: first` (then its op is wrapped, see
+merger.ops.vocab), and a model that ties its LM head to its input embedding
+does not merge with one that does not.
 """
 
 from __future__ import annotations
@@ -10,15 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from merger.archs import Adaptation, align_layouts, esrgan
+from merger.archs import Adaptation, align_layouts, embeddings, esrgan
 from merger.cache.keys import NodeContent
 from merger.core.specs import TensorSpec
 from merger.engine.catalog import SourceCatalog, SourceHandle
 from merger.engine.graph import Graph
-from merger.errors import MergerError
+from merger.errors import MergerError, shown
+from merger.io.folder_config import MODEL_CONFIG
 from merger.ops.base import AnyOp, InputSpecs, NodeSpec
 from merger.ops.params import OpParams, contains_schedule
 from merger.ops.registry import OpRegistry
+from merger.ops.vocab import vocab_first
 from merger.recipe.model import NodeDef, Recipe
 from merger.recipe.schedule import KeyedParams
 
@@ -42,15 +49,24 @@ class PlannedNode:
     spec: NodeSpec[Any]
     keyed: KeyedParams  # the parameters key by key (per-layer schedules resolved)
     nonfinite: str = "warn"  # warn | error: NaN or inf in the inputs read or the output
+    #: "first" when `vocab: first` changes the result (the inputs' vocabularies differ, `op` is
+    #: wrapped: merger.ops.vocab); None otherwise
+    vocab: str | None = None
+    #: with `vocab: first`: the input (its name in the recipe; `name[i]` for a glob's files) whose
+    #: vocabulary the output has, so the tokenizer that fits it: the first model of `inputs:`
+    vocab_from: str | None = None
 
     @property
     def content(self) -> NodeContent:
         """What determines the node's result besides its inputs (for its content key)."""
+        # a reference (base) is an input, by content; a random op's seed in force is a parameter
+        params = self.params.model_dump(mode="json", exclude=set(self.op.references))
+        if self.vocab is not None:  # beside the op's own (no op has a `vocab`); nodes without it keep their keys
+            params["vocab"] = self.vocab
         return NodeContent(
             self.op.name,
             self.op.version,
-            # a reference (base) is an input, by content; a random op's seed in force is a parameter
-            self.params.model_dump(mode="json", exclude=set(self.op.references)),
+            params,
             tuple(ref.adaptation.tag if ref.adaptation else None for ref in self.inputs),
         )
 
@@ -118,7 +134,9 @@ def _plan_node(
     adaptations = align_layouts(stored)
     inputs = tuple(replace(ref, adaptation=a) for ref, a in zip(inputs, adaptations, strict=True))
     specs = tuple(presented_spec(s, a) for s, a in zip(stored, adaptations, strict=True))
-    spec = op.spec(InputSpecs(tuple(ref.name for ref in inputs), specs), params)
+    configs = tuple(ref.handle.adapter_config if ref.handle else None for ref in inputs)
+    described = InputSpecs(tuple(ref.name for ref in inputs), specs, configs)
+    used, spec, vocab_from = _spec(node, op, inputs, described, params, warnings)
     adapted = {ref.name: ref.adaptation.tag for ref in inputs if ref.adaptation}
     if adapted:
         spec.notes["adapted"] = adapted
@@ -130,7 +148,106 @@ def _plan_node(
         for resolved in keyed.distinct():
             warnings.extend(w for w in op.check(resolved, n_models) if w not in warnings)
     nonfinite = node.nonfinite or recipe.settings.nonfinite
-    return PlannedNode(node.name, op, params, inputs, spec, keyed, nonfinite), warnings
+    vocab = "first" if used is not op else None
+    return PlannedNode(node.name, used, params, inputs, spec, keyed, nonfinite, vocab, vocab_from), warnings
+
+
+def _spec(
+    node: NodeDef, op: AnyOp, inputs: tuple[InputRef, ...], described: InputSpecs, params: OpParams, warnings: list[str]
+) -> tuple[AnyOp, NodeSpec[Any], str | None]:
+    """The op the node runs (with `vocab: first`, wrapped when the vocabularies differ), its spec,
+    and the input whose vocabulary the output has (`vocab: first` only); language models' tied
+    heads and vocabularies checked first, their failures explained."""
+    specs = described.specs
+    if op.family_check:  # a merge of one family's models, key by key: tied and untied ones do not mix
+        tie_error = _tie_error(inputs, specs)
+        if tie_error is not None:
+            raise tie_error
+    first = len(node.refs)  # the first model of `inputs:`, after the references (base: one model each)
+    mismatches = embeddings.vocab_mismatches(specs)
+    used, vocab_from = op, None
+    if node.vocab == "first":
+        vocab_from = described.names[first]
+        if mismatches:
+            used = vocab_first(op, first)
+        else:
+            warnings.append(
+                "vocab: first, but no token embedding or LM head differs in rows between the inputs:"
+                f" the node merges as it would without it (the tokenizer that fits it is still that of '{vocab_from}')"
+            )
+    try:
+        spec = used.spec(described, params)
+    except MergerError:
+        explained = _tie_error(inputs, specs) or (
+            _vocab_error(node, op, described, params, mismatches, first) if mismatches and used is op else None
+        )
+        if explained is None:
+            raise
+        raise explained from None
+    if mismatches and used is op and op.family_check:  # e.g. keys: intersection: those keys come from one input
+        warnings.append(
+            f"the inputs' vocabularies differ ({_rows(mismatches[0], described.names)}), so the token"
+            f" embeddings and LM heads are not merged but taken from '{described.names[0]}'; set vocab: first"
+            " to merge the rows every input has"
+        )
+    return used, spec, vocab_from
+
+
+MAX_VOCAB_LISTED = 10
+
+
+def _rows(mismatch: embeddings.VocabMismatch, names: tuple[str, ...]) -> str:
+    """'model.embed_tokens.weight' has 100 rows in 'a' but 103 in 'b'"""
+    first = mismatch.rows[0]
+    others = ", ".join(f"{r} in '{n}'" for r, n in zip(mismatch.rows[1:], names[1:], strict=True) if r != first)
+    return f"'{shown(mismatch.key)}' has {first} rows in '{names[0]}' but {others}"
+
+
+def _vocab_error(
+    node: NodeDef,
+    op: AnyOp,
+    described: InputSpecs,
+    params: OpParams,
+    mismatches: list[embeddings.VocabMismatch],
+    first: int,
+) -> MergerError:
+    """The inputs' vocabularies differ and the node does not say `vocab: first`."""
+    lines = [f"  {_rows(m, described.names)}" for m in mismatches[:MAX_VOCAB_LISTED]]
+    if len(mismatches) > MAX_VOCAB_LISTED:
+        lines.append(f"  ... and {len(mismatches) - MAX_VOCAB_LISTED} more")
+    what = "the inputs' vocabularies differ (tokens added to one of them?):\n" + "\n".join(lines)
+    try:  # what else differs, once the token rows are cut to those every input has
+        vocab_first(op, first).spec(described, params)
+    except MergerError as e:
+        what += f"\nbesides, with only the token rows they share: {e.what}"
+    return MergerError(
+        what,
+        fix=f"set `vocab: first` on node '{node.name}': the token rows every input has are merged and the"
+        f" output gets the vocabulary of '{described.names[first]}' (the first of inputs:), its other rows"
+        " as they are (rows only other inputs have are dropped); or merge models that share one tokenizer",
+    )
+
+
+def _tie_error(inputs: tuple[InputRef, ...], specs: tuple[dict[str, TensorSpec], ...]) -> MergerError | None:
+    """An input that ties its LM head to its input embedding beside one with a head of its own."""
+
+    def config(index: int) -> dict[str, Any] | None:
+        handle = inputs[index].handle
+        return handle.folder_config(MODEL_CONFIG) if handle is not None else None
+
+    conflict = embeddings.tie_conflict(specs, config)
+    if conflict is None:
+        return None
+    tied, untied, head = inputs[conflict.tied].name, inputs[conflict.untied].name, shown(conflict.head)
+    return MergerError(
+        f"'{tied}' ties its LM head to its input embeddings ({shown(conflict.tied_why)}), but '{untied}' is"
+        f" untied: it has its own '{head}' {specs[conflict.untied][conflict.head].describe()}; a tied and an"
+        " untied model do not merge key by key",
+        fix=f"untie '{tied}': load it with transformers, give it a head of its own"
+        " (model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.clone())),"
+        f" set model.config.tie_word_embeddings = False and save_pretrained it again, so that its '{head}'"
+        " is written; or merge models that tie alike",
+    )
 
 
 def build_plan(recipe: Recipe, graph: Graph, catalog: SourceCatalog, registry: OpRegistry) -> Plan:

@@ -47,6 +47,8 @@ def subgraph_recipe(plan: Plan, name: str) -> dict[str, Any]:
         node = recipe.nodes[node_name]
         planned = plan.nodes[node_name]
         nodes[node_name] = {"op": node.op, "inputs": list(node.inputs), **node.params.model_dump(mode="json")}
+        if node.vocab is not None:
+            nodes[node_name]["vocab"] = node.vocab
         source_names.extend(i for i in node.references if i in recipe.sources and i not in source_names)
         if planned.seed is not None:
             seeds.add(planned.seed)

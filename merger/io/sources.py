@@ -1,8 +1,10 @@
 """Model files as lazy tensor sources: a spec up front, tensors one at a time.
 
-Kinds: a `.safetensors` file; a Hugging Face-style folder (`model.safetensors`
-or a sharded `model.safetensors.index.json`); a PyTorch checkpoint
-(`.pth/.pt/.ckpt/.bin`, loaded safely, see `merger.io.pth`). Each reader
+Kinds: a `.safetensors` file; a Hugging Face-style folder (safetensors or
+PyTorch `.bin` weights, one file or sharded with an index, or a PEFT adapter;
+see `_folder_files`); a PyTorch checkpoint (`.pth/.pt/.ckpt/.bin`). Every
+pickle, a folder's `.bin` files too, is read by merger's own restricted
+unpickler (`merger.io.pth`), which never runs pickled code. Each reader
 reports its spec, reads one tensor at a time and says which files make it up
 (the source's identity for the memo).
 """
@@ -13,24 +15,29 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from merger.core.limits import MAX_INDEX_BYTES, MAX_TENSORS
 from merger.core.regular_file import open_regular
 from merger.core.specs import TensorSpec
 from merger.core.strict_json import JSONError, kind, loads_strict, short
 from merger.errors import MergerError, Where, shown
+from merger.io.folder_config import ADAPTER_CONFIG
 from merger.io.safetensors_file import SafetensorsReader
 from merger.io.safetensors_header import SafetensorsHeader, read_header
 
-if TYPE_CHECKING:
-    pass
-
 SAFETENSORS_SUFFIX = ".safetensors"
 PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-FOLDER_SINGLE = "model.safetensors"
-FOLDER_INDEX = "model.safetensors.index.json"
 PACKAGE_SCHEME = "pkg://"
+FOLDER_INDEX = "model.safetensors.index.json"
+FOLDER_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+#: a folder's model forms, most preferred first: (file name, whether it is an index of shards)
+MODEL_FORMS = ((FOLDER_INDEX, True), (FOLDER_SINGLE, False), (BIN_INDEX, True), (BIN_SINGLE, False))
+#: the suffix of a weights file that is a pickle (read by merger.io.pth), not safetensors
+PICKLE_SUFFIX = ".bin"
 
 
 class TensorSource(Protocol):
@@ -51,7 +58,7 @@ class SourceLocation:
     """Where a model lives: the path the recipe named and the files that hold it."""
 
     path: Path
-    kind: str  # "safetensors" | "folder" | "pth"
+    kind: str  # "safetensors" | "folder" (a model's or a PEFT adapter's) | "pth"
     files: tuple[Path, ...]
     key: str | None = None
 
@@ -118,42 +125,68 @@ def _no_key(key: str | None, path: Path, where: Where) -> None:
 
 
 def _folder_files(folder: Path, where: Where) -> tuple[Path, ...]:
-    index = folder / FOLDER_INDEX
-    if index.is_file():
-        shards = sorted(set(_read_index(index, where).values()))
+    """The files of the first form `folder` holds: an index then its shards, one weights
+    file, or a PEFT adapter's config then its weights (the source's identity for the memo,
+    so a changed index, shard or adapter config changes it).
+
+    Forms, preferred in the order of MODEL_FORMS (safetensors first, as transformers
+    does), then an adapter: `adapter_config.json` with `adapter_model.safetensors` (or
+    `adapter_model.bin`). `.bin` files are pickles, opened by `merger.io.pth`.
+    """
+    for name, is_index in MODEL_FORMS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not is_index:
+            return (path,)
+        shards = sorted(set(_read_index(path, where).values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise MergerError(
-                f"shard '{shown(missing[0])}' named in '{index}' is missing",
+                f"shard '{shown(missing[0])}' named in '{path}' is missing",
                 where=where,
                 fix="download or copy every shard the index names into the folder",
             )
-        return (index, *(folder / s for s in shards))
-    single = folder / FOLDER_SINGLE
-    if single.is_file():
-        return (single,)
+        return (path, *(folder / s for s in shards))
+    config = folder / ADAPTER_CONFIG
+    weights = next((folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file()), None)
+    if config.is_file() and weights is not None:
+        return (config, weights)
+    forms = ", ".join(name for name, _ in MODEL_FORMS)
+    adapter = f"{ADAPTER_CONFIG} with {' or '.join(ADAPTER_WEIGHTS)}"
+    found = f" ({weights.name} without {ADAPTER_CONFIG})" if weights is not None else ""
     raise MergerError(
-        f"folder '{folder}' holds neither {FOLDER_SINGLE} nor {FOLDER_INDEX}",
+        f"folder '{folder}' holds no weights merger reads{found}: a folder needs one of {forms},"
+        f" or (a PEFT adapter) {adapter}",
         where=where,
-        fix="point the source at a model file, or at a Hugging Face-style folder with safetensors weights",
+        fix="point the source at a model file (.safetensors, .pth, .bin), or at a folder written by"
+        " save_pretrained() (a model's, or a PEFT adapter's with its adapter_config.json)",
     )
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether a folder's weights file is a PyTorch pickle (`.bin`), not safetensors."""
+    return path.suffix.lower() == PICKLE_SUFFIX
 
 
 def _read_index(index: Path, where: Where) -> dict[str, str]:
     """A sharded folder's weight_map (tensor name -> shard file), read strictly.
 
-    The index is at most MAX_INDEX_BYTES of strict JSON (see merger.core.strict_json),
+    The same rules for `model.safetensors.index.json` and `pytorch_model.bin.index.json`:
+    the index is at most MAX_INDEX_BYTES of strict JSON (see merger.core.strict_json),
     names at most MAX_TENSORS tensors, and every shard it names is a file of the
     folder: no absolute path, no `..`, nothing a symlink takes outside the folder
     (except into the `blobs` folder of a Hugging Face cache, whose snapshot
     folders hold symlinks to `../../blobs/<hash>`).
     """
+    what = "PyTorch weights index" if index.name == BIN_INDEX else "safetensors index"
 
     def bad(why: str) -> MergerError:
         return MergerError(
-            f"'{index}' is not a valid safetensors index: {why}",
+            f"'{index}' is not a valid {what}: {why}",
             where=where,
-            fix="re-save the model with save_pretrained(..., safe_serialization=True)",
+            fix="re-download the model (its index and shards come together), or re-save it with"
+            " save_pretrained(..., safe_serialization=True)",
         )
 
     try:
@@ -236,6 +269,31 @@ class SafetensorsSource:
             reader.close()
 
 
+class ShardedSource:
+    """Several opened shards presented as one model: each key read from the shard the index names."""
+
+    def __init__(self, shards: list[TensorSource], key_to_shard: dict[str, int]) -> None:
+        self._shards = shards
+        self._spec: dict[str, TensorSpec] = {}
+        self._owner: dict[str, int] = {}
+        for i, shard in enumerate(shards):
+            for key, spec in shard.spec().items():
+                if key_to_shard.get(key) == i:
+                    self._spec[key] = spec
+                    self._owner[key] = i
+
+    def spec(self) -> dict[str, TensorSpec]:
+        return self._spec
+
+    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        # the maps are only read after __init__, and each shard's read_into is thread-safe
+        return self._shards[self._owner[key]].read_into(key, start, stop, out)
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.close()
+
+
 def open_source(location: SourceLocation, *, where: Where) -> TensorSource:
     if location.kind == "pth":
         from merger.io.pth import PthSource  # the unpickler: only for checkpoints
@@ -243,19 +301,51 @@ def open_source(location: SourceLocation, *, where: Where) -> TensorSource:
         return PthSource(location.path, location.key)
     if location.kind == "safetensors":
         return SafetensorsSource([read_header(location.path)])
-    index = location.path / FOLDER_INDEX
-    if location.files[0] == index:
-        weight_map = _read_index(index, where)
-        shard_names = sorted(set(weight_map.values()))
-        headers = [read_header(location.path / s) for s in shard_names]
-        position = {name: i for i, name in enumerate(shard_names)}
-        source = SafetensorsSource(headers, {k: position[v] for k, v in weight_map.items()})
-        absent = sorted(set(weight_map) - set(source.spec()))
-        if absent:
-            raise MergerError(
-                f"'{index}' maps {len(absent)} tensors to shards that lack them (e.g. '{absent[0]}')",
-                where=where,
-                fix="re-download the model: its index and shards disagree",
-            )
-        return source
-    return SafetensorsSource([read_header(location.files[0])])
+    first = location.files[0]
+    if first.name in (FOLDER_INDEX, BIN_INDEX):
+        return _open_sharded(first, where)
+    weights = location.files[1] if first.name == ADAPTER_CONFIG else first
+    return _open_file(weights)
+
+
+def _open_file(path: Path) -> TensorSource:
+    """One weights file of a folder: a `.bin` pickle through merger's unpickler, else safetensors."""
+    return _open_pickle(path) if _is_pickle(path) else SafetensorsSource([read_header(path)])
+
+
+def _open_sharded(index: Path, where: Where) -> TensorSource:
+    """A sharded folder: its index read again (strictly), each shard opened, every key it names present."""
+    weight_map = _read_index(index, where)
+    shard_names = sorted(set(weight_map.values()))
+    position = {name: i for i, name in enumerate(shard_names)}
+    key_to_shard = {k: position[v] for k, v in weight_map.items()}
+    folder = index.parent
+    source: TensorSource
+    if index.name == FOLDER_INDEX:
+        source = SafetensorsSource([read_header(folder / s) for s in shard_names], key_to_shard)
+    else:
+        shards: list[TensorSource] = []
+        try:
+            for name in shard_names:
+                shards.append(_open_pickle(folder / name))  # a .bin index's shards are pickles, whatever their names
+        except BaseException:
+            for shard in shards:
+                shard.close()
+            raise
+        source = ShardedSource(shards, key_to_shard)
+    absent = sorted(set(weight_map) - set(source.spec()))
+    if absent:
+        source.close()
+        raise MergerError(
+            f"'{index}' maps {len(absent)} tensors to shards that lack them (e.g. '{shown(absent[0])}')",
+            where=where,
+            fix="re-download the model: its index and shards disagree",
+        )
+    return source
+
+
+def _open_pickle(path: Path) -> TensorSource:
+    """A folder's pickled weights (one state dict, unwrapped as a checkpoint is), never running its code."""
+    from merger.io.pth import PthSource  # the unpickler: only for checkpoints
+
+    return PthSource(path, None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from merger.ops.base import AnyOp
 from merger.ops.convert_scale import ConvertScale
 from merger.ops.linear import AddDifference, Average, Lerp, WeightedSum
+from merger.ops.lora import ApplyLora
+from merger.ops.lora_extract import ExtractLora
 from merger.ops.model_stock import ModelStock
 from merger.ops.registry import OpRegistry
 from merger.ops.select import Select
@@ -33,6 +35,8 @@ def builtin_ops() -> list[AnyOp]:
         Select(),
         Splice(),
         ConvertScale(),
+        ApplyLora(),
+        ExtractLora(),
     ]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from numpy.random import Generator
 
     from merger.core.arrays import Array, Backend
+
+#: what an op noted while computing: name -> output key -> value (None: it was not finite)
+Noted = Mapping[str, Mapping[str, float | None]]
 
 #: how one output key is computed
 PieceMode = Literal["merge", "tensor", "copy"]
@@ -66,10 +70,16 @@ class Arity:
 
 @dataclass(frozen=True)
 class InputSpecs:
-    """The specs of a node's inputs, with the names they have in the recipe."""
+    """The specs of a node's inputs, with the names they have in the recipe, and for an input that
+    is a PEFT adapter folder its `adapter_config.json` (`config(i)`; None for other inputs), which
+    is part of that input's content hash, so an op may compute with it."""
 
     names: tuple[str, ...]
     specs: tuple[dict[str, TensorSpec], ...]
+    configs: tuple[Mapping[str, Any] | None, ...] = ()
+
+    def config(self, index: int) -> Mapping[str, Any] | None:
+        return self.configs[index] if index < len(self.configs) else None
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -99,6 +109,13 @@ class TensorInputs(Protocol[PlanT_co]):
 
     def read(self, index: int, key: str) -> Array:
         """Input `index`'s tensor `key` on the compute device (floats as float32 or wider)."""
+        ...
+
+    def note(self, name: str, value: float) -> None:
+        """Record a number about the output key being computed (e.g. a reconstruction error) for
+        the run report. The executor keeps what was noted with the node's cache entry, so a cached
+        run reports it too: under the node's notes, as the op's `summarise_notes(noted)` makes
+        them (`noted`: name -> output key -> value), else as `{"noted": noted}`."""
         ...
 
 
@@ -149,6 +166,11 @@ class Op(ABC, Generic[P, R, PlanT]):
     def combine(self, values: list[Array], params: R, xp: Backend) -> Array:
         """The merged chunk from the inputs' chunks (piece mode "merge")."""
         raise NotImplementedError(f"op {self.name} has no per-element form")
+
+    def summarise_notes(self, noted: Noted) -> dict[str, Any]:
+        """The node's report notes from what `tensor` noted (`TensorInputs.note`; name -> output key
+        -> value): by default as noted; an op may give totals instead."""
+        return {"noted": {name: dict(values) for name, values in noted.items()}}
 
 
 #: an op of any parameters and plan, as the engine and the registry hold them

@@ -16,8 +16,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from merger.core.limits import MAX_RECIPE_NODES
+from merger.core.sizes import parse_size
 from merger.core.strict_model import StrictModel
-from merger.errors import Location, MergerError, did_you_mean, has_control
+from merger.errors import Location, MergerError, did_you_mean, has_control, shown
 from merger.ops.base import AnyOp
 from merger.ops.params import OpParams
 from merger.ops.registry import OpRegistry
@@ -37,7 +38,7 @@ SETTINGS = (
     "description",
 )
 
-OUTPUT_SUFFIXES = (".safetensors", ".pth")
+DEFAULT_SHARD_SIZE = 5 * 10**9  # as transformers' save_pretrained
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
@@ -57,6 +58,9 @@ class OutputModel(StrictModel):
     dtype: Literal["keep", "float32", "float16", "bfloat16"] = "keep"
     layout: Literal["old", "new", "basicsr"] | None = None
     overwrite: bool = False  # replace an existing file that merger did not write
+    shard_size: int | str | None = None  # a folder output's largest shard (5GB when not given)
+    config_from: str | None = None  # a folder output's config and tokenizer: this source's
+    wrap: Literal["params_ema", "params"] | None = None  # a .pth output's state dict inside this key
 
 
 class Settings(StrictModel):
@@ -81,6 +85,10 @@ class SourceDef:
     key: str | None = None
 
 
+#: a node's `vocab:` values (None, the default: the inputs' vocabularies must match; see merger.ops.vocab)
+VOCAB_POLICIES = (None, "first")
+
+
 @dataclass(frozen=True)
 class NodeDef:
     name: str
@@ -89,6 +97,7 @@ class NodeDef:
     params: OpParams
     refs: tuple[tuple[str, str], ...] = ()  # (parameter, name) for parameters naming a model: base
     nonfinite: str | None = None  # warn | error: this node's NaN/inf policy (None: the run's)
+    vocab: str | None = None  # first: inputs' vocabularies may differ, the output has the first's (None: they may not)
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -104,11 +113,29 @@ class OutputDef:
     dtype: str  # keep | float32 | float16 | bfloat16
     layout: str | None = None  # ESRGAN key layout: old | new | basicsr
     overwrite: bool = False  # may replace an existing file that merger did not write
+    shard_size: int = DEFAULT_SHARD_SIZE  # folder outputs: the largest shard, in bytes
+    config_from: str | None = None  # folder outputs: the source folder whose config and tokenizer it gets
+    wrap: str | None = None  # .pth outputs: params_ema | params (BasicSR's and Real-ESRGAN's loaders)
+
+    @property
+    def format(self) -> str:
+        """safetensors | pth | folder (a path without a file extension: a Hugging Face model folder)."""
+        return output_format(self.path)
 
     @property
     def side_file(self) -> str | None:
         """The provenance file written beside a `.pth` output."""
-        return os.path.splitext(self.path)[0] + ".json" if self.path.lower().endswith(".pth") else None
+        return os.path.splitext(self.path)[0] + ".json" if self.format == "pth" else None
+
+
+def output_format(path: str) -> str:
+    """What an output path writes: by its extension, and a folder when it has none."""
+    lowered = path.lower().rstrip("/")
+    if lowered.endswith(".pth"):
+        return "pth"
+    if lowered.endswith(".safetensors"):
+        return "safetensors"
+    return "folder" if not os.path.splitext(os.path.basename(lowered))[1] else "unknown"
 
 
 @dataclass(frozen=True)
@@ -244,9 +271,17 @@ def _node(name: str, raw: Any, registry: OpRegistry, where: Location) -> NodeDef
             where=where.at("nonfinite"),
             fix="nonfinite: error fails the run when the node's inputs or output hold NaN or inf",
         )
+    vocab = fields.pop("vocab", None)
+    if vocab not in VOCAB_POLICIES:
+        raise MergerError(
+            f"vocab must be first, got {vocab!r}",
+            where=where.at("vocab"),
+            fix="vocab: first merges the token rows every input has and gives the output the first input's"
+            " vocabulary (its other rows as they are); leave vocab out when the inputs share one tokenizer",
+        )
     params = _params(op, fields, where)
     refs = tuple((p, getattr(params, p)) for p in op.references if getattr(params, p, None) is not None)
-    return NodeDef(name, op_name, tuple(inputs), params, refs, nonfinite)
+    return NodeDef(name, op_name, tuple(inputs), params, refs, nonfinite, vocab)
 
 
 def _params(op: AnyOp, fields: dict[str, Any], where: Location) -> OpParams:
@@ -278,13 +313,48 @@ def _output(name: str, raw: Any, where: Location) -> OutputDef:
             where=where.at("path"),
             fix="give a plain file name such as blend.safetensors",
         )
-    if not path.lower().endswith(OUTPUT_SUFFIXES):
+    fmt = output_format(path)
+    if fmt == "unknown":
         raise MergerError(
             f"output path '{path}' has an unknown format",
             where=where.at("path"),
-            fix="end the path in .safetensors (recommended) or .pth",
+            fix="end the path in .safetensors (recommended) or .pth, or give no extension for a model folder",
         )
-    return OutputDef(name, model.node or name, path, model.dtype, model.layout, model.overwrite)
+    for field_name, value, allowed in (
+        ("shard_size", model.shard_size, "folder"),
+        ("config_from", model.config_from, "folder"),
+        ("wrap", model.wrap, "pth"),
+    ):
+        if value is not None and fmt != allowed:
+            kind = "a model folder (a path with no extension)" if allowed == "folder" else "a .pth output"
+            raise MergerError(
+                f"output '{name}' sets {field_name}, which applies only to {kind}, not to '{path}'",
+                where=where.at(field_name),
+                fix=f"remove {field_name}, or write the output as {kind}",
+            )
+    shard_size = DEFAULT_SHARD_SIZE
+    if model.shard_size is not None:
+        try:
+            shard_size = parse_size(model.shard_size)
+        except MergerError as e:
+            raise e.located(where.at("shard_size")) from None
+        if shard_size <= 0:
+            raise MergerError(
+                f"shard_size must be more than 0 bytes, not {shown(model.shard_size)}",
+                where=where.at("shard_size"),
+                fix="give a size such as 2GB or 500MB (the default is 5GB)",
+            )
+    return OutputDef(
+        name,
+        model.node or name,
+        path,
+        model.dtype,
+        model.layout,
+        model.overwrite,
+        shard_size,
+        model.config_from,
+        model.wrap,
+    )
 
 
 RESERVED_FILES = ("merge_report.json", "merger.log", "sweep_report.json")

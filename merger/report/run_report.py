@@ -81,6 +81,12 @@ def build_report(
                 "dtype": o.dtype,
                 "placed": o.how,
                 **({"overflow": o.overflow} if o.overflow else {}),
+                **({"files": o.files} if o.files else {}),
+                **{
+                    setting: value
+                    for setting in ("layout", "wrap")
+                    if (value := getattr(plan.recipe.outputs[name], setting, None)) is not None
+                },
             }
             for name, o in outputs.items()
         },

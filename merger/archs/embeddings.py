@@ -1,0 +1,158 @@
+"""Token embeddings and LM heads of Hugging Face language models, from key names and shapes alone.
+
+- Which keys hold one row per token of the vocabulary ("embedding-like"): input embeddings
+  (`model.embed_tokens.weight`, `transformer.wte.weight`, `gpt_neox.embed_in.weight`,
+  `tok_embeddings.weight`, keys ending in `embed_tokens.weight` / `word_embeddings.weight`, ...)
+  and LM heads (`lm_head.weight`, `embed_out.weight`, `output.weight`).
+- Where models' vocabularies differ (tokens added to a fine-tune, 32000 vs 32002): an
+  embedding-like key that every input has as a 2-D tensor of one width (dim 1) and different
+  row counts (dim 0).
+- Whether a model ties its LM head to its input embedding (`tie_word_embeddings`): such a model is
+  saved without `lm_head.weight`. Its `config.json` says so when there is one; otherwise a model
+  with an input embedding and no LM head is taken as tied.
+
+May import: merger.core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from merger.core.specs import TensorSpec
+
+#: input embeddings: whole names, and name endings (after a dot, or the whole name)
+INPUT_EMBEDDING_NAMES = frozenset({"model.embed_in.weight", "shared.weight"})
+INPUT_EMBEDDING_ENDINGS = (
+    "embed_tokens.weight",  # Llama, Mistral, Qwen, Gemma, OPT, BART, T5's encoder/decoder
+    "word_embeddings.weight",  # BLOOM, Falcon, BERT
+    "wte.weight",  # GPT-2, GPT-J, CodeGen
+    "embed_in.weight",  # GPT-NeoX, Pythia
+    "tok_embeddings.weight",  # Meta's original Llama checkpoints, InternLM2
+)
+#: LM heads: whole names, and name endings (after a dot)
+LM_HEAD_NAMES = frozenset({"lm_head.weight", "embed_out.weight", "output.weight"})
+LM_HEAD_ENDINGS = ("lm_head.weight",)  # e.g. language_model.lm_head.weight
+
+TIE_FIELD = "tie_word_embeddings"
+
+
+def _ends_in(key: str, endings: Sequence[str]) -> bool:
+    return any(key == e or key.endswith("." + e) for e in endings)
+
+
+def is_input_embedding(key: str) -> bool:
+    return key in INPUT_EMBEDDING_NAMES or _ends_in(key, INPUT_EMBEDDING_ENDINGS)
+
+
+def is_lm_head(key: str) -> bool:
+    return key in LM_HEAD_NAMES or _ends_in(key, LM_HEAD_ENDINGS)
+
+
+def is_embedding_like(key: str) -> bool:
+    """Whether the key holds one row per token: an input embedding or an LM head."""
+    return is_input_embedding(key) or is_lm_head(key)
+
+
+@dataclass(frozen=True)
+class VocabMismatch:
+    """An embedding-like key whose row count differs between the inputs."""
+
+    key: str
+    rows: tuple[int, ...]  # each input's dim 0, in input order
+    width: int  # dim 1, the same in every input
+
+    @property
+    def shared(self) -> int:
+        """The rows every input has (0..shared-1)."""
+        return min(self.rows)
+
+
+def vocab_mismatches(specs: Sequence[Mapping[str, TensorSpec]]) -> list[VocabMismatch]:
+    """The embedding-like keys (in the first input's order) that every input has as 2-D tensors of
+    one width but not one row count. Other differences are not vocabulary differences."""
+    found: list[VocabMismatch] = []
+    if len(specs) < 2:
+        return found
+    for key, first in specs[0].items():
+        if not is_embedding_like(key) or len(first.shape) != 2:
+            continue
+        others = [spec.get(key) for spec in specs[1:]]
+        if any(o is None or len(o.shape) != 2 or o.shape[1] != first.shape[1] for o in others):
+            continue
+        rows = (first.shape[0], *(o.shape[0] for o in others if o is not None))
+        if len(set(rows)) > 1:
+            found.append(VocabMismatch(key, rows, first.shape[1]))
+    return found
+
+
+def config_ties(config: Mapping[str, Any] | None) -> bool | None:
+    """`tie_word_embeddings` of a `config.json` (at its top level, else in its `text_config`, as
+    multimodal models keep it); None when there is no config or it does not say."""
+    if config is None:
+        return None
+    for place in (config, config.get("text_config")):
+        if isinstance(place, Mapping) and isinstance(place.get(TIE_FIELD), bool):
+            tied: bool = place[TIE_FIELD]
+            return tied
+    return None
+
+
+@dataclass(frozen=True)
+class Tying:
+    """How one model's LM head relates to its input embedding."""
+
+    heads: tuple[str, ...]  # its LM head keys
+    embeddings: tuple[str, ...]  # its input embedding keys
+    config: bool | None  # tie_word_embeddings in its config.json; None: no config, or it does not say
+    has_config: bool = False
+
+    @property
+    def ties(self) -> bool:
+        """A model with an input embedding and no LM head of its own, that does not say it is untied."""
+        return not self.heads and bool(self.embeddings) and self.config is not False
+
+    def why_tied(self, missing: str) -> str:
+        if self.config:
+            return f"{TIE_FIELD}: true in its config.json, and no '{missing}' in its files"
+        if self.has_config:  # transformers' default is to tie
+            return f"its config.json does not set {TIE_FIELD} (transformers then ties), and no '{missing}' in its files"
+        return f"it has no config.json, and '{self.embeddings[0]}' but no '{missing}' in its files"
+
+
+def tying(spec: Mapping[str, TensorSpec], config: Mapping[str, Any] | None) -> Tying:
+    return Tying(
+        tuple(k for k in spec if is_lm_head(k)),
+        tuple(k for k in spec if is_input_embedding(k)),
+        config_ties(config),
+        config is not None,
+    )
+
+
+@dataclass(frozen=True)
+class TieConflict:
+    """Input `untied` has its own LM head `head`; input `tied` has none and ties it to its embedding."""
+
+    untied: int
+    tied: int
+    head: str
+    tied_why: str
+
+
+def tie_conflict(
+    specs: Sequence[Mapping[str, TensorSpec]], config: Callable[[int], Mapping[str, Any] | None]
+) -> TieConflict | None:
+    """The first tied / untied pair among the inputs, or None. `config(i)` gives input i's
+    `config.json` (None when it has none); it is only asked for inputs that may tie."""
+    untied = next((i for i, spec in enumerate(specs) if any(is_lm_head(k) for k in spec)), None)
+    if untied is None:
+        return None
+    head = next(k for k in specs[untied] if is_lm_head(k))
+    for i, spec in enumerate(specs):
+        if any(is_lm_head(k) for k in spec) or not any(is_input_embedding(k) for k in spec):
+            continue
+        found = tying(spec, config(i))
+        if found.ties:
+            return TieConflict(untied, i, head, found.why_tied(head))
+    return None
