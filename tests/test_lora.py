@@ -255,34 +255,33 @@ def test_energy_gives_each_module_the_rank_its_spectrum_needs(
     assert len(entry) == len(adapter)
 
 
-def test_a_rank_above_a_weight_is_clamped_and_recorded_in_rank_pattern(
+def test_a_rank_above_a_weight_is_an_error_naming_it(
     family: dict[str, Any], tuned: dict[str, Any], run_recipe: RunRecipe, launch_dir: Path
 ) -> None:
     recipe = extract_recipe(family, tuned, "adapter", rank=20, include="layers\\.0\\.self_attn\\.(k|v)_proj")
-    notes = run_recipe(recipe)["nodes"]["lora"]["notes"]
+    error = expect_error(lambda: run_recipe(recipe))
     # k_proj and v_proj are [16, 32]: rank 16 at most
-    modules = ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
-    assert notes["lora"]["clamped"] == dict.fromkeys(modules, 16)
-    assert notes["peft"]["r"] == 16 and notes["peft"]["rank_pattern"] == {}
-    # leaf names would also match layer 1's k_proj and v_proj: peft gets the modules' paths
-    assert notes["peft"]["target_modules"] == modules
-    merged = peft_merge(family, launch_dir / "out" / "adapter")
-    for key, value in merged.items():
-        expected = tuned["state"][key] if any(key.startswith(m) for m in modules) else family["state"][key]
-        torch.testing.assert_close(value, expected, atol=1e-5, rtol=0, msg=key)
+    assert "rank 20 is more than 'model.layers.0.self_attn.k_proj.weight' F32[16, 32] allows" in error.what
+    assert "rank: 16 or less" in (error.fix or "") and "min_dim: 21" in (error.fix or "")
+    assert not (launch_dir / "out").exists()
 
 
-def test_mixed_ranks_are_in_rank_and_alpha_pattern(
+def test_with_energy_rank_is_a_cap_cut_to_each_weight_and_recorded(
     family: dict[str, Any], tuned: dict[str, Any], run_recipe: RunRecipe, launch_dir: Path
 ) -> None:
-    recipe = extract_recipe(family, tuned, "adapter", rank=20, include="layers\\.1\\.(self_attn\\.k_proj|mlp)")
+    include = "layers\\.(0\\.self_attn\\.(k|v)_proj|1\\.(self_attn\\.k_proj|mlp))"
+    recipe = extract_recipe(family, tuned, "adapter", rank=20, energy=1.0, include=include)
     notes = run_recipe(recipe)["nodes"]["lora"]["notes"]
-    peft_config = notes["peft"]
-    assert peft_config["r"] == 20 and peft_config["lora_alpha"] == 20
-    assert peft_config["rank_pattern"] == peft_config["alpha_pattern"] == {"model.layers.1.self_attn.k_proj": 16}
+    small = ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.k_proj"]
+    assert notes["lora"]["clamped"] == dict.fromkeys(small, 16)  # [16, 32]: rank 16 at most
+    assert notes["peft"]["r"] == 20 and notes["peft"]["rank_pattern"] == dict.fromkeys(small, 16)
+    # leaf names would also match layer 1's v_proj: peft gets the modules' paths
+    assert "model.layers.0.self_attn.v_proj" in notes["peft"]["target_modules"]
     merged = peft_merge(family, launch_dir / "out" / "adapter")
-    key = "model.layers.1.mlp.up_proj.weight"
-    torch.testing.assert_close(merged[key], tuned["state"][key], atol=1e-5, rtol=0)
+    chosen = [*small, "model.layers.1.mlp"]
+    for key, value in merged.items():
+        expected = tuned["state"][key] if any(key.startswith(m) for m in chosen) else family["state"][key]
+        torch.testing.assert_close(value, expected, atol=1e-5, rtol=0, msg=key)
 
 
 # --- errors ---------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ sqrt(S) on both factors (as mergekit does, for balanced magnitudes):
     lora_B = U[:, :r] * sqrt(S[:r])   [out, r]    base_model.model.<module>.lora_B.weight
 
 with lora_alpha = r for every module, so peft's scale alpha / r is 1 and base + B @ A is the
-reconstruction. A `rank` above a tensor's min(out, in) is clamped to it, as mergekit does (the pair is
-then exact); the adapter's `rank_pattern` / `alpha_pattern` give such modules their rank. The
+reconstruction. A `rank` above a tensor's min(out, in) is an error (mergekit clamps it silently);
+with `energy`, `rank` is a cap, and where a tensor allows less it is cut to min(out, in) (the pair is
+then exact; the notes say so, `lora.clamped`), the adapter's `rank_pattern` / `alpha_pattern` giving
+such modules their rank. The
 output's shapes are fixed before any tensor is read (safetensors headers come first), so with
 `energy` every pair has `rank` rows (or its clamp) and the rows past the rank the energy asks for
 are zeros: exact, loadable by peft as it is; the report gives each module's rank (`lora.ranks`),
@@ -152,8 +154,16 @@ def _targets(inputs: InputSpecs, params: ExtractLoraParams, rank: int) -> list[T
                 f" '{inputs.names[1]}': a LoRA adapter cannot change a weight's shape",
                 fix="leave the key out with exclude: (a resized vocabulary is not a low-rank update)",
             )
-        if min(spec.shape) >= params.min_dim:
-            found.append(Target(key, key.removesuffix(".weight"), min(rank, *spec.shape), embedding))
+        if min(spec.shape) < params.min_dim:
+            continue
+        if rank > min(spec.shape) and params.energy is None:
+            raise MergerError(
+                f"rank {rank} is more than '{shown(key)}' {spec.describe()} allows: a rank-{min(spec.shape)}"
+                " pair already holds its whole difference",
+                fix=f"give rank: {min(spec.shape)} or less; or skip smaller weights with min_dim: {rank + 1},"
+                " or exclude: a pattern of their keys; with energy:, rank is a cap, cut to each weight",
+            )
+        found.append(Target(key, key.removesuffix(".weight"), min(rank, *spec.shape), embedding))
     return found
 
 
