@@ -106,4 +106,33 @@ def test_convert_scale_errors(launch_dir: Path, models: dict[str, Path], x4: tup
     error = expect_error(lambda: convert(run_recipe, models["a"], scale=8))
     assert "needs an ESRGAN" in error.what and error.where == "test.yaml, nodes.x"
     error = expect_error(lambda: convert(run_recipe, x4[1], scale=8, method="unshuffle"))
-    assert "unshuffle makes a 4x model into 2x or 1x" in error.what
+    assert "method unshuffle makes this 4x model into 2x or 1x, not 8x" in error.what
+
+
+def test_unshuffle_from_a_model_that_already_unshuffles(launch_dir: Path, run_recipe: RunRecipe) -> None:
+    """RealESRGAN_x2plus is a 4x body behind pixel-unshuffle 2: made 1x, it unshuffles by 4, exactly."""
+    sd = old_layout(scale_stages=2, filters=8, blocks=1, growth=32, shuffle=2, seed=4)
+    save_file(sd, launch_dir / "x2plus.safetensors")
+    assert loaded(sd).scale == 2
+    out, notes = convert(run_recipe, launch_dir / "x2plus.safetensors", scale=1, method="unshuffle")
+    assert out["model.0.weight"].shape == (8, 3 * 16, 3, 3) and notes["to_scale"] == 1
+    small, big = loaded(out), loaded(sd)
+    assert small.scale == 1
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        converted, reference = small(image), big(F.avg_pool2d(image, 2))
+    assert converted.shape == (1, 3, 16, 16)
+    assert (converted - reference).abs().max().item() < 1e-5
+
+
+def test_unshuffle_refusals_name_what_is_possible(launch_dir: Path, run_recipe: RunRecipe) -> None:
+    x2plus = old_layout(scale_stages=2, filters=8, blocks=1, growth=32, shuffle=2, seed=4)
+    save_file(x2plus, launch_dir / "x2plus.safetensors")
+    error = expect_error(lambda: convert(run_recipe, launch_dir / "x2plus.safetensors", scale=2, method="unshuffle"))
+    assert "makes this 2x model (pixel-unshuffle 2) into 1x, not 2x" in error.what
+    assert "scale: 1" in (error.fix or "")
+    x1 = old_layout(scale_stages=2, filters=8, blocks=1, growth=32, shuffle=4, seed=4)
+    save_file(x1, launch_dir / "x1.safetensors")
+    error = expect_error(lambda: convert(run_recipe, launch_dir / "x1.safetensors", scale=1, method="unshuffle"))
+    assert "cannot make this 1x model (pixel-unshuffle 4) smaller" in error.what
+    assert "0x" not in error.what

@@ -11,6 +11,11 @@
   takes f*f times the channels, its weights spread evenly over each pixel's
   f*f sub-pixels: conv(x) on the box-downscaled image equals the wider conv on
   the unshuffled one, so f_new(x) = f_old(avgpool_f(x)) exactly. No training.
+  A model that already pixel-unshuffles its input by s (RealESRGAN_x2plus: a
+  4x body behind unshuffle 2) becomes one that unshuffles by s*f: new input
+  channel (c, p, q) of the s*f grid takes old channel (c, p // f, q // f),
+  divided by f*f. Real-ESRGAN's RRDBNet unshuffles by 2 or 4, so s*f is one
+  of those.
 
 The result keeps the input's key layout and loads in spandrel with the new scale.
 """
@@ -46,10 +51,32 @@ class Making:
     how: Literal["copy", "spread", "identity"]
     source: str
     factor: int = 0
+    shuffle: int = 1  # spread: the pixel-unshuffle the source model already has
 
 
 #: the plan of a scale conversion: output key -> how it is made
 Conversion = dict[str, Making]
+#: by how much unshuffle shrinks a model's scale, and the total input unshuffles Real-ESRGAN's RRDBNet has
+UNSHUFFLE_FACTORS = (2, 4)
+UNSHUFFLED = (2, 4)
+
+
+def _unshuffles(found: esrgan.Esrgan, factor: int) -> bool:
+    """Whether unshuffle by `factor` makes a model of this one: a whole scale, a known total unshuffle."""
+    return found.scale % factor == 0 and found.shuffle * factor in UNSHUFFLED
+
+
+def spread_channels(channels: int, shuffle: int, factor: int) -> list[int]:
+    """For each input channel of the first conv after unshuffle by `shuffle * factor`, the old channel
+    (of unshuffle by `shuffle`) it takes: (c, p, q) -> (c, p // factor, q // factor)."""
+    old, new = shuffle, shuffle * factor
+    colours = channels // (old * old)
+    return [
+        c * old * old + (p // factor) * old + (q // factor)
+        for c in range(colours)
+        for p in range(new)
+        for q in range(new)
+    ]
 
 
 def _plan(spec: dict[str, TensorSpec], params: ConvertScaleParams) -> tuple[esrgan.Esrgan, Conversion]:
@@ -61,17 +88,22 @@ def _plan(spec: dict[str, TensorSpec], params: ConvertScaleParams) -> tuple[esrg
         )
     plan: Conversion = {}
     if params.method == "unshuffle":
-        factor = found.scale // params.scale if params.scale else 0
-        if found.shuffle != 1 or factor not in (2, 4) or found.scale != params.scale * factor:
+        factor = found.scale // params.scale if found.scale % params.scale == 0 else 0
+        possible = [found.scale // f for f in UNSHUFFLE_FACTORS if _unshuffles(found, f)]
+        if factor not in UNSHUFFLE_FACTORS or not _unshuffles(found, factor):
+            model = f"this {found.scale}x model" + (f" (pixel-unshuffle {found.shuffle})" if found.shuffle > 1 else "")
+            can = " or ".join(f"{s}x" for s in possible)
             raise MergerError(
-                f"method unshuffle makes a {found.scale}x model into {found.scale // 2}x or {found.scale // 4}x"
-                f" (pixel-unshuffle by 2 or 4), not {params.scale}x"
-                + (" and needs a model without pixel-unshuffle" if found.shuffle != 1 else ""),
-                fix="use method: upconv for larger scales, or a scale of old/2 or old/4",
+                f"method unshuffle makes {model} into {can}, not {params.scale}x"
+                if possible
+                else f"method unshuffle cannot make {model} smaller: its input would be pixel-unshuffled by more"
+                f" than {max(UNSHUFFLED)}",
+                fix="use method: upconv for larger scales"
+                + (f", or scale: {possible[0]}" if possible else "; the model is as small as unshuffle makes it"),
             )
         first = found.key(Role("first", 0), "weight")
         for key in spec:
-            plan[key] = Making("spread", key, factor) if key == first else Making("copy", key)
+            plan[key] = Making("spread", key, factor, found.shuffle) if key == first else Making("copy", key)
         return found, plan
     stages = math.log2(params.scale * found.shuffle)
     if not stages.is_integer() or stages < 0:
@@ -143,8 +175,9 @@ class ConvertScale(Op[ConvertScaleParams, ConvertScaleParams, Conversion]):
         if how == "copy":
             return inputs.read(0, origin)
         if how == "spread":
-            factor = extra * extra
-            return xp.repeat(inputs.read(0, origin), factor, axis=1) / factor
+            weight = inputs.read(0, origin)
+            columns = spread_channels(inputs.specs[0][origin].shape[1], making.shuffle, extra)
+            return weight[:, columns] / (extra * extra)
         if origin == "bias":
             return xp.asarray(np.zeros(extra, dtype=np.float32))
         kernel = np.zeros((extra, extra, 3, 3), dtype=np.float32)
