@@ -27,6 +27,17 @@ def dni_pair(models: Path) -> None:
     torch.save(fine_tune(psnr, 2, scale=0.01), models / "RRDB_ESRGAN_x4.pth")
 
 
+def compact_pair(models: Path) -> None:
+    """realesr-general-x4v3 and its wdn twin: SRVGGNetCompact, tiny, wrapped in `params` as published."""
+    from spandrel.architectures.Compact import Compact as SRVGGNetCompact
+
+    torch.manual_seed(5)
+    x4v3 = SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=4, upscale=4, act_type="prelu")
+    wdn = fine_tune(x4v3.state_dict(), 6, scale=0.01)
+    torch.save({"params": x4v3.state_dict()}, models / "realesr-general-x4v3.pth")
+    torch.save({"params": wdn}, models / "realesr-general-wdn-x4v3.pth")
+
+
 def cross_scale(models: Path) -> None:
     x4 = esrgan(2, 3)
     x2 = esrgan(1, 3)
@@ -85,6 +96,7 @@ MODELS: dict[str, Callable[[Path], None]] = {
     "ties": llm_family("base", "math", "code", "chat"),
     "esrgan_cross_scale": cross_scale,
     "esrgan_dni": dni_pair,
+    "realesr_denoise": compact_pair,
     "esrgan_splice": dni_pair,
     "esrgan_x2": dni_pair,
     "esrgan_x8": dni_pair,
@@ -109,6 +121,14 @@ def model(models: Path, name: str) -> State:
         return load(models / f"{name}.safetensors")
     loaded = torch.load(models / name, weights_only=True)
     return dict(loaded.get("params_ema", loaded))
+
+
+def output(path: Path) -> State:
+    """An output as its users load it: safetensors, or a .pth (inside `params` when wrapped so)."""
+    if path.suffix != ".pth":
+        return load(path)
+    loaded = torch.load(path, weights_only=True)
+    return dict(loaded["params"]) if set(loaded) == {"params"} else dict(loaded)
 
 
 def weights(sd: State) -> list[str]:
@@ -162,6 +182,11 @@ def check(name: str, models: Path, out: dict[str, State]) -> None:
         assert all(v.dtype == torch.float16 for v in first.values())
         for k in weights(psnr):
             close(first[k], 0.2 * psnr[k] + 0.8 * gan[k], atol=2e-3)
+    elif name == "realesr_denoise":
+        x4v3 = torch.load(models / "realesr-general-x4v3.pth", weights_only=True)["params"]
+        wdn = torch.load(models / "realesr-general-wdn-x4v3.pth", weights_only=True)["params"]
+        for k in weights(x4v3):
+            close(first[k], 0.5 * x4v3[k] + 0.5 * wdn[k])  # Real-ESRGAN: s * x4v3 + (1 - s) * wdn
     elif name == "esrgan_splice":
         psnr, gan = model(models, "RRDB_PSNR_x4.pth"), model(models, "RRDB_ESRGAN_x4.pth")
         from_gan = 0
@@ -241,8 +266,14 @@ def test_example_recipe_runs(launch_dir: Path, name: str) -> None:
     (report_path,) = launch_dir.glob("outputs/*/*/merge_report.json")
     report = json.loads(report_path.read_text())
     assert all(node["status"] == "computed" for node in report["nodes"].values())
-    outputs = {n: load(Path(o["path"])) for n, o in report["outputs"].items()}
+    outputs = {n: output(Path(o["path"])) for n, o in report["outputs"].items()}
     check(name, launch_dir / "models", outputs)
+    if name == "realesr_denoise":  # as Real-ESRGAN's RealESRGANer loads it: `params`, an SRVGGNetCompact 4x
+        spandrel = pytest.importorskip("spandrel")
+        (path,) = (Path(o["path"]) for o in report["outputs"].values())
+        assert list(torch.load(path, weights_only=True)) == ["params"]
+        loaded = spandrel.ModelLoader().load_from_state_dict(outputs["denoise"])
+        assert (loaded.architecture.id, loaded.scale) == ("Compact", 4)
     if name.startswith("esrgan_x") or name == "esrgan_cross_scale":
         spandrel = pytest.importorskip("spandrel")
         expected = {"esrgan_x8": {8}, "esrgan_x2": {2}, "esrgan_cross_scale": {2}}[name]
