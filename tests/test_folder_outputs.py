@@ -112,6 +112,7 @@ def test_one_file_when_it_fits_and_the_dtype_asked_for_is_written(llamas: Llama,
     folder = Path(report["outputs"]["merged"]["path"])
     names = sorted(p.name for p in folder.iterdir())
     assert names == [
+        ".merger-folder.json",
         "README.md",
         "config.json",
         "generation_config.json",
@@ -167,7 +168,8 @@ def test_a_folder_merger_did_not_write_is_refused(llamas: Llama, run_recipe: Run
     theirs.mkdir()
     (theirs / "notes.txt").write_text("the user's")
     error = expect_error(lambda: run_recipe(lerp_recipe(path=str(theirs))))
-    assert "did not write" in error.what and "outputs.merged.path" in (error.where or "")
+    assert "would replace the folder" in error.what and "no merger manifest" in error.what
+    assert "outputs.merged.path" in (error.where or "")
     assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
 
 
@@ -204,7 +206,7 @@ def test_config_from_names_the_folder_the_config_comes_from(llamas: Llama, run_r
         ({"shard_size": -5}, "cannot be negative", "shard_size"),
         ({"shard_size": "lots"}, "is not a size", "shard_size"),
         ({"config_from": "nope"}, "is not a source of the recipe", "config_from"),
-        ({"config_from": "file"}, "is not a folder", "config_from"),
+        ({"config_from": "file"}, "is not a model node 'm' merges", "config_from"),
         ({"path": "m.safetensors", "shard_size": "1GB"}, "applies only to a model folder", "shard_size"),
         ({"path": "m.safetensors", "wrap": "params_ema"}, "applies only to a .pth output", "wrap"),
     ],
@@ -244,7 +246,7 @@ def test_a_model_without_config_is_still_a_folder(
     folder = Path(report["outputs"]["merged"]["path"])
     assert (folder / "model.safetensors.index.json").is_file() and (folder / "README.md").is_file()
     assert not (folder / "config.json").exists()
-    said = [w for w in report["warnings"] if "no source of node 'm' is a model folder with a config.json" in w]
+    said = [w for w in report["warnings"] if "node 'm': no source it reads is a model folder with a config.json" in w]
     assert len(said) == 1
     assert "library_name" not in (folder / "README.md").read_text().split("---")[1]
 
@@ -292,3 +294,105 @@ def test_wrap_writes_the_state_dict_inside_params_ema(models: dict[str, Path], r
     for key, value in bare.items():
         assert torch.equal(wrapped["params_ema"][key], value)
     assert report["outputs"]["wrapped"]["sha256"] != report["outputs"]["bare"]["sha256"]
+
+
+# --- what an attacker (or an unlucky user) tries -----------------------------------------------------
+
+
+def test_only_config_and_tokenizer_files_are_copied_and_the_rest_is_named(
+    llamas: Llama, run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    secret = launch_dir / "secret.json"
+    secret.write_text('{"token": "private"}')
+    (llamas["a"] / "usercustomize.py").write_text("import os; os.system('touch /tmp/pwned')\n")
+    (llamas["a"] / "special_tokens_map.json").symlink_to(secret)
+    (llamas["a"] / "checkpoint-500").mkdir()
+    (llamas["a"] / "chat_template.jinja").write_text("{{ messages }}")
+    report = run_recipe(lerp_recipe())
+    folder = Path(report["outputs"]["merged"]["path"])
+    assert (folder / "chat_template.jinja").is_file() and not (folder / "usercustomize.py").exists()
+    assert not (folder / "special_tokens_map.json").exists()
+    left = report["outputs"]["merged"]["left_out"]
+    assert left == {
+        "checkpoint-500": "a folder",
+        "special_tokens_map.json": "a link to a file outside the folder",
+        "usercustomize.py": "not a config or tokenizer file",
+    }
+    assert any("left out of the folder" in w and "usercustomize.py" in w for w in report["warnings"])
+
+
+def test_a_folder_output_where_python_looks_at_start_up_is_refused(
+    llamas: Llama, run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    site = launch_dir / "home" / ".local" / "lib" / "python3.11" / "site-packages"
+    error = expect_error(lambda: run_recipe(lerp_recipe(path=str(site))))
+    assert "a folder Python reads at start-up" in error.what and not site.exists()
+
+
+def test_an_output_inside_a_folder_output_is_refused(llamas: Llama, run_recipe: RunRecipe, launch_dir: Path) -> None:
+    data = lerp_recipe()
+    data["outputs"]["inner"] = {"node": "m", "path": "merged/model.safetensors"}
+    error = expect_error(lambda: run_recipe(data))
+    assert "inside output 'merged'" in error.what
+    assert not (launch_dir / "cache" / "objects").exists()
+
+
+def test_files_added_to_a_merger_folder_are_never_lost(llamas: Llama, run_recipe: RunRecipe, launch_dir: Path) -> None:
+    data = lerp_recipe(path=str(launch_dir / "kept"))
+    run_recipe(data)
+    (launch_dir / "kept" / "NOTES.txt").write_text("mine")
+    error = expect_error(lambda: run_recipe(data))
+    assert "holds files merger did not write (NOTES.txt)" in error.what
+    (launch_dir / "kept" / "NOTES.txt").unlink()
+    config = launch_dir / "kept" / "config.json"
+    config.write_text(config.read_text().replace('"bfloat16"', '"float32"').replace("  ", " "))
+    error = expect_error(lambda: run_recipe(data))
+    assert "changed since merger wrote them (config.json)" in error.what
+    run_recipe(
+        {**data, "allow_overwrite": True, "outputs": {"merged": {**data["outputs"]["merged"], "overwrite": True}}}
+    )
+
+
+def test_a_symlink_at_a_folder_output_path_is_refused_before_the_run(
+    llamas: Llama, run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    (launch_dir / "real").mkdir()
+    (launch_dir / "link").symlink_to(launch_dir / "real")
+    error = expect_error(lambda: run_recipe(lerp_recipe(path=str(launch_dir / "link"))))
+    assert "is a symbolic link" in error.what and not (launch_dir / "cache" / "objects").exists()
+
+
+def test_what_a_killed_run_left_beside_the_folder_is_removed(
+    llamas: Llama, run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    from merger.cache.atomic import TMP_MARK
+
+    left = launch_dir / "out" / f"merged{TMP_MARK}{os.uname().nodename.replace('.', '_').replace('-', '_')}-999999-ab"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"half")
+    run_recipe(lerp_recipe())
+    assert not left.exists()
+
+
+def test_a_config_that_does_not_fit_the_weights_is_refused(
+    llamas: Llama, run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    config = json.loads((llamas["b"] / "config.json").read_text())
+    (llamas["b"] / "config.json").write_text(json.dumps({**config, "vocab_size": 103}))
+    error = expect_error(lambda: run_recipe(lerp_recipe(config_from="b")))
+    assert "says vocab_size 103, but output 'merged' has 101 token rows" in error.what
+    (llamas["b"] / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    error = expect_error(lambda: run_recipe(lerp_recipe(config_from="b")))
+    assert "ties the LM head to the embedding, but output 'merged' has an lm_head.weight" in error.what
+
+
+def test_weights_say_they_are_torch_safetensors(llamas: Llama, run_recipe: RunRecipe) -> None:
+    report = run_recipe(lerp_recipe(shard_size="30KB"))
+    for shard in Path(report["outputs"]["merged"]["path"]).glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            assert f.metadata()["format"] == "pt"  # transformers 4 refuses metadata without it
+
+
+def test_a_swept_folder_name_with_a_number_is_a_folder(llamas: Llama, run_recipe: RunRecipe) -> None:
+    report = run_recipe(lerp_recipe(path="merged_0.5"))
+    assert (Path(report["outputs"]["merged"]["path"]) / "model.safetensors").is_file()

@@ -410,3 +410,47 @@ def test_keys_with_an_adapter_name_and_features_merged_otherwise() -> None:
     assert "rank 3, its lora_A has 2 rows" in expect_error(lambda: spec(adapter, {**config, "r": 3})).what
     odd = {**adapter, "base_model.model.m.lora_magnitude_vector": TensorSpec("F32", (8,))}
     assert "1 tensors that are not LoRA factors" in expect_error(lambda: spec(odd, config)).what
+
+
+def edited_adapter(family: dict[str, Any], launch_dir: Path, **changes: Any) -> dict[str, Any]:
+    """A copy of the `plain` adapter, its adapter_config.json changed, as the recipe's `evil` adapter."""
+    import shutil
+
+    folder = launch_dir / "evil"
+    shutil.copytree(family["root"] / "plain", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    recipe = apply_recipe(family, ["plain"])
+    recipe["sources"]["plain"] = str(folder)
+    return recipe
+
+
+@pytest.mark.parametrize("pattern", ["(.*)*x", "(a+)+$", "q_proj|v_proj", "[a-z]{1,99}"])
+def test_patterns_from_an_adapter_file_are_plain_names(
+    family: dict[str, Any], run_recipe: RunRecipe, launch_dir: Path, pattern: str
+) -> None:
+    start = time.perf_counter()
+    error = expect_error(lambda: run_recipe(edited_adapter(family, launch_dir, rank_pattern={pattern: 4})))
+    assert time.perf_counter() - start < 10 and "operators merger does not run" in error.what
+    error = expect_error(lambda: run_recipe(edited_adapter(family, launch_dir / "t", target_modules=pattern)))
+    assert "target_modules" in error.what
+
+
+def test_factors_its_target_modules_do_not_name_are_refused(
+    family: dict[str, Any], run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    error = expect_error(lambda: run_recipe(edited_adapter(family, launch_dir, target_modules=["nonexistent"])))
+    assert "which its target_modules (['nonexistent']) do not name" in error.what
+    assert not (launch_dir / "out").exists()
+
+
+def test_an_extracted_adapter_is_not_merged_as_a_model(
+    family: dict[str, Any], tuned: dict[str, Any], run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    recipe = extract_recipe(family, tuned, "adapter", rank=2)
+    recipe["nodes"]["again"] = {"op": "extract_lora", "inputs": ["base", "tuned"], "rank": 3}
+    recipe["nodes"]["z"] = {"op": "lerp", "inputs": ["lora", "again"], "alpha": 0.5}
+    recipe["outputs"] = {"z": {"node": "z", "path": "z_out"}}
+    error = expect_error(lambda: run_recipe(recipe))
+    assert "input 'lora' is a LoRA adapter" in error.what and "nodes.z" in (error.where or "")
+    assert not (launch_dir / "out").exists()

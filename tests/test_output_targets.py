@@ -222,11 +222,11 @@ def test_a_pth_output_never_lands_where_python_runs_pth_files(
     site = launch_dir / "venv" / "lib" / "site-packages"
     site.mkdir(parents=True)
     error = refused(run_recipe, blend(str(site / "evil.pth")))
-    assert "runs their import lines" in error.what and not (site / "evil.pth").exists()
+    assert "runs the import lines of .pth files there" in error.what and not (site / "evil.pth").exists()
     on_path = launch_dir / "plugins"
     on_path.mkdir()
     monkeypatch.setattr(sys, "path", [*sys.path, str(on_path)])
-    assert "Python reads .pth files" in refused(run_recipe, blend("../plugins/evil.pth")).what
+    assert "a folder Python reads at start-up" in refused(run_recipe, blend("../plugins/evil.pth")).what
     run_recipe(blend(str(site / "fine.safetensors")))  # other formats may go there
 
 

@@ -1,4 +1,5 @@
-"""Previews of SR outputs, and the contact sheet of a sweep."""
+"""Previews of image-model outputs, and the contact sheet of a sweep (every architecture:
+tests/test_previews_all_archs.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 from PIL import Image
 from safetensors.torch import save_file
 
+from merger.report import preview
+from merger.report.contact_sheet import no_contact_sheet
 from tests.conftest import RunRecipe, expect_error, run_cli
 from tests.esrgan_models import old_layout
 
@@ -51,8 +54,24 @@ def test_preview_skips_models_that_are_not_image_models(
         }
     )
     assert "previews" not in report
+    note = "skipped: not a model spandrel knows (spandrel detects no architecture in its keys)"
+    assert report["preview_notes"] == [
+        {"output": "blend", "node": "blend", "status": "skipped", "why": "unknown", "note": note}
+    ]
     lines = [r.getMessage() for r in caplog.records if "preview" in r.getMessage()]
-    assert lines == ["preview: output 'blend' is not an image model merger knows; skipped"]
+    assert lines == [f"preview: output 'blend' {note}"]
+
+
+def test_without_spandrel_previews_are_skipped_with_a_note(
+    run_recipe: RunRecipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(preview, "spandrel_available", lambda: False)
+    report = run_recipe(sr_recipe(preview="sample"))
+    assert "previews" not in report
+    assert report["preview_notes"][0]["note"] == "skipped: spandrel is not installed (pip install 'merger[sr]')"
+    assert no_contact_sheet([{"preview_notes": report["preview_notes"]}]) == (
+        "spandrel is not installed (pip install 'merger[sr]')"
+    )
 
 
 def test_missing_preview_image_fails_before_running(launch_dir: Path, run_recipe: RunRecipe) -> None:
@@ -97,4 +116,4 @@ def test_esrgan_output_detected_for_preview(launch_dir: Path, run_recipe: RunRec
         }
     )
     with Image.open(report["previews"][0]["png"]) as upscaled:
-        assert upscaled.size == (512, 512)
+        assert upscaled.size == (256, 256)  # the sample box-downscaled by 4, then upscaled 4x

@@ -1,6 +1,7 @@
 """`merger-inspect FILE...`: keys, shapes, dtypes, parameter count, the detected
-architecture, provenance, and, for two or more models, whether they can be
-merged key by key.
+architecture (for an image model, spandrel's architecture, scale, channels and
+hyper-parameters; otherwise that it is not one), provenance, and, for two or
+more models, whether they can be merged key by key.
 
 Reads headers only for safetensors files and folders; a `.pth` is loaded
 safely (no pickled code runs). Provenance comes from the file's metadata (or
@@ -16,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from merger.archs import SPANDREL_MISSING, Detection, detect, image_mismatch
 from merger.archs import describe as describe_architecture
 from merger.core.regular_file import open_regular
 from merger.core.specs import ModelSpec, spec_differences, total_bytes, total_params
@@ -117,13 +119,38 @@ def _run_line(context: dict[str, Any]) -> str:
     )
 
 
-def describe(path: Path, spec: ModelSpec, *, max_keys: int) -> list[str]:
+def image_detection(path: Path, source: TensorSource, spec: ModelSpec) -> Detection:
+    """What the file is as an image model (the few architectures whose sizes are tensor values read them,
+    from a file of at most merger.archs.image_models.VALUE_READ_BYTES)."""
+    try:
+        stat = path.stat()
+        identity: str | None = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        identity = None
+    return detect(spec, read=source.read_into, identity=identity)
+
+
+def _image_line(found: Detection) -> str:
+    if found.model is not None:
+        return f"  image model: {shown(found.model.describe())}"
+    if found.why == SPANDREL_MISSING:
+        return "; image model: unknown, spandrel is not installed (pip install 'merger[sr]')"
+    return "; not an image model spandrel knows"
+
+
+def describe(path: Path, spec: ModelSpec, *, max_keys: int, image: Detection | None = None) -> list[str]:
     dtypes = Counter(t.dtype for t in spec.values())
     lines = [
         shown(path),
         f"  {len(spec)} tensors, {total_params(spec):,} parameters, {human_size(total_bytes(spec))};"
         f" dtypes: {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}",
     ]
+    if image is not None:
+        line = _image_line(image)
+        if line.startswith(";"):  # not an image model: said on the summary line
+            lines[-1] += line
+        else:
+            lines.append(line)
     architecture = describe_architecture(spec)
     if architecture:
         lines.append(f"  architecture: {architecture}")
@@ -147,16 +174,34 @@ def display_names(paths: list[Path]) -> list[str]:
     return [p.name if [q.name for q in paths].count(p.name) == 1 else str(p) for p in paths]
 
 
-def compatibility(paths: list[Path], specs: list[ModelSpec]) -> list[str]:
+IMAGE_HINTS = {
+    "architecture": "  (different networks: no key-by-key merge of them means anything)",
+    "size": "  (one architecture in other sizes: no key-by-key merge of them means anything)",
+    "scale": "  (the trunk is shared: keys: intersection merges it and takes the upsampler from the first model;"
+    " an ESRGAN converts to the other scale with convert_scale)",
+}
+
+
+def compatibility(paths: list[Path], specs: list[ModelSpec], found: list[Detection] | None = None) -> list[str]:
     names = display_names(paths)
     diffs = spec_differences(names, specs)
-    if not diffs:
+    mismatch = image_mismatch(names, found) if found else None
+    if not diffs and mismatch is None:
         return [f"compatible: all {len(paths)} models have the same {len(specs[0])} keys and shapes"]
-    lines = [f"not compatible for a strict merge: {len(diffs)} differences"]
+    lines = [
+        f"not compatible for a strict merge: {len(diffs)} differences"
+        if diffs
+        else "not compatible: the same keys and shapes, but not one image model"
+    ]
+    if mismatch is not None:
+        lines.append(f"  {shown(mismatch.what)}")
     lines.extend(f"  {d}" for d in diffs[:MAX_DIFFERENCES])
     if len(diffs) > MAX_DIFFERENCES:
         lines.append(f"  ... and {len(diffs) - MAX_DIFFERENCES} more")
-    lines.append("  (keys: intersection merges the common keys and copies the rest from the first model)")
+    if mismatch is not None:
+        lines.append(IMAGE_HINTS[mismatch.kind])
+    else:
+        lines.append("  (keys: intersection merges the common keys and copies the rest from the first model)")
     return lines
 
 
@@ -170,9 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         for path in args.files:
             sources.append(open_model(path))
         specs: list[ModelSpec] = [dict(s.spec()) for s in sources]
-        blocks = [describe(p, s, max_keys=args.keys) for p, s in zip(args.files, specs, strict=True)]
+        found = [image_detection(p, src, s) for p, src, s in zip(args.files, sources, specs, strict=True)]
+        blocks = [describe(p, s, max_keys=args.keys, image=d) for p, s, d in zip(args.files, specs, found, strict=True)]
         if len(specs) > 1:
-            blocks.append(compatibility(args.files, specs))
+            blocks.append(compatibility(args.files, specs, found))
             blocks.append(family(args.files, sources, specs, display_names(args.files)))
     except MergerError as e:
         print(e.render(), file=sys.stderr)

@@ -6,6 +6,7 @@ before any tensor is read); a job runs both steps.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,9 @@ from merger.cache.store import Cache, cache_location
 from merger.core.nonfinite import describe
 from merger.engine.catalog import SourceCatalog, SpecsSeen
 from merger.engine.executor import Executor, NodeResult
-from merger.engine.folder_output import FolderFacts, folder_facts, place_folder
+from merger.engine.folder_facts import FolderFacts, folder_facts
+from merger.engine.folder_files import describe_left_out
+from merger.engine.folder_output import place_folder
 from merger.engine.graph import build_graph
 from merger.engine.model_card import CardContext
 from merger.engine.output_targets import (
@@ -33,8 +36,9 @@ from merger.engine.progress import human_size
 from merger.errors import MergerError
 from merger.ops.registry import OpRegistry
 from merger.recipe.model import build_recipe
-from merger.report.preview import PreviewImage, preview_images, render
+from merger.report.preview import PreviewImage, check_preview_sizes, preview_images, render
 from merger.report.run_report import RunContext, build_report, summary, write_report
+from merger.report.sanity import check_nodes, run_device
 
 log = logging.getLogger("merger")
 
@@ -85,10 +89,11 @@ def prepare(
         except MergerError as e:
             raise e.located(file) from None
     cache = Cache(cache_location(recipe.settings.cache_dir, launch_dir), verify=recipe.settings.cache_verify)
-    previews = preview_images(recipe.settings.preview, launch_dir, where=recipe.where("preview"))
+    previews = preview_images(recipe, launch_dir)
     catalog = SourceCatalog(recipe, launch_dir, cache.memo, seen)
     try:
         plan = build_plan(recipe, graph, catalog, registry)
+        check_preview_sizes(plan, previews)  # each image as each image model gets it
         max_bytes = None
         if recipe.settings.cache_max_size is not None:
             from merger.cache.listing import max_size_setting
@@ -99,7 +104,7 @@ def prepare(
         for output in recipe.outputs.values():
             if output.format == "folder":
                 folders[output.name], more = folder_facts(plan, output)
-                warnings.extend(more)
+                warnings.extend(w for w in more if w not in warnings)  # said once per node
         prepared = Prepared(plan, catalog, cache, previews, None, max_bytes, folders, tuple(warnings))
         if output_dir is not None:
             prepared = replace(prepared, targets=prepared.check_targets(output_dir))
@@ -121,9 +126,40 @@ def nonfinite_warnings(results: Mapping[str, NodeResult]) -> list[str]:
     return lines
 
 
+class JobWarnings(logging.Handler):
+    """Every warning this thread logs on merger's logger while a job runs (the plan's, the family
+    check's, non-finite values, casts, the sanity check's, the cache's, previews'), in order and once
+    each: the report's top-level `warnings`. Another thread's run in the same process is not mixed in."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._thread = threading.get_ident()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self._thread:
+            line = record.getMessage()
+            if line not in self.lines:
+                self.lines.append(line)
+
+    def __enter__(self) -> JobWarnings:
+        log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log.removeHandler(self)
+
+
 def run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None = None) -> dict[str, Any]:
-    """Materialise the plan, place the outputs, write the report; returns the report.
-    A job of a sweep claims its output files first (merger.engine.output_targets.claim_sweep_targets)."""
+    """Materialise the plan, check merged image models (merger.report.sanity), place the outputs, write
+    the report; returns the report. A job of a sweep claims its output files first
+    (merger.engine.output_targets.claim_sweep_targets). Under `sanity: error` a failed check raises
+    before any output is placed (the node's cache entry stays: it is what the recipe asks for)."""
+    with JobWarnings() as said:
+        return _run(prepared, context, sweep_job, said)
+
+
+def _run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None, said: JobWarnings) -> dict[str, Any]:
     start = time.perf_counter()
     plan = prepared.plan
     checked = prepared.check_targets(context.output_dir)
@@ -140,7 +176,11 @@ def run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None = No
         results = executor.run()
     finally:
         prepared.catalog.close()
-    warnings = nonfinite_warnings(results)
+    for warning in nonfinite_warnings(results):
+        log.warning(warning)
+    computed_on = executor.device.split(" ")[0] if executor.device else None  # "cuda:0 (torch)"
+    sanity = check_nodes(plan, results, device=computed_on)  # under sanity: error, before any output is placed
+    warnings: list[str] = []  # the outputs', said once they are placed
     outputs: dict[str, OutputResult] = {}
     card = CardContext(context.recipe_name, context.recipe_file, context.overrides)
     for name, output in plan.recipe.outputs.items():
@@ -151,17 +191,30 @@ def run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None = No
             outputs[name] = place_folder(
                 output, node, plan, prepared.cache, targets[name], facts, card, nonfinite=nonfinite
             )
+            if outputs[name].left_out:
+                left = describe_left_out(outputs[name].left_out)
+                warnings.append(f"output '{name}': left out of the folder, from '{facts.config_from}': {left}")
         else:
             outputs[name] = place_output(output, node, prepared.cache, targets[name], nonfinite=nonfinite)
         if outputs[name].overflow:
             warnings.append(f"output '{name}': the cast to {output.dtype} made {describe(outputs[name].overflow)}")
     for warning in warnings:
         log.warning(warning)
-    previews = render({name: out.model_file for name, out in outputs.items()}, prepared.previews, context.output_dir)
-    report = build_report(plan, results, outputs, context, device=executor.device, seconds=time.perf_counter() - start)
-    report["warnings"].extend([*(w for w in prepared.warnings if w not in plan.warnings), *warnings])
-    if previews:
-        report["previews"] = previews
+    previews = render(outputs, prepared.previews, context.output_dir, device=computed_on or (lambda: run_device(plan)))
+    report = build_report(
+        plan,
+        results,
+        outputs,
+        context,
+        device=executor.device,
+        seconds=time.perf_counter() - start,
+        sanity=sanity,
+        warnings=said.lines,
+    )
+    if previews.rows:
+        report["previews"] = previews.rows
+    if previews.notes:
+        report["preview_notes"] = previews.notes
     write_report(context.output_dir, report)
     log.info(summary(report))
     if prepared.max_cache_bytes is not None:

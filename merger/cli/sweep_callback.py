@@ -2,7 +2,10 @@
 
 A Hydra callback that runs once the sweep has ended, in the launching
 process, whatever the launcher: it reads the jobs' `merge_report.json` files,
-so jobs that ran in other processes or on other machines are included.
+so jobs that ran in other processes or on other machines are included. Each
+row carries its job's `warnings`; the jobs that warned are listed at the top
+(`warned`) and said again at the end of the sweep, so a warning does not
+scroll past unseen.
 """
 
 from __future__ import annotations
@@ -50,8 +53,34 @@ def _row(report_path: Path, sweep_dir: Path) -> dict[str, Any]:
             str(name): {"path": str(out["path"]), "sha256": str(out["sha256"])}
             for name, out in report["outputs"].items()
         },
+        "warnings": [str(w) for w in said] if isinstance(said := report.get("warnings"), list) else [],
         **({"previews": list(report["previews"])} if report.get("previews") else {}),
+        **({"preview_notes": list(report["preview_notes"])} if report.get("preview_notes") else {}),
     }
+
+
+#: the end of a sweep lists this many jobs that warned, with their first warning (the report has them all)
+SHOWN_WARNED_JOBS = 10
+
+
+def warned_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """'jobs 2, 5 warned (of 6): ...' and a line per job (its overrides and first warning), or nothing."""
+    warned = [row for row in rows if row["warnings"]]
+    if not warned:
+        return []
+    names = ", ".join(row["job"] for row in warned[:SHOWN_WARNED_JOBS]) + (
+        " ..." if len(warned) > SHOWN_WARNED_JOBS else ""
+    )
+    noun = "job" if len(warned) == 1 else "jobs"
+    lines = [f"merger: {noun} {names} warned (of {len(rows)}; every warning is in {SWEEP_REPORT_NAME}):"]
+    for row in warned[:SHOWN_WARNED_JOBS]:
+        more = len(row["warnings"]) - 1
+        overrides = " ".join(row["overrides"]) or "no overrides"
+        lines.append(
+            f"  job {row['job']} ({shown(overrides)}): {shown(row['warnings'][0])}"
+            + (f" (+{more} more)" if more else "")
+        )
+    return lines
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -71,16 +100,17 @@ class SweepReportCallback(Callback):
         if not sweep_dir.is_dir():
             return
         rows = sweep_rows(sweep_dir)
-        summary: dict[str, Any] = {"jobs": rows}
-        if any(row.get("previews") for row in rows):
-            try:
-                from merger.report.contact_sheet import build
+        summary: dict[str, Any] = {"warned": [row["job"] for row in rows if row["warnings"]], "jobs": rows}
+        from merger.report.contact_sheet import contact_sheets
 
-                summary["contact_sheets"] = [str(p) for p in build(sweep_dir, rows)]
-            except ImportError:
-                log.info("merger: no contact sheet: it needs Pillow (pip install 'merger[sr]')")
+        sheets, no_sheet = contact_sheets(sweep_dir, rows)
+        summary.update({"contact_sheets": [str(p) for p in sheets]} if sheets else {"no_contact_sheet": no_sheet})
         path = sweep_dir / SWEEP_REPORT_NAME
         write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
         log.info(f"merger: sweep of {len(rows)} jobs -> {path}")
         for sheet in summary.get("contact_sheets", []):
             log.info(f"merger: contact sheet -> {sheet}")
+        if no_sheet:
+            log.info(f"merger: no contact sheet: {no_sheet}")
+        for line in warned_lines(rows):
+            log.warning(line)

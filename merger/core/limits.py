@@ -36,5 +36,9 @@ PICKLE_BASE_BYTES = 16 * MIB
 PICKLE_BYTES_PER_STORAGE = 4 * KIB
 #: pixels of one preview image (each output upscales every one of them)
 MAX_PREVIEW_PIXELS = 1024 * 1024
+#: pixels of one preview once upscaled (4096x4096: 192 MiB as float32 RGB, stitched on the CPU)
+MAX_PREVIEW_OUTPUT_PIXELS = 4096 * 4096
+#: images one run previews (a folder's and the list's together): every image-model node upscales each
+MAX_PREVIEW_IMAGES = 16
 #: jobs of one sweep (the basic sweeper lists them all before the first runs)
 MAX_SWEEP_JOBS = 10_000

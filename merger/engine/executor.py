@@ -11,7 +11,9 @@ same node twice: the second waits, then finds the first one's entry.
 
 What an op notes while computing (`TensorInputs.note`: per output key, e.g. a reconstruction
 error) is summarised by the op (`summarise_notes`, when it has one) and committed with the entry,
-under RUNTIME_NOTE, so a cached run reports the same notes as the run that computed it.
+under RUNTIME_NOTE, so a cached run reports the same notes as the run that computed it. So are the
+family check's figures (merger.engine.family, FAMILY_NOTE): a cache hit warns, or under
+`family: error` fails, as the run that computed it did; `family: off` skips the check.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from merger.cache.keys import node_key, provisional_key
 from merger.cache.store import Cache, EntryInfo, cache_error
 from merger.core.nonfinite import nonfinite_error
 from merger.core.specs import TensorSpec
+from merger.engine.family import FAMILY_NOTE, FAMILY_THRESHOLD, family_error, family_figures, unrelated_warning
 from merger.engine.plan import Plan, PlannedNode, presented_spec
 from merger.engine.progress import Progress
 from merger.engine.provenance import node_metadata
@@ -51,6 +54,7 @@ class NodeResult:
     seconds: float
     entry: EntryInfo
     notes: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # the family check's, said as the node ran
 
     @property
     def nonfinite(self) -> dict[str, Any]:
@@ -208,10 +212,12 @@ class Executor:
                         "computed",
                         time.perf_counter() - start,
                         entry,
-                        node_notes(node.spec.notes, entry),
+                        self._notes(node, entry),
+                        self._family_verdict(node, entry, say=False),
                     )
         assert key is not None
         self._recheck_nonfinite(node, entry)
+        said = self._family_verdict(node, entry, say=True)
         return NodeResult(
             node.name,
             node.op.name,
@@ -219,8 +225,47 @@ class Executor:
             "cached",
             time.perf_counter() - start,
             entry,
-            node_notes(node.spec.notes, entry),
+            self._notes(node, entry),
+            said,
         )
+
+    def _notes(self, node: PlannedNode, entry: EntryInfo) -> dict[str, Any]:
+        """The node's report notes, with the family check's medians (`family: {input: median}`) from its entry."""
+        notes = node_notes(node.spec.notes, entry)
+        found = family_figures(entry.notes)
+        if found is not None:
+            notes["family"] = {name: round(figures[0], 4) for name, figures in found[1].items()}
+        return notes
+
+    def _family_policy(self, node: PlannedNode) -> str:
+        """warn | error | off: the node's `family:`, else the run's."""
+        defined = self.plan.recipe.nodes.get(node.name)
+        return (defined.family if defined is not None else None) or self.plan.recipe.settings.family
+
+    def _family_verdict(self, node: PlannedNode, entry: EntryInfo, *, say: bool) -> list[str]:
+        """The family warnings of the node's entry; logged when `say` (a cache hit: the run that computed it
+        said them then), raised under `family: error` (checked afresh on a hit without figures)."""
+        policy = self._family_policy(node)
+        found = family_figures(entry.notes)
+        if policy == "off":
+            return []
+        if found is None:
+            if say:
+                self._family_on_hit(node)
+            return []
+        first, inputs = found
+        lines = [
+            unrelated_warning(name, first, median, tensors)
+            for name, (median, tensors) in inputs.items()
+            if tensors and median < FAMILY_THRESHOLD
+        ]
+        if lines and policy == "error":
+            raise family_error(self.plan.recipe.where(f"nodes.{node.name}"), lines[0])
+        said = [f"node '{node.name}': {line}" for line in lines]
+        if say:
+            for line in said:
+                log.warning(line)
+        return said
 
     def _recheck_nonfinite(self, node: PlannedNode, entry: EntryInfo) -> None:
         """A cached entry's recorded non-finite values fail a node that now says `nonfinite: error`."""
@@ -243,24 +288,66 @@ class Executor:
                     hashes[ref.handle.name] = ref.handle.content_hash
         return hashes
 
-    def _check_family(self, node: PlannedNode, sources: list[ByteSource], specs: list[dict[str, TensorSpec]]) -> None:
-        """Warn when a merge's inputs look unrelated (sampled cosine similarity, see merger.engine.family)."""
-        from merger.engine.family import FAMILY_THRESHOLD, compare
+    def _check_family(
+        self, node: PlannedNode, sources: list[ByteSource], specs: list[dict[str, TensorSpec]]
+    ) -> dict[str, Any]:
+        """Compare a merge's inputs (sampled cosine similarity, see merger.engine.family) before it computes:
+        inputs that look unrelated are a warning, or under `family: error` an error; returns the entry note."""
+        policy = self._family_policy(node)
+        if policy == "off":
+            return {}
+        from merger.engine.family import compare
 
         peekers = [_Peek(s) if hasattr(s, "peek_into") else s for s in sources]
         names = [ref.name for ref in node.inputs]
         found = compare(peekers, specs, names)
-        node.spec.notes["family"] = {s.name: round(s.median, 4) for s in found if s.tensors}
         for similarity in found:
             if similarity.tensors and not similarity.related:
-                log.warning(
-                    f"node '{node.name}': input '{similarity.name}' looks unrelated to '{names[0]}'"
-                    f" (median cosine {similarity.median:.3f} over {similarity.tensors} weight tensors,"
-                    f" below {FAMILY_THRESHOLD}); merging models that do not share a parent gives garbage"
-                )
+                line = unrelated_warning(similarity.name, names[0], similarity.median, similarity.tensors)
+                if policy == "error":
+                    raise family_error(self.plan.recipe.where(f"nodes.{node.name}"), line)
+                log.warning(f"node '{node.name}': {line}")
+        inputs = {s.name: {"median": s.median, "tensors": s.tensors} for s in found if s.tensors}
+        return {FAMILY_NOTE: {"first": names[0], "inputs": inputs}}
+
+    def _open_inputs(
+        self, node: PlannedNode, entry_readers: list[SafetensorsReader]
+    ) -> tuple[list[ByteSource], list[dict[str, TensorSpec]]]:
+        """The node's inputs as it reads them (sources lazily; upstream nodes' entries, whose readers
+        join `entry_readers` for the caller to close), with their specs as the node sees them."""
+        from merger.engine.pipeline import RenamedSource
+
+        sources: list[ByteSource] = []
+        specs: list[dict[str, TensorSpec]] = []
+        for ref in node.inputs:
+            source: ByteSource
+            if ref.handle is not None:
+                source, spec_of_input = ref.handle, ref.handle.spec()
+            else:
+                reader = SafetensorsReader(read_header(self.results[ref.name].entry.path))
+                entry_readers.append(reader)
+                source, spec_of_input = reader, self.plan.nodes[ref.name].spec.tensors
+            if ref.adaptation is not None:
+                source = RenamedSource(source, ref.adaptation.rename)
+            sources.append(source)
+            specs.append(presented_spec(spec_of_input, ref.adaptation))
+        return sources, specs
+
+    def _family_on_hit(self, node: PlannedNode) -> None:
+        """`family: error` on a cache hit whose entry has no figures (computed under `family: off`, or by
+        an older merger): the inputs are compared now (sampled reads), so the error holds. Under `warn` a
+        hit stays free of tensor reads."""
+        if not node.op.family_check or len(node.inputs) < 2 or self._family_policy(node) != "error":
+            return
+        entry_readers: list[SafetensorsReader] = []
+        try:
+            self._check_family(node, *self._open_inputs(node, entry_readers))
+        finally:
+            for reader in entry_readers:
+                reader.close()
 
     def _compute(self, node: PlannedNode) -> EntryInfo:
-        from merger.engine.pipeline import Pipeline, RenamedSource
+        from merger.engine.pipeline import Pipeline
 
         backend = self._backend_for()
         spec = node.spec.tensors
@@ -271,22 +358,8 @@ class Executor:
         entry_readers: list[SafetensorsReader] = []
         writer: SafetensorsWriter | None = None
         try:
-            sources: list[ByteSource] = []
-            specs: list[dict[str, TensorSpec]] = []
-            for ref in node.inputs:
-                source: ByteSource
-                if ref.handle is not None:
-                    source, spec_of_input = ref.handle, ref.handle.spec()
-                else:
-                    reader = SafetensorsReader(read_header(self.results[ref.name].entry.path))
-                    entry_readers.append(reader)
-                    source, spec_of_input = reader, self.plan.nodes[ref.name].spec.tensors
-                if ref.adaptation is not None:
-                    source = RenamedSource(source, ref.adaptation.rename)
-                sources.append(source)
-                specs.append(presented_spec(spec_of_input, ref.adaptation))
-            if node.op.family_check and len(sources) > 1:
-                self._check_family(node, sources, specs)
+            sources, specs = self._open_inputs(node, entry_readers)
+            family = self._check_family(node, sources, specs) if node.op.family_check and len(sources) > 1 else {}
             metadata = node_metadata(self.plan, node.name, known, self._source_hashes())
             writer = SafetensorsWriter(tmp, spec, metadata, final_header=known is not None)
             watched = frozenset(i for i, ref in enumerate(node.inputs) if ref.handle is not None)
@@ -311,7 +384,7 @@ class Executor:
             for reader in entry_readers:
                 reader.close()
         made = {"kind": "node", "node": node.name, "op": node.op.name, "recipe": self.plan.recipe.file}
-        notes = watch.notes() | ({RUNTIME_NOTE: runtime} if runtime else {})
+        notes = watch.notes() | ({RUNTIME_NOTE: runtime} if runtime else {}) | family
         entry = self.cache.commit(tmp, key, sha, made=made, notes=notes)
         for ref in node.inputs:
             if ref.handle is not None:

@@ -7,19 +7,27 @@ on evenly spread samples of each tensor. Models fine-tuned from one parent sit
 near 1; independently initialised ones near 0. Below FAMILY_THRESHOLD (median
 over the tensors) the models are called unrelated: interpolating them gives
 garbage (the ESRGAN authors' "same family tree" rule).
+
+What a merge does about it is its `family:` setting (the node's, else the
+run's): `warn` (the default) logs the warning below before the node computes,
+`error` fails the run with it, `off` skips the comparison. The figures are
+kept with the node's cache entry, so a cache hit warns (or fails) alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from merger.core.specs import DTYPE_SIZES, TensorSpec
+from merger.errors import Location, MergerError
 
 FAMILY_THRESHOLD = 0.5
 SPANS = 4
+#: the cache entry note holding the figures: {"first": name, "inputs": {name: {"median": m, "tensors": n}}}
+FAMILY_NOTE = "family"
 
 
 class Peekable(Protocol):
@@ -111,3 +119,43 @@ def compare(
         lowest = tuple(sorted(found, key=lambda item: item[1])[:3])
         results.append(Similarity(name, len(values), median, values[0] if values else float("nan"), lowest))
     return results
+
+
+def unrelated_warning(name: str, first: str, median: float, tensors: int) -> str:
+    """What a merge says of an input that looks unrelated to its first."""
+    return (
+        f"input '{name}' looks unrelated to '{first}' (median cosine {median:.3f} over {tensors} weight tensors,"
+        f" below {FAMILY_THRESHOLD}); merging models that do not share a parent gives garbage"
+    )
+
+
+def family_error(where: Location, warning: str) -> MergerError:
+    """`family: error`: the warning, as the run's error."""
+    return MergerError(
+        warning,
+        where=where,
+        fix="merge fine-tunes of one parent (merger-inspect A B compares them); to merge these anyway,"
+        " set family: warn on the node (or family=warn for the run)",
+    )
+
+
+def family_figures(notes: Mapping[str, Any]) -> tuple[str, dict[str, tuple[float, int]]] | None:
+    """The family check's figures a cache entry's notes record: (first input, {input: (median, tensors)}),
+    or None when they have none (not a merge, `family: off` when computed, or an older entry); anything
+    malformed reads as none (the notes are data from the cache)."""
+    note = notes.get(FAMILY_NOTE)
+    if not isinstance(note, Mapping) or not isinstance(note.get("first"), str):
+        return None
+    inputs = note.get("inputs")
+    found: dict[str, tuple[float, int]] = {}
+    for name, figures in inputs.items() if isinstance(inputs, Mapping) else ():
+        median = figures.get("median") if isinstance(figures, Mapping) else None
+        tensors = figures.get("tensors") if isinstance(figures, Mapping) else None
+        if (
+            isinstance(name, str)
+            and isinstance(median, int | float)
+            and math.isfinite(median)
+            and isinstance(tensors, int)
+        ):
+            found[name] = (float(median), tensors)
+    return note["first"], found

@@ -21,7 +21,7 @@ from merger.io.safetensors_header import read_header
 from merger.recipe.model import OutputDef
 
 if TYPE_CHECKING:
-    from merger.engine.folder_output import FolderFacts
+    from merger.engine.folder_facts import FolderFacts
 
 PROJECT = "merger"
 #: op name -> (the method in words, where it comes from)

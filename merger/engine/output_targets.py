@@ -100,13 +100,51 @@ def _made_by_merger(path: Path) -> bool:
     return _provenance_json(path) is not None
 
 
-def _made_by_merger_folder(folder: Path) -> bool:
-    """A folder output merger wrote: its weights (or shard index, or adapter) carry merger's provenance."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        data = _provenance_json(index, field="metadata")
-        return data is not None
-    return any(_made_by_merger(folder / name) for name in ("model.safetensors", "adapter_model.safetensors"))
+#: the list of files merger wrote in a folder output, inside it: a re-run replaces such a folder only
+#: while it holds exactly those files, unchanged (a file the user added or edited is never lost)
+FOLDER_MANIFEST = ".merger-folder.json"
+#: files up to this size are compared by sha256 with the manifest; larger ones (weights) by size
+MANIFEST_HASHED_BYTES = 16 * MIB
+
+
+def folder_not_mergers(folder: Path) -> str | None:
+    """Why `folder` is not a folder output merger wrote and that is unchanged since; None when it is."""
+    from merger.io.safetensors_file import file_sha256
+
+    manifest = _manifest(folder / FOLDER_MANIFEST)
+    if manifest is None:
+        return "it has no merger manifest (.merger-folder.json)"
+    extra, changed = [], []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name == FOLDER_MANIFEST:
+            continue
+        listed = manifest.get(entry.name)
+        if listed is None or entry.is_symlink() or not entry.is_file():
+            extra.append(entry.name + ("/" if entry.is_dir() else ""))
+        elif listed.get("bytes") != entry.stat().st_size or (
+            entry.stat().st_size <= MANIFEST_HASHED_BYTES and listed.get("sha256") != file_sha256(Path(entry.path))
+        ):
+            changed.append(entry.name)
+    if extra:
+        return f"it holds files merger did not write ({', '.join(shown(n) for n in extra[:5])})"
+    if changed:
+        return f"files in it changed since merger wrote them ({', '.join(shown(n) for n in changed[:5])})"
+    return None
+
+
+def _manifest(path: Path) -> dict[str, dict[str, object]] | None:
+    try:
+        with open_regular(path) as f:
+            raw = f.read(MIB + 1)
+        data = loads_strict(raw, what="the folder manifest") if len(raw) <= MIB else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("key"), str) or not _CONTENT_KEY.fullmatch(data["key"]):
+        return None
+    files = data.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return None
+    return files
 
 
 def _is_merger_key(provenance: Provenance | None) -> bool:
@@ -138,6 +176,20 @@ def _refuse(recipe: Recipe, output: OutputDef, what: str, fix: str) -> MergerErr
     return MergerError(what, where=recipe.where(f"outputs.{output.name}.path"), fix=fix)
 
 
+def _check_nesting(recipe: Recipe, targets: Sequence[OutputTarget]) -> None:
+    """No output inside another output (a folder's files belong to the folder: it is replaced whole)."""
+    paths = [(t.name, Path(os.path.realpath(p))) for t in targets for p in (t.path, t.side) if p is not None]
+    for name, path in paths:
+        for other, outer in paths:
+            if other != name and path != outer and path.is_relative_to(outer):
+                raise _refuse(
+                    recipe,
+                    recipe.outputs[name],
+                    f"output '{name}' would write '{shown(path)}', inside output '{other}' ('{shown(outer)}')",
+                    "give each output its own place: a model folder is written, and replaced, whole",
+                )
+
+
 def check_output_targets(
     recipe: Recipe, targets: Sequence[OutputTarget], sources: Iterable[Path], cache_root: Path
 ) -> None:
@@ -151,6 +203,7 @@ def check_output_targets(
             continue
         source_ids.add((st.st_dev, st.st_ino))
     cache = Path(os.path.realpath(cache_root))
+    _check_nesting(recipe, targets)
     seen: dict[Path, str] = {}
     for target in targets:
         output = recipe.outputs[target.name]
@@ -181,13 +234,16 @@ def check_output_targets(
                     f"output '{output.name}' would write '{shown(path)}', inside the cache '{cache}'",
                     "write outputs outside the cache directory (relative paths land in the job's output directory)",
                 )
-            if real.suffix == ".pth" and _is_site_dir(real.parent):
+            folder = output.format == "folder" and path == target.path
+            if (real.suffix == ".pth" and _is_site_dir(real.parent)) or (folder and _is_site_dir(real)):
+                place = real if folder else real.parent
                 raise _refuse(
                     recipe,
                     output,
-                    f"output '{output.name}' would write '{shown(path)}' into '{shown(real.parent)}', a folder"
-                    " Python reads .pth files from at start-up (and runs their import lines)",
-                    "write the output somewhere else, or as .safetensors",
+                    f"output '{output.name}' would write '{shown(path)}'"
+                    + ("" if folder else f" into '{shown(place)}'")
+                    + ", a folder Python reads at start-up (it runs the import lines of .pth files there)",
+                    "write the output somewhere else" + ("" if folder else ", or as .safetensors"),
                 )
             _check_existing(recipe, output, path, real)
 
@@ -214,7 +270,24 @@ def _check_existing(recipe: Recipe, output: OutputDef, path: Path, real: Path) -
             f"output '{output.name}' is a model folder, but '{shown(path)}' is a file",
             "choose another path (a folder output's path has no extension)",
         )
-    if folder and real.is_dir() and (_made_by_merger_folder(real) or not any(real.iterdir())):
+    if folder and path.is_symlink():
+        raise _refuse(
+            recipe,
+            output,
+            f"output '{output.name}' is a model folder, and '{shown(path)}' is a symbolic link",
+            "give the folder's own path (merger replaces a folder whole, and never through a link)",
+        )
+    if folder and real.is_dir():
+        why = None if not any(real.iterdir()) else folder_not_mergers(real)
+        if why is None:
+            return
+        if not (output.overwrite and recipe.settings.allow_overwrite):
+            raise _refuse(
+                recipe,
+                output,
+                f"output '{output.name}' would replace the folder '{shown(path)}', and {why}",
+                "choose another path, or move those files away (merger replaces a folder whole)",
+            )
         return
     if not real.exists() or (output.overwrite and recipe.settings.allow_overwrite) or _made_by_merger(real):
         return

@@ -53,6 +53,7 @@ class OutputResult:
     overflow: dict[str, int] = field(default_factory=dict)  # tensor -> values the cast made non-finite
     more_keys: tuple[str, ...] = ()  # other cache entries it places (a folder's shards)
     files: dict[str, str] = field(default_factory=dict)  # a folder's files: name -> sha256
+    left_out: dict[str, str] = field(default_factory=dict)  # a folder's source files not copied -> why
 
     @property
     def model_file(self) -> Path:

@@ -7,7 +7,9 @@ Language models get two checks of their own (see merger.archs.embeddings):
 inputs whose vocabularies differ (token embeddings / LM heads with other row
 counts) fail unless the node says `vocab: first` (then its op is wrapped, see
 merger.ops.vocab), and a model that ties its LM head to its input embedding
-does not merge with one that does not.
+does not merge with one that does not. Merges of image models are checked by
+architecture and size, and a merge that merges no key, or too little of an image
+model, fails (merger.engine.image_checks).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from merger.archs import Adaptation, align_layouts, embeddings, esrgan
 from merger.cache.keys import NodeContent
 from merger.core.specs import TensorSpec
+from merger.engine import image_checks
 from merger.engine.catalog import SourceCatalog, SourceHandle
 from merger.engine.graph import Graph
 from merger.errors import MergerError, shown
@@ -116,6 +119,13 @@ def _plan_node(
     recipe: Recipe, node: NodeDef, op: AnyOp, catalog: SourceCatalog, planned: dict[str, PlannedNode]
 ) -> tuple[PlannedNode, list[str]]:
     inputs, n_models = _inputs(recipe, node, catalog)
+    adapter = next((r.name for r in inputs if r.handle is None and "peft" in planned[r.name].spec.notes), None)
+    if adapter is not None:
+        raise MergerError(
+            f"input '{adapter}' is a LoRA adapter (its A and B factors, from extract_lora), not a model:"
+            f" op '{op.name}' would merge the factors, which is not merging what they add to the base",
+            fix=f"write '{adapter}' as a folder output (a PEFT adapter), or extract from a merged fine-tune",
+        )
     if not op.arity.accepts(n_models):
         raise MergerError(
             f"op '{op.name}' takes {op.arity.describe()} inputs, node '{node.name}' gives {n_models}",
@@ -136,7 +146,19 @@ def _plan_node(
     specs = tuple(presented_spec(s, a) for s, a in zip(stored, adaptations, strict=True))
     configs = tuple(ref.handle.adapter_config if ref.handle else None for ref in inputs)
     described = InputSpecs(tuple(ref.name for ref in inputs), specs, configs)
+    # a merge of image models: one architecture and size, and most of the parameters merged
+    merging = image_checks.merges(op, len(inputs))
+    found = image_checks.detections([ref.handle for ref in inputs], stored) if merging else []
+    if merging:
+        image_error = image_checks.image_error(node.name, described.names, found, specs, params)
+        if image_error is not None:
+            raise image_error
+        if image_checks.spandrel_note(found):
+            warnings.append(image_checks.SPANDREL_NOTE)
     used, spec, vocab_from = _spec(node, op, inputs, described, params, warnings)
+    coverage_error = image_checks.coverage_error(described.names, found, specs, params) if merging else None
+    if coverage_error is not None:
+        raise coverage_error
     adapted = {ref.name: ref.adaptation.tag for ref in inputs if ref.adaptation}
     if adapted:
         spec.notes["adapted"] = adapted
@@ -260,7 +282,9 @@ def build_plan(recipe: Recipe, graph: Graph, catalog: SourceCatalog, registry: O
             planned[name], node_warnings = _plan_node(recipe, node, registry.get(node.op), catalog, planned)
         except MergerError as e:
             raise e if e.where else MergerError(e.what, where=where, fix=e.fix) from None
-        warnings.extend(f"node '{name}': {w}" for w in node_warnings)
+        warnings.extend(f"node '{name}': {w}" for w in node_warnings if w != image_checks.SPANDREL_NOTE)
+        if image_checks.SPANDREL_NOTE in node_warnings and image_checks.SPANDREL_NOTE not in warnings:
+            warnings.append(image_checks.SPANDREL_NOTE)  # said once
     warnings.extend(f"node '{n}' is not used by any output, so it does not run" for n in graph.unused)
     for output in recipe.outputs.values():
         if output.layout is not None and esrgan.detect(planned[output.node].spec.tensors) is None:

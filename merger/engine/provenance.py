@@ -21,6 +21,7 @@ from merger.core.version import VERSION as __version__
 from merger.engine.plan import Plan
 
 PLACEHOLDER_HASH = "0" * 64
+FORMAT_FIELD = "format"
 KEY_FIELD = "merger.key"
 RECIPE_FIELD = "merger.recipe"
 SOURCES_FIELD = "merger.sources"
@@ -72,6 +73,7 @@ def node_metadata(plan: Plan, name: str, key: str | None, source_hashes: dict[st
         h.name: {"hash": source_hashes.get(h.name) or PLACEHOLDER_HASH, "path": str(h.path.resolve())} for h in handles
     }
     return {
+        FORMAT_FIELD: "pt",  # as torch's safetensors writer says; transformers 4 refuses metadata without it
         VERSION_FIELD: __version__,
         KEY_FIELD: key or PLACEHOLDER_HASH,
         RECIPE_FIELD: yaml.safe_dump(subgraph_recipe(plan, name), sort_keys=False),

@@ -63,13 +63,39 @@ def lora_keys(module: str, embedding: bool) -> tuple[str, str]:
     return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
 
 
+#: the patterns an adapter_config.json may hold (rank_pattern keys, a target_modules string): module
+#: names, where `.` matches any character as in peft's regular expressions and `\.` a dot; no
+#: repetition, groups or alternation, which a file from anywhere could make take hours to match
+_PLAIN_PATTERN = re.compile(r"(?:[\w\-]|\\?\.)+")
+
+
+def plain_pattern(pattern: str, name: str, field_name: str) -> str:
+    """`pattern`, checked to be a plain module name (see _PLAIN_PATTERN); else a MergerError."""
+    if not _PLAIN_PATTERN.fullmatch(pattern):
+        raise MergerError(
+            f"adapter '{name}': {field_name} '{shown(pattern)}' is a regular expression with operators merger"
+            " does not run on a file from elsewhere (repetition, groups, alternation)",
+            fix="write module names or paths there (e.g. q_proj, model.layers.0.self_attn.q_proj)",
+        )
+    return pattern
+
+
 def pattern_value(patterns: Mapping[str, Any], module: str, default: float) -> float:
     """A module's entry in a rank_pattern / alpha_pattern, as peft finds it (the first pattern that
-    matches the end of the module path after a dot, or all of it), else `default`."""
+    matches the end of the module path after a dot, or all of it), else `default`. The patterns are
+    plain (checked when the config is read), so matching them cannot backtrack for long."""
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module):
             return float(value)
     return default
+
+
+def targeted(targets: object, module: str) -> bool:
+    """Whether peft's `target_modules` (a list of names matched as path endings, or one pattern
+    matched whole) names `module`."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return isinstance(targets, list) and any(module == t or module.endswith("." + str(t)) for t in targets)
 
 
 class ApplyLoraParams(OpParams, Generic[N]):
@@ -144,15 +170,20 @@ def _settings(config: Mapping[str, Any] | None, name: str) -> _Settings:
     patterns = {k: typed(k, dict, {}) for k in ("rank_pattern", "alpha_pattern")}
     for kind, pattern in patterns.items():
         for key, value in pattern.items():
-            try:
-                re.compile(key)
-            except re.error as e:
+            plain_pattern(key, name, f"{kind} key")
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 2**20:
                 raise MergerError(
-                    f"adapter '{name}': {kind} key '{shown(key)}' is not a valid regular expression: {e}",
+                    f"adapter '{name}': {kind} gives '{shown(key)}' {shown(value)}, not a positive number",
                     fix="re-save the adapter with peft (save_pretrained)",
-                ) from None
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise MergerError(f"adapter '{name}': {kind} gives '{shown(key)}' {shown(value)}, not a number")
+                )
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        plain_pattern(targets, name, "target_modules")
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise MergerError(
+            f"adapter '{name}': adapter_config.json gives target_modules {shown(targets)}",
+            fix="re-save the adapter with peft (save_pretrained)",
+        )
     return _Settings(
         typed("r", int, 8),
         float(typed("lora_alpha", (int, float), 8)),
@@ -281,6 +312,14 @@ class ApplyLora(Op[ApplyLoraParams[Scheduled], ApplyLoraParams[float], Patches])
                         fix="apply the adapter to the model it was trained on (resized vocabularies are not merged)",
                     )
                 starts[key] = (index, source)
+            targets = (inputs.config(index) or {}).get("target_modules")
+            untargeted = [m for m in adapter.pairs if targets is not None and not targeted(targets, m)]
+            if untargeted:
+                raise MergerError(
+                    f"adapter '{name}' has factors for {_listed(untargeted)}, which its target_modules"
+                    f" ({shown(targets)}) do not name",
+                    fix="re-save the adapter with peft: its config and its weights disagree",
+                )
             for module in adapter.pairs:
                 key = f"{module}.weight"
                 added.setdefault(key, []).append(adapter.factors(module, inputs.specs[index], base[key], settings))

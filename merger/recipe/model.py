@@ -11,9 +11,9 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from merger.core.limits import MAX_RECIPE_NODES
 from merger.core.sizes import parse_size
@@ -32,9 +32,12 @@ SETTINGS = (
     "allow_env",
     "allow_overwrite",
     "nonfinite",
+    "sanity",
+    "family",
     "seed",
     "progress",
     "preview",
+    "preview_crop",
     "description",
 )
 
@@ -63,6 +66,17 @@ class OutputModel(StrictModel):
     wrap: Literal["params_ema", "params"] | None = None  # a .pth output's state dict inside this key
 
 
+def check_policy(value: Any) -> Any:
+    """`sanity:`/`family:` as YAML gives them: `off` (and `on`) are booleans in YAML 1.1."""
+    if value is False:
+        return "off"
+    return "warn" if value is True else value
+
+
+#: what a failed sanity or family check does: warn, error, or off (no check)
+CheckPolicy = Annotated[Literal["warn", "error", "off"], BeforeValidator(check_policy)]
+
+
 class Settings(StrictModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     cache_dir: str | None = None  # None: $MERGER_CACHE_DIR, else outputs/cache
@@ -71,9 +85,12 @@ class Settings(StrictModel):
     allow_env: bool = False  # ${oc.env:...} in recipe files (the command line's to set)
     allow_overwrite: bool = False  # outputs' `overwrite: true` may replace files merger did not write (ditto)
     nonfinite: Literal["warn", "error"] = "warn"  # NaN/inf in inputs or outputs: a warning, or an error
+    sanity: CheckPolicy = "warn"  # a merged image model run on grey and on the sample (merger.report.sanity)
+    family: CheckPolicy = "warn"  # a merge whose inputs look unrelated (merger.engine.family)
     seed: int = 0
     progress: bool = True
-    preview: bool | str | list[str] | None = None  # sample | image paths: SR outputs upscale them
+    preview: bool | str | list[str] | None = None  # sample | image files | folders: image models upscale them
+    preview_crop: list[int] | None = None  # [x, y, width, height] of each preview image (merger.report.preview_images)
     description: str | None = None
 
 
@@ -85,6 +102,9 @@ class SourceDef:
     key: str | None = None
 
 
+#: a node's (and the run's) `sanity:` and `family:` values: what a failed check does (neither is part of
+#: the node's content key: they change no result)
+CHECK_POLICIES = ("warn", "error", "off")
 #: a node's `vocab:` values (None, the default: the inputs' vocabularies must match; see merger.ops.vocab)
 VOCAB_POLICIES = (None, "first")
 
@@ -98,6 +118,8 @@ class NodeDef:
     refs: tuple[tuple[str, str], ...] = ()  # (parameter, name) for parameters naming a model: base
     nonfinite: str | None = None  # warn | error: this node's NaN/inf policy (None: the run's)
     vocab: str | None = None  # first: inputs' vocabularies may differ, the output has the first's (None: they may not)
+    sanity: str | None = None  # warn | error | off: this node's sanity check (None: the run's, for merge nodes)
+    family: str | None = None  # warn | error | off: this node's family check (None: the run's)
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -129,13 +151,15 @@ class OutputDef:
 
 
 def output_format(path: str) -> str:
-    """What an output path writes: by its extension, and a folder when it has none."""
+    """What an output path writes: by its extension, and a folder when it has none (or only a number
+    after its last dot, as a swept value gives: `merged_${alpha}`)."""
     lowered = path.lower().rstrip("/")
     if lowered.endswith(".pth"):
         return "pth"
     if lowered.endswith(".safetensors"):
         return "safetensors"
-    return "folder" if not os.path.splitext(os.path.basename(lowered))[1] else "unknown"
+    extension = os.path.splitext(os.path.basename(lowered))[1]
+    return "folder" if not extension or extension[1:].isdigit() else "unknown"  # merged_0.5: a folder
 
 
 @dataclass(frozen=True)
@@ -279,9 +303,38 @@ def _node(name: str, raw: Any, registry: OpRegistry, where: Location) -> NodeDef
             fix="vocab: first merges the token rows every input has and gives the output the first input's"
             " vocabulary (its other rows as they are); leave vocab out when the inputs share one tokenizer",
         )
+    sanity = _check_policy(
+        "sanity",
+        fields.pop("sanity", None),
+        where,
+        "sanity: error fails the run when the merged image model's output on a grey image or on the sample is"
+        " constant, black or not finite; off skips the check",
+    )
+    family = _check_policy(
+        "family",
+        fields.pop("family", None),
+        where,
+        "family: error fails the run when the node's inputs look unrelated; off skips the check",
+    )
+    if family is not None and not op.family_check:
+        raise MergerError(
+            f"op '{op_name}' has no family check (it does not merge its inputs key by key), so family: does nothing",
+            where=where.at("family"),
+            fix="remove family from this node",
+        )
     params = _params(op, fields, where)
     refs = tuple((p, getattr(params, p)) for p in op.references if getattr(params, p, None) is not None)
-    return NodeDef(name, op_name, tuple(inputs), params, refs, nonfinite, vocab)
+    return NodeDef(name, op_name, tuple(inputs), params, refs, nonfinite, vocab, sanity, family)
+
+
+def _check_policy(setting: str, value: Any, where: Location, fix: str) -> str | None:
+    """A node's `sanity:` or `family:`: warn, error or off; None when not given (the run's setting holds)."""
+    value = check_policy(value)
+    if value is None:
+        return None
+    if value not in CHECK_POLICIES:
+        raise MergerError(f"{setting} must be warn, error or off, got {value!r}", where=where.at(setting), fix=fix)
+    return str(value)
 
 
 def _params(op: AnyOp, fields: dict[str, Any], where: Location) -> OpParams:

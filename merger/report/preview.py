@@ -1,150 +1,222 @@
-"""Previews: each super-resolution output upscales a few images, saved as PNGs beside it.
+"""Previews: every image model a run writes upscales a few images, saved as PNGs beside it.
 
-The run setting `preview` is off by default; `sample` uses a small image
-shipped with merger (the demo's held-out photo, box-downscaled by 2); a list
-names image files. Whether an output is an image model is decided from its
-keys (merger.archs), so a run without previews, or without image models,
-never imports spandrel; one that has them needs the `merger[sr]` extra.
+The run setting `preview` is off by default; what it may name, and the pre-flight checks of those
+images, are in merger.report.preview_images; the tensor work (tiling) in merger.report.preview_tensors.
+Previews are made once per node: the first of a node's outputs (a `.safetensors` one where there is
+one) is loaded by spandrel, run on the run's device on every image, and saved as
+`<node>__<image>.png`; every output of the node is reported with those PNGs. Whether an output is an
+image model is decided from its keys first (merger.archs.image_models), so a run without image
+models never imports spandrel or torch. What cannot be previewed is a note in the report, never a
+traceback: a model spandrel does not know or load is skipped ("not a model spandrel knows"), and
+one that fails while it runs (out of memory, channels) is a warning for its outputs while the
+other nodes' previews are made.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from merger.archs import esrgan
-from merger.core.limits import MAX_PREVIEW_PIXELS
-from merger.errors import MergerError, Where, shown
+from merger.archs.image_models import detect, spandrel_available
+from merger.errors import MergerError, shown
 from merger.io.safetensors_header import read_header
 from merger.io.sources import locate, open_source
+from merger.report import preview_tensors as tensors
+from merger.report.preview_images import (
+    SAMPLE,
+    SAMPLE_IMAGE,
+    PreviewImage,
+    check_preview_sizes,
+    preview_images,
+)
+from merger.report.preview_tensors import load_image
+
+__all__ = [
+    "SAMPLE",
+    "SAMPLE_IMAGE",
+    "PreviewImage",
+    "Previews",
+    "check_preview_sizes",
+    "is_image_model",
+    "load_image",
+    "preview_images",
+    "render",
+]
 
 log = logging.getLogger("merger")
 
-SAMPLE = "sample"
-SAMPLE_IMAGE = Path(__file__).parents[1] / "demo" / "eval.png"
-SAMPLE_DOWNSCALE = 2
+#: why a node has no preview: the notes' `why`, and what the end of a sweep says when no job has one
+UNKNOWN, NO_SPANDREL, MASKED, FAILED = "unknown", "no_spandrel", "masked", "failed"
+NOT_KNOWN = "not a model spandrel knows"
+MAX_NOTE = 200
 
 
-@dataclass(frozen=True)
-class PreviewImage:
-    """An input image: where it came from, and by how much to box-downscale it first."""
-
-    path: Path
-    downscale: int = 1
+class Placed(Protocol):
+    """What previews read of a placed output (merger.engine.placement.OutputResult)."""
 
     @property
-    def stem(self) -> str:
-        return "sample" if self.downscale > 1 and self.path == SAMPLE_IMAGE else self.path.stem
+    def node(self) -> str: ...
+
+    @property
+    def model_file(self) -> Path: ...
 
 
-def preview_images(setting: Any, launch_dir: Path, *, where: Where) -> list[PreviewImage]:
-    """The images a `preview` setting names (empty when previews are off)."""
-    if setting in (None, False, [], ""):
-        return []
-    entries = [SAMPLE] if setting is True else [setting] if isinstance(setting, str) else list(setting)
-    images = []
-    for entry in entries:
-        if entry == SAMPLE:
-            images.append(PreviewImage(SAMPLE_IMAGE, SAMPLE_DOWNSCALE))
-            continue
-        path = launch_dir / Path(str(entry)).expanduser()
-        if not path.is_file():
-            raise MergerError(
-                f"preview image not found: '{shown(path)}'",
-                where=where,
-                fix="list image files (PNG, JPEG, ...) relative to where you run merger, or preview: sample",
-            )
-        check_image(path, where)
-        images.append(PreviewImage(path))
-    return images
+@dataclass
+class Previews:
+    """What `render` made: a row per (output, image) with its PNG, and a note per output (and image)
+    that got none."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.notes)
 
 
-def check_image(path: Path, where: Where) -> None:
-    """A preview image must be an image Pillow reads, of at most MAX_PREVIEW_PIXELS (from its header:
-    a small PNG can declare a huge canvas, and every pixel is upscaled by each output)."""
+def model_spec(path: Path) -> Mapping[str, Any]:
+    """The spec of a model file or folder, from its header (safetensors) or merger's own loader."""
+    if path.suffix == ".safetensors":
+        return read_header(path).tensors
+    source = open_source(locate(path, None, where=str(path)), where=str(path))
     try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        return  # no previews without merger[sr]: render says so
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise MergerError(
-            f"preview image '{shown(path)}' is not an image Pillow can read ({shown(e)})",
-            where=where,
-            fix="list PNG or JPEG files",
-        ) from None
-    if width * height > MAX_PREVIEW_PIXELS:
-        raise MergerError(
-            f"preview image '{shown(path)}' is {width}x{height} pixels, more than the {MAX_PREVIEW_PIXELS} a"
-            " preview takes (MAX_PREVIEW_PIXELS)",
-            where=where,
-            fix="crop it to the region you want to compare (say 512x512)",
-        )
+        return source.spec()
+    finally:
+        source.close()
 
 
 def is_image_model(path: Path) -> bool:
-    """Whether the model file is one merger knows to be an image (SR) model, from its keys alone."""
-    if path.suffix == ".safetensors":
-        spec = read_header(path).tensors
-    else:
-        source = open_source(locate(path, None, where=str(path)), where=str(path))
-        spec = source.spec()
-        source.close()
-    return esrgan.detect(spec) is not None
+    """Whether the model file is an image model merger knows (spandrel's, or ESRGAN without it), from its keys."""
+    return detect(model_spec(path)).model is not None
 
 
-def load_image(image: PreviewImage) -> Any:
-    """The image as a float tensor [1, 3, H, W] in [0, 1], box-downscaled if asked."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-
-    with Image.open(image.path) as opened:
-        pixels = np.asarray(opened.convert("RGB"), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
-    if image.downscale > 1:
-        tensor = F.avg_pool2d(tensor, image.downscale)
-    return tensor
+def _said(error: BaseException) -> str:
+    """An exception in one short line (torch's load errors list every key)."""
+    lines = str(error).strip().splitlines()
+    text = shown(lines[0].rstrip(":")) if lines else type(error).__name__
+    text = text if text.startswith(type(error).__name__) else f"{type(error).__name__}: {text}"
+    return text if len(text) <= MAX_NOTE else text[: MAX_NOTE - 3] + "..."
 
 
-def save_image(tensor: Any, path: Path) -> None:
-    from PIL import Image
-
-    pixels = (tensor.clamp(0, 1)[0].permute(1, 2, 0) * 255.0).round().byte().cpu().numpy()
-    Image.fromarray(pixels).save(path)
+def _skipped(why: str, note: str) -> dict[str, Any]:
+    return {"status": "skipped", "why": why, "note": f"skipped: {note}"}
 
 
-def render(outputs: dict[str, Path], images: list[PreviewImage], output_dir: Path) -> list[dict[str, str]]:
-    """Upscale every image with every SR output; returns rows for the run report."""
+def render(
+    outputs: Mapping[str, Placed],
+    images: list[PreviewImage],
+    output_dir: Path,
+    *,
+    device: str | Callable[[], str] = "cpu",
+) -> Previews:
+    """Upscale every image with every node's image model, once per node, on `device` (a function:
+    asked only once an image model is found, so a run without one imports no torch)."""
+    done = Previews()
     if not images:
-        return []
-    models = {name: path for name, path in outputs.items() if is_image_model(path)}
-    for name in outputs.keys() - models.keys():
-        log.info(f"preview: output '{name}' is not an image model merger knows; skipped")
-    if not models:
-        return []
+        return done
+    device = functools.cache(device) if callable(device) else functools.partial(str, device)
+    by_node: dict[str, list[str]] = {}
+    for name, placed in outputs.items():
+        by_node.setdefault(placed.node, []).append(name)
+    for node, names in by_node.items():
+        files = [outputs[name].model_file for name in names]
+        path = next((f for f in files if f.suffix == ".safetensors"), files[0])
+        rows, notes = node_previews(node, path, images, output_dir, device)
+        for name in names:
+            done.rows.extend({"output": name, "node": node, **row} for row in rows)
+            for note in notes:
+                done.notes.append({"output": name, "node": node, **note})
+                if note["status"] == "failed":
+                    log.warning(f"preview of output '{name}' on '{shown(note['image'])}' {note['note']}")
+                else:
+                    log.info(f"preview: output '{name}' {note['note']}")
+    return done
+
+
+def node_previews(
+    node: str, path: Path, images: list[PreviewImage], output_dir: Path, where: Callable[[], str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows and notes of one node whose model is the file at `path`, made on the device `where()` names."""
     try:
+        found = detect(model_spec(path))
+    except (OSError, MergerError, ValueError) as e:
+        return [], [_skipped(UNKNOWN, f"{NOT_KNOWN} (its file cannot be read: {_said(e)})")]
+    if found.model is None:
+        return [], [_skipped(UNKNOWN, f"{NOT_KNOWN} ({found.why})")]
+    if not spandrel_available():
+        return [], [_skipped(NO_SPANDREL, "spandrel is not installed (pip install 'merger[sr]')")]
+    try:
+        import PIL.Image  # noqa: F401 - the PNGs
         import torch
-        from spandrel import ModelLoader
-    except ImportError:
-        log.info("preview: skipped, it needs spandrel and Pillow: pip install 'merger[sr]'")
-        return []
-    rows = []
-    for name, path in models.items():
+        from spandrel import ImageModelDescriptor
+    except ImportError as e:
+        return [], [_skipped(NO_SPANDREL, f"spandrel, torch or Pillow cannot be imported ({_said(e)})")]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            descriptor = load_model(path)
+    except Exception as e:  # spandrel's UnsupportedModelError, or its architectures' own failures
+        return [], [_skipped(UNKNOWN, f"{NOT_KNOWN} (spandrel cannot load it: {_said(e)})")]
+    if not isinstance(descriptor, ImageModelDescriptor):
+        name = descriptor.architecture.name
+        return [], [_skipped(MASKED, f"spandrel loads it as {name}, an inpainting model (it takes a mask as well)")]
+    rows: list[dict[str, Any]] = []
+    notes: list[dict[str, Any]] = []
+    scale, channels = int(descriptor.scale), int(descriptor.input_channels)
+    device = where()
+    internal = str(getattr(descriptor, "tiling", "")).endswith("INTERNAL")  # the model tiles itself
+    try:
+        descriptor.to(torch.device(device)).eval()
         for image in images:
-            png = output_dir / f"{name}__{image.stem}.png"
+            start = time.perf_counter()
+            factor = image.factor(scale)
+            png = output_dir / f"{node}__{image.stem}.png"
             try:
-                model = ModelLoader().load_from_file(path).eval()
-                with torch.no_grad():
-                    upscaled = model(load_image(image))
-                save_image(upscaled, png)
-            except Exception as e:  # a preview is a courtesy: the outputs and the report stand without it
-                log.warning(f"preview of output '{name}' on '{shown(image.path)}' failed: {shown(e)}")
+                tensor = tensors.model_input(image.path, image.crop, factor, channels)
+                tile = None if internal else tensors.TILE_SIDE
+                upscaled, tiles = tensors.upscale(descriptor, tensor, device=device, tile=tile)
+                width, height = tensors.save_image(upscaled, png)
+            except Exception as e:  # out of memory, channels: said for the node's outputs, the others go on
+                notes.append({"status": "failed", "why": FAILED, "image": str(image.path), "note": _failed(e, device)})
                 continue
-            rows.append({"output": name, "image": str(image.path), "downscale": str(image.downscale), "png": str(png)})
-    return rows
+            rows.append(
+                {
+                    "image": str(image.path),
+                    "downscale": factor,
+                    **({"crop": list(image.crop)} if image.crop is not None else {}),
+                    "channels": channels,
+                    "scale": scale,
+                    "size": [width, height],
+                    "tiles": tiles,
+                    "device": device,
+                    "seconds": round(time.perf_counter() - start, 4),
+                    "png": str(png),
+                }
+            )
+    except Exception as e:  # the model does not move to the device (out of memory)
+        notes.extend(
+            {"status": "failed", "why": FAILED, "image": str(image.path), "note": _failed(e, device)}
+            for image in images
+            if not any(row["image"] == str(image.path) for row in rows)
+        )
+    finally:
+        del descriptor
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows, notes
+
+
+def _failed(error: BaseException, device: str) -> str:
+    return f"failed on {device}: {_said(error)}"
+
+
+def load_model(path: Path) -> Any:
+    """spandrel's model of the file (on the CPU)."""
+    from spandrel import ModelLoader
+
+    return ModelLoader().load_from_file(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ from merger.engine.placement import OutputResult
 from merger.engine.plan import Plan
 from merger.engine.progress import human_size
 from merger.errors import shown
+from merger.report.sanity import Sanity
 
 REPORT_NAME = "merge_report.json"
+SHOWN_WARNINGS = 3  # the summary's; the report has them all
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,12 @@ def build_report(
     *,
     device: str | None,
     seconds: float,
+    sanity: Mapping[str, Sanity] | None = None,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """The report of a run. `warnings`: every warning the job said (the plan's are always among them),
+    once each; `sanity`: the sanity checks of merged image models, by node (merger.report.sanity)."""
+    sanity = sanity or {}
     sources = {}
     for node in plan.nodes.values():
         for ref in node.inputs:
@@ -58,7 +66,7 @@ def build_report(
         "output_dir": str(context.output_dir),
         "device": device,
         "seconds": round(seconds, 4),
-        "warnings": list(plan.warnings),
+        "warnings": list(dict.fromkeys([*plan.warnings, *warnings])),
         "sources": sources,
         "nodes": {
             name: {
@@ -69,6 +77,7 @@ def build_report(
                 "bytes": r.entry.bytes,
                 **({"notes": r.notes} if r.notes else {}),
                 **({"nonfinite": r.nonfinite} if r.nonfinite else {}),
+                **({"sanity": sanity[name].as_report()} if name in sanity else {}),
             }
             for name, r in results.items()
         },
@@ -82,6 +91,7 @@ def build_report(
                 "placed": o.how,
                 **({"overflow": o.overflow} if o.overflow else {}),
                 **({"files": o.files} if o.files else {}),
+                **({"left_out": o.left_out} if o.left_out else {}),
                 **{
                     setting: value
                     for setting in ("layout", "wrap")
@@ -119,9 +129,33 @@ def summary(report: dict[str, Any]) -> str:
         if not_shared:
             noun = "key" if not_shared == 1 else "keys"
             lines.append(f"         {not_shared} {noun} not shared by every input: copied from the first")
+        sanity = node.get("sanity")
+        if isinstance(sanity, dict):
+            lines.append(f"         {sanity_line(name, sanity)}")
     for name, out in report["outputs"].items():
         dtype = "" if out["dtype"] == "keep" else f"{out['dtype']}, "
         lines.append(f"  output {name:<16} {_short(out['path'], base)}  ({dtype}{human_size(out['bytes'])})")
     for row in report.get("previews", []):
         lines.append(f"  preview {row['output']:<15} {_short(row['png'], base)}")
+    said = [str(w) for w in report.get("warnings", [])]
+    for warning in said[:SHOWN_WARNINGS]:
+        lines.append(f"  warning {shown(warning)}")
+    if len(said) > SHOWN_WARNINGS:
+        lines.append(f"  ... and {len(said) - SHOWN_WARNINGS} more warnings in {REPORT_NAME}")
     return "\n".join(lines)
+
+
+def sanity_line(name: str, sanity: Mapping[str, Any]) -> str:
+    """A node's sanity check in the summary: what it found, or its figures."""
+    if sanity.get("warning"):
+        prefix = f"node '{name}': "
+        return f"sanity: {shown(str(sanity['warning']).removeprefix(prefix))}"
+    if sanity.get("status") == "skipped":
+        return f"sanity: skipped, {shown(sanity.get('note'))}"
+    images = sanity.get("images", {})
+    figures = ", ".join(
+        f"{image} -> mean {m['mean']:.3f}" + (f" std {m['std']:.3f}" if image == "sample" else "")
+        for image, m in images.items()
+        if isinstance(m.get("mean"), float | int) and isinstance(m.get("std"), float | int)
+    )
+    return f"sanity: ok ({figures}; {sanity.get('seconds', 0):.2f} s on {sanity.get('device')})"

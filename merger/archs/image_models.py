@@ -1,0 +1,379 @@
+"""Image models (super-resolution, restoration) as spandrel knows them, from a spec alone.
+
+`image_model(spec)` names the spandrel architecture a state dict's spec is (id,
+name, model class), its scale, input and output channels, and the
+hyper-parameters spandrel reads from it (plain JSON values). The planner,
+previews, placement and `merger-inspect` all ask here. How, without reading a
+tensor:
+
+1. A filter that imports nothing: a spec is not an image model when it has no
+   4-D float tensor, more than MAX_IMAGE_MODEL_TENSORS tensors, more than
+   MAX_IMAGE_MODEL_BYTES bytes, or (for the spandrel version of the table) none
+   of the keys spandrel's detection needs (merger.archs.spandrel_keys). So the
+   plan of a language model never imports spandrel.
+2. spandrel detects the architecture from key names, and its loader reads the
+   hyper-parameters from shapes: it is handed tensors with shapes and no data
+   (meta tensors whose copy into a model does nothing), the model built on the
+   meta device (no memory) or, when a constructor needs real numbers (the
+   drop-path schedules of Swin-like models), on the CPU.
+3. A few loaders read tensor values (spandrel 0.4.2: DAT's `rpe_biases`, FDAT's
+   and MoESR's `MetaUpsample`, IPT's `sub_mean.bias`). Reading one from a
+   shape-only tensor fails; then the real tensors are read, only when a reader
+   is given and the model holds at most VALUE_READ_BYTES. Otherwise the
+   architecture is known and its hyper-parameters are not (`resolved` False).
+
+Without spandrel (the `merger[sr]` extra), ESRGAN is still known by merger's own
+key rules (merger.archs.esrgan); other image models are unknown. A `module.` or
+`netG.` prefix on every key is stripped first, as spandrel does. Results are
+memoised per process by a digest of the keys and shapes (and of the source's
+identity where values were read); spandrel's warnings and prints are kept quiet.
+
+May import: merger.core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from merger.archs import esrgan, spandrel_keys
+from merger.core.specs import TensorSpec, total_bytes
+
+#: a spec with more tensors than this is not taken for an image model (the largest spandrel models have ~3000)
+MAX_IMAGE_MODEL_TENSORS = 20_000
+#: nor one larger than this (HAT-L, DAT, DRCT-L hold 40-200 MB in float32)
+MAX_IMAGE_MODEL_BYTES = 1 << 30
+#: a model whose loader needs tensor values is read whole only up to this size
+VALUE_READ_BYTES = 256 << 20
+#: prefixes spandrel strips when every key has one (DataParallel, BasicSR's generator)
+PREFIXES = ("module.", "netG.")
+#: spandrel's hyper-parameters that only matter for training (not compared, not shown)
+TRAINING_ONLY = frozenset(
+    {"drop_rate", "attn_drop_rate", "drop_path_rate", "dropout", "use_checkpoint", "use_chk", "fairscale_checkpoint"}
+)
+#: names spandrel's model classes give the scale and the image channels (shown once, up front)
+SCALE_NAMES = frozenset({"scale", "upscale", "up_scale", "upscale_factor", "upscaling_factor", "shuffle_factor"})
+CHANNEL_NAMES = frozenset(
+    {"in_nc", "out_nc", "num_in_ch", "num_out_ch", "in_chans", "out_chans", "in_ch", "out_ch", "inp_channels"}
+    | {"in_channels", "out_channels"}
+)
+SPANDREL_MISSING = "spandrel is not installed (pip install 'merger[sr]'), so only ESRGAN is known"
+
+#: reads bytes [start, stop) of tensor `key` into `out` (a source's `read_into` / `peek_into`)
+ReadInto = Callable[[str, int, int, memoryview], memoryview]
+
+
+@dataclass(frozen=True)
+class ImageModel:
+    """An image model: spandrel's architecture id and name, the model class, what it does, and the
+    sizes spandrel reads (`resolved` False: the architecture alone, its sizes need tensor values)."""
+
+    arch: str  # spandrel's id, e.g. "Compact"
+    name: str  # spandrel's name, e.g. "RealESRGAN Compact"
+    model_class: str  # e.g. "SRVGGNetCompact"
+    scale: int | None
+    in_channels: int | None
+    out_channels: int | None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # plain JSON values
+    purpose: str = "SR"  # SR | FaceSR | Restoration | Inpainting
+    tags: tuple[str, ...] = ()
+    resolved: bool = True
+    note: str = ""  # why not resolved
+    by: str = "spandrel"  # who detected it: spandrel, or merger's own ESRGAN rules
+    min_size: int = 0  # spandrel's size_requirements.minimum: the shortest side an input has unpadded
+
+    @property
+    def label(self) -> str:
+        """'SRVGGNetCompact (Compact, RealESRGAN Compact)', 'SPAN'."""
+        others = [n for n in dict.fromkeys((self.arch, self.name)) if n != self.model_class]
+        return f"{self.model_class} ({', '.join(others)})" if others else self.model_class
+
+    @property
+    def sizes(self) -> dict[str, Any]:
+        """The hyper-parameters that tell models of the architecture apart (not the training-only ones)."""
+        return {k: v for k, v in self.hyperparameters.items() if k not in TRAINING_ONLY}
+
+    def describe(self) -> str:
+        """'SRVGGNetCompact (Compact, RealESRGAN Compact): 4x, 3->3 channels, num_feat 64, num_conv 32, ...'"""
+        if not self.resolved:
+            return f"{self.label}: {self.note}"
+        shown = [f"{k} {plain_text(v)}" for k, v in self.sizes.items() if k not in SCALE_NAMES | CHANNEL_NAMES]
+        head = f"{self.scale}x, {self.in_channels}->{self.out_channels} channels"
+        purpose = f" ({self.purpose})" if self.purpose not in ("SR", "Restoration") else ""
+        return f"{self.label}: {head}{purpose}" + "".join(f", {s}" for s in shown)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What a spec is: an image model, or None and why not."""
+
+    model: ImageModel | None
+    why: str = ""
+    needs_values: bool = False  # spandrel's loader for this architecture reads tensor values
+
+
+def plain_text(value: Any) -> str:
+    """A hyper-parameter in words: 64, [6, 6], pixelshuffle, true, none."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value).replace("null", "none")
+    return str(value) if not isinstance(value, list | dict) else json.dumps(value).replace('"', "")
+
+
+def image_model(
+    spec: Mapping[str, TensorSpec], *, read: ReadInto | None = None, identity: str | None = None
+) -> ImageModel | None:
+    """The image model a spec is, or None (see `detect` for why)."""
+    return detect(spec, read=read, identity=identity).model
+
+
+def is_image_model(spec: Mapping[str, TensorSpec]) -> bool:
+    return detect(spec).model is not None
+
+
+@functools.cache
+def spandrel_available() -> bool:
+    return importlib.util.find_spec("spandrel") is not None
+
+
+@functools.cache
+def _anchors_apply() -> bool:
+    """Whether `spandrel_keys.ANCHORS` describes the installed spandrel."""
+    try:
+        return importlib.metadata.version("spandrel") == spandrel_keys.SPANDREL_VERSION
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def wrapping_prefix(spec: Mapping[str, TensorSpec]) -> str:
+    """The prefix every key has ('module.', 'netG.', both, or ''), as spandrel strips them, in order."""
+    found = ""
+    for prefix in PREFIXES:
+        if spec and all(key.startswith(found + prefix) for key in spec):
+            found += prefix
+    return found
+
+
+def canonical(spec: Mapping[str, TensorSpec]) -> Mapping[str, TensorSpec]:
+    """The spec with the prefix every key has stripped (`wrapping_prefix`)."""
+    prefix = wrapping_prefix(spec)
+    return {k[len(prefix) :]: t for k, t in spec.items()} if prefix else spec
+
+
+def prefilter(spec: Mapping[str, TensorSpec]) -> str | None:
+    """Why a spec cannot be an image model spandrel detects, from what needs no import; None: it may be."""
+    if len(spec) > MAX_IMAGE_MODEL_TENSORS:
+        return f"it has {len(spec)} tensors, more than an image model has ({MAX_IMAGE_MODEL_TENSORS})"
+    if not any(t.is_float and len(t.shape) == 4 for t in spec.values()):
+        return "it has no 4-D float tensor (no convolution)"
+    if total_bytes(spec) > MAX_IMAGE_MODEL_BYTES:
+        return f"it holds more than {MAX_IMAGE_MODEL_BYTES >> 20} MiB, more than an image model does"
+    if spandrel_available() and _anchors_apply() and not spandrel_keys.may_be_detected(canonical(spec)):
+        return "spandrel detects no architecture in its keys"
+    return None
+
+
+_MEMO: dict[tuple[str, str | None], Detection] = {}
+_MEMO_SIZE = 512
+_LOCK = threading.Lock()
+
+
+def spec_digest(spec: Mapping[str, TensorSpec]) -> str:
+    rows = sorted((k, list(t.shape), t.is_float) for k, t in spec.items())
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def detect(spec: Mapping[str, TensorSpec], *, read: ReadInto | None = None, identity: str | None = None) -> Detection:
+    """What `spec` is. `read` (with the source's `identity`, for the memo) lets a loader that needs
+    tensor values have them, for a model of at most VALUE_READ_BYTES; nothing else is ever read."""
+    why = prefilter(spec)
+    if why is not None:
+        return _fallback(spec, why)
+    if not spandrel_available():
+        return _fallback(spec, SPANDREL_MISSING)
+    digest = spec_digest(spec)
+    with _LOCK:
+        found = _MEMO.get((digest, None))
+        if found is None:
+            try:
+                found = _remember((digest, None), _run_spandrel(canonical(spec), None))
+            except ImportError as e:  # a broken install: as if it were not there
+                return _fallback(spec, f"spandrel cannot be imported ({e})")
+        if found.needs_values and read is not None and total_bytes(spec) <= VALUE_READ_BYTES:
+            found = _MEMO.get((digest, identity)) if identity is not None else None
+            if found is None:
+                found = _run_spandrel(canonical(spec), _reader_of(spec, read, wrapping_prefix(spec)))
+                if identity is not None:
+                    _remember((digest, identity), found)
+    return found if found.model is not None else _fallback(spec, found.why)
+
+
+def _remember(key: tuple[str, str | None], found: Detection) -> Detection:
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.pop(next(iter(_MEMO)))
+    _MEMO[key] = found
+    return found
+
+
+def _fallback(spec: Mapping[str, TensorSpec], why: str) -> Detection:
+    """ESRGAN by merger's own key rules (without spandrel, or where spandrel fails), else why not."""
+    found = esrgan.detect(canonical(spec))
+    if found is None:
+        return Detection(None, why)
+    return Detection(
+        ImageModel(
+            "ESRGAN",
+            "ESRGAN",
+            "RRDBNet",
+            found.scale,
+            found.in_channels,
+            found.out_channels,
+            {
+                "in_nc": found.in_channels,
+                "out_nc": found.out_channels,
+                "num_filters": found.filters,
+                "num_blocks": found.blocks,
+                "scale": found.scale,
+                "plus": found.plus,
+                "shuffle_factor": found.shuffle if found.shuffle > 1 else None,
+            },
+            purpose="SR" if found.scale > 1 else "Restoration",
+            by="merger",
+        )
+    )
+
+
+def _reader_of(spec: Mapping[str, TensorSpec], read: ReadInto, prefix: str) -> Callable[[str], Any]:
+    """The real tensor of a (canonical) key, read whole."""
+
+    def tensor(canonical_key: str) -> Any:
+        from merger.core.tensor_bytes import tensor_from_buffer
+
+        key = prefix + canonical_key
+        t = spec[key]
+        buffer = bytearray(t.nbytes)
+        view = read(key, 0, t.nbytes, memoryview(buffer))
+        data = buffer if view.obj is buffer and view.nbytes == t.nbytes else bytearray(view)
+        return tensor_from_buffer(data, t.dtype, t.shape)
+
+    return tensor
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """spandrel's (and torch's) warnings and prints, kept out of merger's output."""
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _reads_values(error: BaseException) -> bool:
+    """Whether a loader failed because it read a value from a shape-only (meta) tensor."""
+    return "meta" in str(error)
+
+
+def _run_spandrel(spec: Mapping[str, TensorSpec], values: Callable[[str], Any] | None) -> Detection:
+    """spandrel's detection and loader, on shape-only tensors (or, with `values`, the real ones)."""
+    with _quiet():
+        import torch
+        from spandrel import MAIN_REGISTRY
+
+        if values is None:
+            shape_only = _shape_only_type()
+            base = {k: shape_only.of(t.shape, _torch_dtype(t.dtype)) for k, t in spec.items()}
+        else:
+            try:
+                base = {k: values(k) for k in spec}
+            except Exception as e:  # a damaged file: the plan's own reads will say so
+                return Detection(None, f"its tensors could not be read ({type(e).__name__}: {e})")
+        support = next((s for s in MAIN_REGISTRY.architectures("detection") if s.detect(base)), None)
+        if support is None:
+            return Detection(None, "spandrel detects no architecture in its keys")
+        arch = support.architecture
+        descriptor = None
+        if values is None:  # the meta device first: no memory, no time (convolutional nets)
+            with contextlib.suppress(Exception), torch.device("meta"):
+                descriptor = arch.load(dict(base))
+        if descriptor is None:  # on the CPU: constructors that compute numbers (Swin-like)
+            try:
+                descriptor = arch.load(dict(base))
+            except Exception as e:
+                if values is None and _reads_values(e):
+                    note = (
+                        "its sizes are read from tensor values, which were not read"
+                        f" (they are from a source of at most {VALUE_READ_BYTES >> 20} MiB)"
+                    )
+                    model = ImageModel(arch.id, arch.name, arch.id, None, None, None, resolved=False, note=note)
+                    return Detection(model, needs_values=True)
+                return Detection(None, f"spandrel takes it for {arch.id} but cannot load it ({type(e).__name__}: {e})")
+    hyper = getattr(descriptor.model, "hyperparameters", None) or {}
+    return Detection(
+        ImageModel(
+            arch.id,
+            arch.name,
+            type(descriptor.model).__name__,
+            int(descriptor.scale),
+            int(descriptor.input_channels),
+            int(descriptor.output_channels),
+            {str(k): plain(v) for k, v in hyper.items()},
+            purpose=str(descriptor.purpose),
+            tags=tuple(str(t) for t in descriptor.tags),
+            min_size=int(descriptor.size_requirements.minimum),
+        ),
+        needs_values=values is not None,
+    )
+
+
+def plain(value: Any) -> Any:
+    """A hyper-parameter as a plain JSON value (tuples as lists, classes by name)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, type):
+        return value.__name__
+    return str(value)
+
+
+def _torch_dtype(code: str) -> Any:
+    from merger.core.tensor_bytes import TORCH_DTYPES
+
+    return TORCH_DTYPES[code]
+
+
+@functools.cache
+def _shape_only_type() -> Any:
+    """A tensor type with a shape and a dtype and no data: a meta tensor whose copy into a
+    model's parameter does nothing (so a model loads it); reading a value from it fails."""
+    import torch
+
+    class ShapeOnly(torch.Tensor):
+        @staticmethod
+        def of(shape: tuple[int, ...], dtype: Any) -> Any:
+            return torch.Tensor._make_subclass(ShapeOnly, torch.empty(shape, dtype=dtype, device="meta"))
+
+        @classmethod
+        def __torch_function__(
+            cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        ) -> Any:
+            if func is torch.Tensor.copy_:
+                return args[0]
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    return ShapeOnly
