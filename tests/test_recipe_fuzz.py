@@ -197,6 +197,11 @@ def run_in_process(root: Path, out: Path) -> None:
     run(prepared, context)
 
 
+#: mutated recipes run in-process per test run (`pytest -m "not slow"` stays under a minute); run
+#: more with MERGER_FUZZ_EXAMPLES=5000 (derandomized: the same cases on every run of one size)
+IN_PROCESS_EXAMPLES = int(os.environ.get("MERGER_FUZZ_EXAMPLES", "100"))
+
+
 def assert_nothing_partial(root: Path) -> None:
     for path in root.rglob("*"):
         assert TMP_MARK not in path.name, path
@@ -204,7 +209,7 @@ def assert_nothing_partial(root: Path) -> None:
             read_header(path)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=IN_PROCESS_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(case=mutated())
 def test_mutated_recipes_run_or_fail_cleanly(project: Path, case: tuple[str, str]) -> None:
     _, text = case

@@ -40,7 +40,7 @@ from merger.io.sources import locate, open_source
 from tests.conftest import expect_error
 
 CASE_SECONDS = 2.0
-EXAMPLES = 1200
+EXAMPLES = int(os.environ.get("MERGER_FUZZ_EXAMPLES", "800"))  # more offline: MERGER_FUZZ_EXAMPLES=40000
 
 # --- generating headers as JSON text ------------------------------------------------------------
 
