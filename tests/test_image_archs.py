@@ -350,3 +350,23 @@ def test_without_spandrel_esrgan_is_known_and_the_plan_says_so_once(
     )
     said = [w for w in report["warnings"] if "spandrel is not installed" in w]
     assert len(said) == 1, report["warnings"]
+
+
+#: this tiny DAT (embed_dim 12) has a channel-interaction conv of 12 // 16 = 0 filters: it loads, but
+#: cannot run (its preview fails, as the report says); a larger one perturbed as the others are would
+#: change the rpe_biases buffers spandrel reads DAT's split size from
+RUNNABLE = [arch for arch in ARCHS if arch != "DAT"]
+
+
+@pytest.mark.parametrize("arch", RUNNABLE)
+def test_each_architecture_previews_at_the_samples_size(
+    zoo: dict[str, dict[str, Path]], arch: str, run_recipe: RunRecipe
+) -> None:
+    from PIL import Image
+
+    report = run_recipe({**_lerp(zoo[arch]["a"], zoo[arch]["b"], 0.3), "preview": "sample"})
+    assert "previews" in report, [n["note"] for n in report.get("preview_notes", [])]
+    (row,) = report["previews"]
+    with Image.open(row["png"]) as png:
+        assert png.size == (256, 256), row  # the sample cropped to the scale, box-downscaled, upscaled back
+    assert not report.get("preview_notes")
