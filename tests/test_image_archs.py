@@ -370,3 +370,19 @@ def test_each_architecture_previews_at_the_samples_size(
     with Image.open(row["png"]) as png:
         assert png.size == (256, 256), row  # the sample cropped to the scale, box-downscaled, upscaled back
     assert not report.get("preview_notes")
+
+
+def test_inspect_compares_each_model_with_the_first_on_their_own_shared_keys(
+    zoo: dict[str, dict[str, Path]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A third model of another architecture never shrinks what a pair is compared on."""
+    from merger.cli.inspect import main
+
+    pair = [str(zoo["ESRGAN"]["a"]), str(zoo["ESRGAN"]["b"])]
+    for files in (pair, [*pair, str(zoo["Compact"]["a"])]):
+        main(files)
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith(Path(pair[1]).name))
+        assert "over" in line and "no weight tensor in common" not in line, line
+        if files is pair:
+            first = line
+    assert line == first

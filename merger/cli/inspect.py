@@ -40,7 +40,13 @@ def open_model(path: Path) -> TensorSource:
 
 def family(paths: list[Path], sources: list[TensorSource], specs: list[ModelSpec], names: list[str]) -> list[str]:
     """How related the models are: sampled cosine similarity of each weight tensor to the first model's."""
-    found = compare(sources, [dict(s) for s in specs], names, max_tensors=64, max_elements=1 << 18)
+    # each model against the first on the keys those two share: a third file never changes a pair's figure
+    found = [
+        compare(
+            [sources[0], source], [dict(specs[0]), dict(spec)], [names[0], name], max_tensors=64, max_elements=1 << 18
+        )[0]
+        for source, spec, name in zip(sources[1:], specs[1:], names[1:], strict=True)
+    ]
     lines = [f"family (cosine similarity to {names[0]}; below {FAMILY_THRESHOLD} reads as unrelated):"]
     for similarity in found:
         if not similarity.tensors:

@@ -18,6 +18,7 @@ merger.archs.image_models.VALUE_READ_BYTES).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from merger.archs import SPANDREL_MISSING, Detection, ImageMismatch, detect, image_mismatch
@@ -86,8 +87,9 @@ def _fix(
             " (merger-inspect FILE shows a model's hyper-parameters)"
         )
     shared = _merged_share(specs, params)
+    percent = math.floor(shared * 100)  # never "100%" when a stage is not shared
     intersection = (
-        f"set `keys: intersection` on node '{node}': the trunk both share ({shared:.0%} of the parameters) is"
+        f"set `keys: intersection` on node '{node}': the trunk both share ({percent}% of the parameters) is"
         f" merged, the upsampler taken from '{first}'"
     )
     if mismatch.first is not None and mismatch.first.arch == "ESRGAN" and mismatch.first.scale:

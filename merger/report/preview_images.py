@@ -198,7 +198,7 @@ def check_image(
             f"preview image '{shown(path)}' is {width}x{height} pixels, more than the {limits.MAX_PREVIEW_PIXELS} a"
             " preview takes (MAX_PREVIEW_PIXELS)",
             where=where,
-            fix="crop it to the region you want to compare (say 512x512), or set preview_crop",
+            fix="crop the image file to the region you want to compare (say 512x512)",
         )
     if crop is not None and (crop[0] + crop[2] > width or crop[1] + crop[3] > height):
         raise MergerError(
