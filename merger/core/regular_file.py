@@ -23,3 +23,12 @@ def open_regular(path: Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_bounded(path: Path, limit: int) -> tuple[bytes, int]:
+    """A regular file's bytes when it holds at most `limit` (else b""), and its size as found (the
+    larger of its stat size and what was read, so a file that grows while read still counts)."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1) if size <= limit else b""
+    return (data if len(data) <= limit else b""), max(size, len(data))

@@ -6,11 +6,10 @@ as plain data for the planner and the ops (an adapter's `lora_alpha`, a model's
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from merger.core.regular_file import open_regular
+from merger.core.regular_file import read_bounded
 from merger.core.strict_json import JSONError, kind, loads_strict
 from merger.errors import MergerError, Where, shown
 
@@ -39,13 +38,11 @@ def read_config(path: Path, *, where: Where) -> dict[str, Any]:
         )
 
     try:
-        with open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            data = f.read(MAX_CONFIG_BYTES + 1) if size <= MAX_CONFIG_BYTES else b""
+        data, size = read_bounded(path, MAX_CONFIG_BYTES)
     except OSError as e:
         raise MergerError(f"cannot read '{shown(path)}': {e.strerror}", where=where) from None
-    if size > MAX_CONFIG_BYTES or len(data) > MAX_CONFIG_BYTES:
-        raise bad(f"it is {max(size, len(data))} bytes, more than the {MAX_CONFIG_BYTES} allowed")
+    if size > MAX_CONFIG_BYTES:
+        raise bad(f"it is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
     try:
         parsed = loads_strict(data, what="it")
     except JSONError as e:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from merger.core.limits import MAX_INDEX_BYTES, MAX_TENSORS
-from merger.core.regular_file import open_regular
+from merger.core.regular_file import read_bounded
 from merger.core.specs import TensorSpec
 from merger.core.strict_json import JSONError, kind, loads_strict, short
 from merger.errors import MergerError, Where, shown
@@ -190,13 +190,11 @@ def _read_index(index: Path, where: Where) -> dict[str, str]:
         )
 
     try:
-        with open_regular(index) as f:
-            size = os.fstat(f.fileno()).st_size
-            data = f.read(MAX_INDEX_BYTES + 1) if size <= MAX_INDEX_BYTES else b""
+        data, size = read_bounded(index, MAX_INDEX_BYTES)
     except OSError as e:
         raise MergerError(f"cannot read '{index}': {e.strerror}", where=where) from None
-    if size > MAX_INDEX_BYTES or len(data) > MAX_INDEX_BYTES:
-        raise bad(f"it is {max(size, len(data))} bytes, more than the {MAX_INDEX_BYTES} allowed (MAX_INDEX_BYTES)")
+    if size > MAX_INDEX_BYTES:
+        raise bad(f"it is {size} bytes, more than the {MAX_INDEX_BYTES} allowed (MAX_INDEX_BYTES)")
     try:
         parsed = loads_strict(data, what="it")
     except JSONError as e:
