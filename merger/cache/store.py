@@ -37,6 +37,7 @@ from typing import Any
 
 from merger.cache.atomic import fsync_dir, is_stale_tmp, tmp_path_for
 from merger.cache.memo import SourceMemo
+from merger.cache.metric_records import MetricRecords
 from merger.cache.record import (
     EntryRecord,
     Pin,
@@ -124,6 +125,7 @@ class Cache:
         self.root = root
         self.verify = verify
         self.memo = SourceMemo(root / "memo")
+        self.metrics = MetricRecords(root / "metrics")  # what evaluations measured (merger.report.evaluate)
 
     def _dir(self, sub: str) -> Path:
         path = self.root / sub

@@ -16,9 +16,10 @@ Errors raise MergerError.
 from __future__ import annotations
 
 import datetime
+import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,8 @@ class RunResult:
     outputs: dict[str, OutputRun]
     warnings: tuple[str, ...]
     report: dict[str, Any]  # all of merge_report.json
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # output -> metric -> value (evaluate)
+    objective: float | list[float] | None = None  # what the job returns to Hydra's sweeper (NaN: failed)
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,20 @@ def execute(
         },
         warnings=tuple(report["warnings"]),
         report=report,
+        metrics=dict(report.get("metrics", {})),
+        objective=objective_value(report),
     )
+
+
+def objective_value(report: Mapping[str, Any]) -> float | list[float] | None:
+    """The report's objective as a sweeper takes it: a float for one, a list for several, NaN for a
+    failed one (Optuna counts that trial as failed), None when the recipe has no objective."""
+    values = [
+        float(o["value"]) if isinstance(o.get("value"), int | float) else math.nan for o in report.get("objective", [])
+    ]
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def _default_output_dir(launch_dir: Path) -> Path:

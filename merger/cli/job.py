@@ -36,9 +36,13 @@ from merger.engine.progress import human_size
 from merger.errors import MergerError
 from merger.ops.registry import OpRegistry
 from merger.recipe.model import build_recipe
+from merger.report.evaluate import measure
+from merger.report.evaluation_inputs import EvaluationPlan, evaluation_plan
+from merger.report.html_report import write_html_report
 from merger.report.preview import PreviewImage, check_preview_sizes, preview_images, render
 from merger.report.run_report import RunContext, build_report, summary, write_report
 from merger.report.sanity import check_nodes, run_device
+from merger.report.sweep_summary import one_job_summary
 
 log = logging.getLogger("merger")
 
@@ -53,6 +57,7 @@ class Prepared:
     max_cache_bytes: int | None  # cache_max_size: collect the cache to this size after the run
     folders: dict[str, FolderFacts] = field(default_factory=dict)  # folder outputs: config, card facts
     warnings: tuple[str, ...] = ()  # the plan's, and the outputs' (said once, before the run)
+    evaluation: EvaluationPlan | None = None  # what each output is measured on (merger.report.evaluation_inputs)
 
     def source_files(self) -> list[Path]:
         return [f for h in self.catalog.all() for f in (h.location.path, *h.location.files)]
@@ -105,7 +110,10 @@ def prepare(
             if output.format == "folder":
                 folders[output.name], more = folder_facts(plan, output)
                 warnings.extend(w for w in more if w not in warnings)  # said once per node
-        prepared = Prepared(plan, catalog, cache, previews, None, max_bytes, folders, tuple(warnings))
+        evaluation = evaluation_plan(plan, folders, launch_dir)
+        if evaluation is not None:
+            warnings.extend(evaluation.notes)
+        prepared = Prepared(plan, catalog, cache, previews, None, max_bytes, folders, tuple(warnings), evaluation)
         if output_dir is not None:
             prepared = replace(prepared, targets=prepared.check_targets(output_dir))
     except BaseException:
@@ -148,6 +156,11 @@ class JobWarnings(logging.Handler):
 
     def __exit__(self, *exc: object) -> None:
         log.removeHandler(self)
+
+
+def _plain(value: float) -> float | None:
+    """A value as JSON holds it (a failed metric's NaN is null)."""
+    return None if value != value else value
 
 
 def run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None = None) -> dict[str, Any]:
@@ -200,7 +213,11 @@ def _run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None, sa
             warnings.append(f"output '{name}': the cast to {output.dtype} made {describe(outputs[name].overflow)}")
     for warning in warnings:
         log.warning(warning)
-    previews = render(outputs, prepared.previews, context.output_dir, device=computed_on or (lambda: run_device(plan)))
+    device = computed_on or (lambda: run_device(plan))
+    previews = render(outputs, prepared.previews, context.output_dir, device=device)
+    measured = (
+        measure(prepared.evaluation, outputs, prepared.cache.metrics, device=device) if prepared.evaluation else None
+    )
     report = build_report(
         plan,
         results,
@@ -215,7 +232,15 @@ def _run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None, sa
         report["previews"] = previews.rows
     if previews.notes:
         report["preview_notes"] = previews.notes
+    if measured is not None and prepared.evaluation is not None:
+        report["metrics"] = measured.metrics
+        if measured.objective is not None:
+            report["objective"] = [
+                {"metric": o.metric, "output": o.output, "direction": o.direction, "value": _plain(value)}
+                for o, value in zip(prepared.evaluation.objectives, measured.objective, strict=True)
+            ]
     write_report(context.output_dir, report)
+    write_html_report(context.output_dir, one_job_summary(report), title=f"merger run {context.output_dir.name}")
     log.info(summary(report))
     if prepared.max_cache_bytes is not None:
         from merger.cache.collect import collect

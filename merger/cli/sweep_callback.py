@@ -19,10 +19,18 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from merger.cache.atomic import write_text_atomic
-from merger.core.regular_file import open_regular
-from merger.core.strict_json import loads_strict
 from merger.errors import shown
+from merger.report.html_report import write_html_report
 from merger.report.run_report import REPORT_NAME
+from merger.report.sweep_summary import (
+    BEST_RECIPE_NAME,
+    best_jobs,
+    best_recipe,
+    job_row,
+    objectives_of,
+    read_report,
+    swept_values,
+)
 
 SWEEP_REPORT_NAME = "sweep_report.json"
 log = logging.getLogger("merger")
@@ -31,32 +39,6 @@ log = logging.getLogger("merger")
 def _job_order(path: Path) -> tuple[int, str]:
     name = path.parent.name
     return (int(name), name) if name.isdigit() else (1 << 30, name)
-
-
-MAX_REPORT_BYTES = 64 * 1024 * 1024
-
-
-def _row(report_path: Path, sweep_dir: Path) -> dict[str, Any]:
-    with open_regular(report_path) as f:
-        raw = f.read(MAX_REPORT_BYTES + 1)
-    if len(raw) > MAX_REPORT_BYTES:
-        raise ValueError("too large")
-    report = loads_strict(raw, what="a run report")
-    if not isinstance(report, dict):
-        raise ValueError("not a mapping")
-    return {
-        "job": str(report_path.parent.relative_to(sweep_dir)),
-        "overrides": list(report["overrides"]),
-        "seconds": float(report["seconds"]),
-        "nodes": {str(name): str(node["status"]) for name, node in report["nodes"].items()},
-        "outputs": {
-            str(name): {"path": str(out["path"]), "sha256": str(out["sha256"])}
-            for name, out in report["outputs"].items()
-        },
-        "warnings": [str(w) for w in said] if isinstance(said := report.get("warnings"), list) else [],
-        **({"previews": list(report["previews"])} if report.get("previews") else {}),
-        **({"preview_notes": list(report["preview_notes"])} if report.get("preview_notes") else {}),
-    }
 
 
 #: the end of a sweep lists this many jobs that warned, with their first warning (the report has them all)
@@ -85,13 +67,35 @@ def warned_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job's merge_report.json under the sweep; a file there that is not one is skipped, said."""
-    rows = []
+    return [row for row, _ in _read_rows(sweep_dir)]
+
+
+def _read_rows(sweep_dir: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    found = []
     for report_path in sorted(sweep_dir.glob(f"**/{REPORT_NAME}"), key=_job_order):
         try:
-            rows.append(_row(report_path, sweep_dir))
+            report = read_report(report_path)
+            found.append((job_row(report, str(report_path.parent.relative_to(sweep_dir))), report))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning(f"merger: {shown(report_path)} is not a run report merger can read ({shown(e)}); skipped")
-    return rows
+    return found
+
+
+def summarise(sweep_dir: Path) -> dict[str, Any]:
+    """The sweep report: its objectives, the best job (and the Pareto front), the swept variables, the rows."""
+    found = _read_rows(sweep_dir)
+    rows = [row for row, _ in found]
+    objectives = objectives_of([report for _, report in found])
+    best, front = best_jobs(rows, objectives)
+    swept = swept_values(rows)
+    return {
+        "warned": [row["job"] for row in rows if row["warnings"]],
+        "objective": objectives,
+        "best": best,
+        "pareto": front,
+        "swept": swept,
+        "jobs": rows,
+    }
 
 
 class SweepReportCallback(Callback):
@@ -99,15 +103,28 @@ class SweepReportCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         if not sweep_dir.is_dir():
             return
-        rows = sweep_rows(sweep_dir)
-        summary: dict[str, Any] = {"warned": [row["job"] for row in rows if row["warnings"]], "jobs": rows}
+        summary = summarise(sweep_dir)
+        rows: list[dict[str, Any]] = summary["jobs"]
         from merger.report.contact_sheet import contact_sheets
 
         sheets, no_sheet = contact_sheets(sweep_dir, rows)
         summary.update({"contact_sheets": [str(p) for p in sheets]} if sheets else {"no_contact_sheet": no_sheet})
+        best = next((row for row in rows if row["job"] == summary["best"]), None)
+        if best is not None:
+            text = best_recipe(sweep_dir / best["job"], best, summary["objective"])
+            if text is not None:
+                summary["best_recipe"] = str(sweep_dir / BEST_RECIPE_NAME)
+                write_text_atomic(sweep_dir / BEST_RECIPE_NAME, text)
+        page = write_html_report(sweep_dir, summary, title=f"merger sweep {sweep_dir.name}")
         path = sweep_dir / SWEEP_REPORT_NAME
-        write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
         log.info(f"merger: sweep of {len(rows)} jobs -> {path}")
+        log.info(f"merger: report -> {page}")
+        if best is not None:
+            scored = " ".join(best["overrides"]) or "no overrides"
+            log.info(f"merger: best job {best['job']} ({shown(scored)}), objective {best.get('objective')}")
+            if "best_recipe" in summary:
+                log.info(f"merger: its recipe -> {summary['best_recipe']} (merger recipe=<that file> runs it again)")
         for sheet in summary.get("contact_sheets", []):
             log.info(f"merger: contact sheet -> {sheet}")
         if no_sheet:

@@ -22,6 +22,7 @@ from merger.errors import Location, MergerError, did_you_mean, has_control, show
 from merger.ops.base import AnyOp
 from merger.ops.params import OpParams
 from merger.ops.registry import OpRegistry
+from merger.recipe.evaluate import Evaluation, Objective, build_evaluation, build_objectives
 
 SECTIONS = ("sources", "nodes", "outputs")
 SETTINGS = (
@@ -39,7 +40,11 @@ SETTINGS = (
     "preview",
     "preview_crop",
     "description",
+    "evaluate",  # merger.recipe.evaluate
+    "objective",
 )
+#: settings that are blocks of their own, not fields of Settings
+SCORING = ("evaluate", "objective")
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # as transformers' save_pretrained
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -170,6 +175,8 @@ class Recipe:
     outputs: dict[str, OutputDef]
     settings: Settings
     variables: dict[str, Any]
+    evaluation: Evaluation | None = None  # what each output is measured on (merger.recipe.evaluate)
+    objectives: tuple[Objective, ...] = ()  # what a job returns to Hydra's sweeper
 
     def where(self, place: str) -> Location:
         return Location(self.file, place)
@@ -465,8 +472,12 @@ def build_recipe(config: Mapping[str, Any], registry: OpRegistry, *, file: str) 
             fix="give the node another name",
         )
     try:
-        settings = Settings.model_validate({k: config[k] for k in SETTINGS if k in config and config[k] is not None})
+        settings = Settings.model_validate(
+            {k: config[k] for k in SETTINGS if k in config and config[k] is not None and k not in SCORING}
+        )
     except ValidationError as e:
         raise validation_error(e, Settings, where=Location(file), what="the run settings") from None
+    evaluation = build_evaluation(config.get("evaluate"), outputs, Location(file, "evaluate"))
+    objectives = build_objectives(config.get("objective"), evaluation, outputs, Location(file, "objective"))
     variables = {k: v for k, v in config.items() if k not in SECTIONS and k not in SETTINGS}
-    return Recipe(file, sources, nodes, outputs, settings, variables)
+    return Recipe(file, sources, nodes, outputs, settings, variables, evaluation, objectives)

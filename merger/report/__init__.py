@@ -2,5 +2,5 @@
 of super-resolution outputs and contact sheets, the sanity check of merged image models, the recipe
 file's git state.
 
-May import: merger.core, merger.io, merger.cache, merger.archs, merger.engine.
+May import: merger.core, merger.io, merger.cache, merger.archs, merger.recipe, merger.engine.
 """

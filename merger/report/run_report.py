@@ -15,6 +15,7 @@ from merger.engine.placement import OutputResult
 from merger.engine.plan import Plan
 from merger.engine.progress import human_size
 from merger.errors import shown
+from merger.report.evaluate import metric_line
 from merger.report.sanity import Sanity
 
 REPORT_NAME = "merge_report.json"
@@ -137,6 +138,14 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"  output {name:<16} {_short(out['path'], base)}  ({dtype}{human_size(out['bytes'])})")
     for row in report.get("previews", []):
         lines.append(f"  preview {row['output']:<15} {_short(row['png'], base)}")
+    for name, figures in report.get("metrics", {}).items():
+        lines.append(f"  metrics {name:<15} {metric_line(name, figures)}")
+    for objective in report.get("objective", []):
+        value = objective["value"]
+        shown_value = f"{value:.6g}" if isinstance(value, float | int) else "failed"
+        lines.append(
+            f"  objective {objective['output']}.{objective['metric']} = {shown_value} ({objective['direction']})"
+        )
     said = [str(w) for w in report.get("warnings", [])]
     for warning in said[:SHOWN_WARNINGS]:
         lines.append(f"  warning {shown(warning)}")
