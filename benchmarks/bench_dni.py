@@ -1,15 +1,16 @@
-"""The DNI effect of the built-in demo pair, measured on its held-out image (issue 4).
+"""The DNI effect of the built-in demo pair, as merger itself measures it (issues 4 and 12).
 
     python benchmarks/bench_dni.py                      # prints the table
     python benchmarks/bench_dni.py --svg docs/dni_demo.svg
 
-Runs `merger -m alpha=0,0.1,...,1` on the built-in demo recipe (lerp of the
-PSNR model and its sharper fine-tune), then upscales the held-out image
-(`merger/demo/eval.png`, box-downscaled by 2) with each output through
-spandrel, and prints, next to bicubic upscaling: PSNR against the original
-image, and sharpness (variance of the Laplacian of the grey image, 8-bit
-units squared). As alpha goes from 0 to 1, PSNR should fall and sharpness
-rise, both monotonically. Needs `merger[sr]` (spandrel, Pillow).
+Runs `merger -m alpha=0,0.1,...,1` on the built-in demo recipe (lerp of the PSNR model and its
+sharper fine-tune), whose `evaluate` block measures each job's output on the held-out image
+(`merger/demo/eval.png`, box-downscaled by 2): PSNR and SSIM on the Y channel (BasicSR's
+conventions: 8-bit output, BT.601 Y, a border of 2 pixels cropped), PSNR on RGB, and sharpness
+(variance of the Laplacian of the grey image, 8-bit units squared). Bicubic upscaling of the same
+input is measured with the same functions. Then the same sweep again (every job a cache hit, its
+metrics too), to time what a cached job's metrics cost, and one job with and without `evaluate`.
+As alpha goes from 0 to 1, PSNR should fall and sharpness rise. Needs `merger[sr]`.
 """
 
 from __future__ import annotations
@@ -17,30 +18,29 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from common import MERGER
-from spandrel import ModelLoader
-
-from merger.report.preview import SAMPLE_IMAGE, PreviewImage, load_image
 
 ALPHAS = [round(i / 10, 1) for i in range(11)]
-LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+METRICS = ("psnr", "ssim", "psnr_rgb", "sharpness")
 
 
-def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return 10 * math.log10(1 / F.mse_loss(out.clamp(0, 1), ref).item())
+def bicubic_figures() -> dict[str, float]:
+    import numpy as np
+    from PIL import Image
 
+    from merger.report.image_metrics import degrade, image_metrics, mod_crop
+    from merger.report.preview import SAMPLE_IMAGE
 
-def sharpness(out: torch.Tensor) -> float:
-    grey = (out.clamp(0, 1) * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True) * 255
-    return F.conv2d(grey, LAPLACIAN).var().item()
+    hr = mod_crop(np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB")), 2)
+    low = degrade(hr, 2, "box")
+    up = np.asarray(Image.fromarray(low).resize((hr.shape[1], hr.shape[0]), Image.Resampling.BICUBIC))
+    return image_metrics(up, hr, border=2, names=METRICS)
 
 
 def svg_plot(rows: list[tuple[float, float, float]], bicubic: tuple[float, float]) -> str:
@@ -87,42 +87,55 @@ def svg_plot(rows: list[tuple[float, float, float]], bicubic: tuple[float, float
     )
 
 
+def sweep(work: Path, name: str) -> tuple[list[dict[str, object]], float]:
+    alphas = ",".join(str(a) for a in ALPHAS)
+    command = [*MERGER, "-m", f"alpha={alphas}", "preview=false", "progress=false", f"hydra.sweep.dir={name}"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=work, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    return json.loads((work / name / "sweep_report.json").read_text())["jobs"], seconds
+
+
+def job_metric_seconds(work: Path, name: str) -> list[float]:
+    reports = sorted((work / name).glob("*/merge_report.json"))
+    return [json.loads(p.read_text())["metrics"]["blend"]["seconds"] for p in reports]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--svg", type=Path, help="also write the plot as SVG here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="merger-dni-"))
     try:
-        alphas = ",".join(str(a) for a in ALPHAS)
-        command = [*MERGER, "-m", f"alpha={alphas}", "preview=false", "progress=false", "hydra.sweep.dir=sweep"]
-        subprocess.run(command, cwd=work, check=True, capture_output=True)
-        jobs = json.loads((work / "sweep" / "sweep_report.json").read_text())["jobs"]
-        hr = load_image(PreviewImage(SAMPLE_IMAGE))
-        low = load_image(PreviewImage(SAMPLE_IMAGE, 2))
-        rows = []
-        for job in jobs:
-            alpha = float(next(o for o in job["overrides"] if o.startswith("alpha=")).split("=")[1])
-            model = ModelLoader().load_from_file(job["outputs"]["blend"]["path"]).eval()
-            with torch.no_grad():
-                out = model(low)
-            rows.append((alpha, psnr(out, hr), sharpness(out)))
-        rows.sort()
-        up = F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False)
-        bicubic = (psnr(up, hr), sharpness(up))
-        print(f"held-out image {SAMPLE_IMAGE.name} ({hr.shape[3]}x{hr.shape[2]}), box-downscaled x2, upscaled x2")
-        print(f"{'':>8} {'PSNR dB':>8} {'sharpness':>10}")
-        print(f"{'bicubic':>8} {bicubic[0]:8.3f} {bicubic[1]:10.1f}")
-        for alpha, p, s in rows:
-            print(f"{'a=' + format(alpha, 'g'):>8} {p:8.3f} {s:10.1f}")
-        falling = all(b[1] < a[1] for a, b in itertools.pairwise(rows))
-        rising = all(b[2] > a[2] for a, b in itertools.pairwise(rows))
+        jobs, first_seconds = sweep(work, "sweep")
+        measured = job_metric_seconds(work, "sweep")
+        _, cached_seconds = sweep(work, "again")
+        cached = job_metric_seconds(work, "again")
+        rows = sorted((float(job["values"]["alpha"]), job["metrics"]["blend"]) for job in jobs)
+        bicubic = bicubic_figures()
+        print("held-out image eval.png (256x256), box-downscaled x2, upscaled x2; Y PSNR/SSIM with a 2-pixel border")
+        print(f"{'':>8} {'PSNR dB':>8} {'SSIM':>7} {'PSNR RGB':>9} {'sharpness':>10}")
+        for label, figures in [("bicubic", bicubic), *((f"a={alpha:g}", figures) for alpha, figures in rows)]:
+            print(
+                f"{label:>8} {figures['psnr']:8.3f} {figures['ssim']:7.4f} {figures['psnr_rgb']:9.3f}"
+                f" {figures['sharpness']:10.1f}"
+            )
+        falling = all(b[1]["psnr"] < a[1]["psnr"] for a, b in itertools.pairwise(rows))
+        rising = all(b[1]["sharpness"] > a[1]["sharpness"] for a, b in itertools.pairwise(rows))
         print(
-            f"PSNR model beats bicubic by {rows[0][1] - bicubic[0]:+.3f} dB;"
+            f"PSNR model beats bicubic by {rows[0][1]['psnr'] - bicubic['psnr']:+.3f} dB;"
             f" PSNR falls monotonically: {falling}; sharpness rises monotonically: {rising}"
+        )
+        print(
+            f"metrics per job: {sum(measured) / len(measured):.3f} s measured (mean of {len(measured)}),"
+            f" {sum(cached) / len(cached):.4f} s from the cache; sweep of 11: {first_seconds:.1f} s,"
+            f" again (all cached): {cached_seconds:.1f} s"
         )
         if args.svg:
             args.svg.parent.mkdir(parents=True, exist_ok=True)
-            args.svg.write_text(svg_plot(rows, bicubic))
+            args.svg.write_text(
+                svg_plot([(a, f["psnr"], f["sharpness"]) for a, f in rows], (bicubic["psnr"], bicubic["sharpness"]))
+            )
             print(f"plot: {args.svg}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 `line_plot` draws a metric against a swept variable (one line per combination of the other
 variables when there are a few), `pareto_plot` one objective (or metric) against another with the
-non-dominated points joined. Every text and attribute value goes through `escape`/`quoteattr`:
+non-dominated points joined; `sweep_plots` makes all of them from a sweep report's jobs (capped at
+MAX_PLOTS plots of MAX_PLOT_JOBS jobs). Every text and attribute value goes through `escape`/`quoteattr`:
 overrides, job names and metric names are user text. Nothing here reads files or imports numpy.
 """
 
