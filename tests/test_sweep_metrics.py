@@ -21,7 +21,9 @@ def test_a_sweep_measures_each_job_and_writes_the_best_recipe(tmp_path: Path) ->
     assert [row["values"] for row in rows] == [{"alpha": 0}, {"alpha": 0.5}, {"alpha": 1}]
     for row in rows:
         job = json.loads((tmp_path / "sweep" / row["job"] / "merge_report.json").read_text())
-        assert row["metrics"]["blend"] == {m: job["metrics"]["blend"][m] for m in ("psnr", "ssim", "sharpness", "psnr_rgb")}
+        assert row["metrics"]["blend"] == {
+            m: job["metrics"]["blend"][m] for m in ("psnr", "ssim", "sharpness", "psnr_rgb")
+        }
         assert row["objective"] == job["metrics"]["blend"]["psnr"]
         assert row["provenance"]["command"].startswith("merger ")
     psnr = [row["objective"] for row in rows]
@@ -47,9 +49,7 @@ def test_a_sweep_measures_each_job_and_writes_the_best_recipe(tmp_path: Path) ->
 
 
 def test_two_objectives_give_a_pareto_front(tmp_path: Path) -> None:
-    swept = run_cli(
-        ["-m", "alpha=0,0.5,1", "objective=[psnr,sharpness]", "hydra.sweep.dir=sweep", *QUIET], tmp_path
-    )
+    swept = run_cli(["-m", "alpha=0,0.5,1", "objective=[psnr,sharpness]", "hydra.sweep.dir=sweep", *QUIET], tmp_path)
     assert swept.returncode == 0, swept.stderr
     summary = json.loads((tmp_path / "sweep" / "sweep_report.json").read_text())
     assert [o["metric"] for o in summary["objective"]] == ["psnr", "sharpness"]

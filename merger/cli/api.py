@@ -157,7 +157,10 @@ def _from_file(path: Path, overrides: list[str], launch_dir: Path) -> tuple[dict
             fix="rename the file, or copy it to such a place",
         )
     Plugins.instance().register(RecipeDirSource)
-    job = [f"recipe={path.stem}", f"hydra.searchpath=[{_quoted(f'merger-recipes://{folder}')}]", *overrides]
+    from merger.cli.recipe_path import default_searchpath
+
+    entries = [f"merger-recipes://{folder}", *default_searchpath()]  # as `merger recipe=PATH` finds it
+    job = [f"recipe={path.stem}", f"hydra.searchpath=[{','.join(_quoted(e) for e in entries)}]", *overrides]
     try:
         with initialize_config_module(config_module="merger.conf", version_base="1.3"):
             cfg = compose(config_name="config", overrides=job, return_hydra_config=True)

@@ -6,13 +6,18 @@ references, cycles, file headers, shapes, where outputs land. A sweep's jobs
 are checked the same way by merger's sweeper (hydra/sweeper=merger, the
 default), where Hydra knows them. A problem is printed as one short block and
 exits 2, without Hydra's traceback and before any output directory is made.
-Then Hydra runs the jobs as usual (run dirs, multirun, launchers, callbacks);
-each job validates again (it may run in another process) and executes.
+A search (`-m hydra/sweeper=optuna`, another sweeper than merger's) is checked
+at the bounds of its search space (merger.cli.search_check). Then Hydra runs the
+jobs as usual (run dirs, multirun, launchers, callbacks); each job validates
+again (it may run in another process), executes, and returns the recipe's
+objective (what a sweeper such as Optuna's optimises; None without one).
+`recipe=path/to/file.yaml` runs a recipe file by its path (merger.cli.recipe_path).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from merger.cli.failure import fail, wants_traceback
 from merger.cli.hydra_errors import explain_hydra_error
 from merger.cli.job_config import check_jobs, recipe_data
+from merger.cli.recipe_path import recipe_file, rewrite_recipe_args
 from merger.cli.recipe_source import RecipeDirSource
 
 #: flags after which Hydra only prints something (help, config, info): no pre-flight
@@ -59,7 +65,7 @@ def _split_args(args: list[str]) -> tuple[bool, list[str], bool]:
 
 def _recipe_keys(overrides: list[str]) -> list[str]:
     """The top-level keys of the config that the group choices in `overrides` select."""
-    choices = [o for o in overrides if "=" in o and "/" not in o.split("=")[0] and o.split("=")[0] == "recipe"]
+    choices = [o for o in overrides if o.split("=")[0] in ("recipe", "hydra.searchpath")]
     try:
         cfg = compose(config_name="config", overrides=choices)
     except (HydraException, OmegaConfBaseException):
@@ -78,8 +84,9 @@ def preflight(overrides: list[str], launch_dir: Path) -> None:
         check_jobs([(overrides, cfg)], launch_dir, None)
 
 
-def _task(cfg: DictConfig) -> None:
-    """One Hydra job: validate, execute, report (through merger.cli.api.execute, as merger.run)."""
+def _task(cfg: DictConfig) -> float | list[float] | None:
+    """One Hydra job: validate, execute, report (through merger.cli.api.execute, as merger.run).
+    Returns the recipe's objective, what a search's sweeper optimises (NaN where a metric failed)."""
     from merger.cli.api import JobSource, execute
     from merger.engine.output_targets import SweepJob
 
@@ -90,9 +97,10 @@ def _task(cfg: DictConfig) -> None:
     choice = hc.runtime.choices.get("recipe")
     overrides = list(hc.overrides.task)
     try:
-        data, label, file = recipe_data(cfg, choice, launch_dir, overrides)
+        file = recipe_file(list(hc.searchpath), choice, launch_dir) if choice else None
+        data, label, file = recipe_data(cfg, choice, launch_dir, overrides, file=file)
         source = JobSource(choice, file)
-        execute(
+        result = execute(
             data,
             label=label,
             source=source,
@@ -103,6 +111,8 @@ def _task(cfg: DictConfig) -> None:
         )
     except Exception as e:
         raise SystemExit(fail(e, traceback=wants_traceback(sys.argv))) from None
+    objective: float | list[float] | None = getattr(result, "objective", None)
+    return objective
 
 
 _hydra_main = hydra.main(version_base="1.3", config_path="pkg://merger.conf", config_name="config")(_task)
@@ -110,12 +120,19 @@ _hydra_main = hydra.main(version_base="1.3", config_path="pkg://merger.conf", co
 
 def run(argv: list[str]) -> None:
     """The `merger` command: pre-flight, then Hydra's app (see merger.cli.command for the entry point)."""
+    # optuna's storage module imports alembic, whose INFO lines ("setup plugin ...") Hydra's logging would print
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    launch_dir = Path(os.getcwd())
+    argv = [argv[0], *rewrite_recipe_args(argv[1:], launch_dir)]  # recipe=path/to/file.yaml
     sys.argv = argv  # Hydra reads its arguments from sys.argv
     Plugins.instance().register(RecipeDirSource)
     multirun, overrides, skip = _split_args(argv[1:])
-    launch_dir = Path(os.getcwd())
     if not skip and not multirun:
         preflight(overrides, launch_dir)
+    if not skip and multirun:
+        from merger.cli.search_check import preflight_search
+
+        preflight_search(overrides, launch_dir)
     # Hydra prints its own errors (a traceback, or a line and advice about HYDRA_FULL_ERROR) unless that
     # is set; set, it raises them, and merger shows its block (the user's -v is MERGER_VERBOSE: failure.py)
     os.environ["HYDRA_FULL_ERROR"] = "1"

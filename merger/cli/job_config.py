@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from merger.cli.recipe_source import find_recipe
+from merger.cli.recipe_path import recipe_file
 from merger.recipe.config_check import checked_recipe_data, override_keys
 
 #: the jobs of a sweep checked in full before it starts (each job checks itself again when it runs)
@@ -32,8 +32,9 @@ def recipe_data(
 ) -> tuple[dict[str, Any], str, Path | None]:
     """Checked, resolved recipe data from a composed config (its hydra node ignored); `file` is the
     recipe file, when not the one `recipe=choice` finds."""
-    if file is None and choice:
-        file = find_recipe(choice, launch_dir)
+    if file is None and choice:  # as the config's search path found it (recipe=path/to/file.yaml adds one)
+        searchpath = OmegaConf.select(cfg, "hydra.searchpath", default=None)
+        file = recipe_file([str(e) for e in searchpath] if searchpath else None, choice, launch_dir)
     label = _label(file, launch_dir) if file else "the command line"
     config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     assert isinstance(config, DictConfig)

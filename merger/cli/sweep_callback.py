@@ -121,7 +121,8 @@ class SweepReportCallback(Callback):
         log.info(f"merger: sweep of {len(rows)} jobs -> {path}")
         log.info(f"merger: report -> {page}")
         if best is not None:
-            scored = " ".join(best["overrides"]) or "no overrides"
+            values = best.get("values") or {}
+            scored = " ".join(f"{k}={v}" for k, v in values.items()) or " ".join(best["overrides"]) or "no overrides"
             log.info(f"merger: best job {best['job']} ({shown(scored)}), objective {best.get('objective')}")
             if "best_recipe" in summary:
                 log.info(f"merger: its recipe -> {summary['best_recipe']} (merger recipe=<that file> runs it again)")

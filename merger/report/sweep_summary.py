@@ -185,7 +185,8 @@ def best_recipe(job_dir: Path, row: Mapping[str, Any], objectives: Sequence[Mapp
         for o, v in zip(objectives, values, strict=False)
         if isinstance(v, int | float)
     )
-    overrides = shown(" ".join(row["overrides"]) or "no overrides")
+    values = row.get("values") or {}
+    overrides = shown(" ".join(f"{k}={v}" for k, v in values.items()) or " ".join(row["overrides"]) or "no overrides")
     scored = shown(scored)
     header = [
         "# @package _global_",
