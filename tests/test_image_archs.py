@@ -359,17 +359,22 @@ RUNNABLE = [arch for arch in ARCHS if arch != "DAT"]
 
 
 @pytest.mark.parametrize("arch", RUNNABLE)
-def test_each_architecture_previews_at_the_samples_size(
+def test_each_architecture_previews_at_the_samples_size_and_is_measured(
     zoo: dict[str, dict[str, Path]], arch: str, run_recipe: RunRecipe
 ) -> None:
     from PIL import Image
 
-    report = run_recipe({**_lerp(zoo[arch]["a"], zoo[arch]["b"], 0.3), "preview": "sample"})
+    metrics = ["psnr", "ssim", "sharpness", "psnr_rgb"]
+    evaluate = {"images": "sample", "degrade": "bicubic", "metrics": metrics}
+    report = run_recipe({**_lerp(zoo[arch]["a"], zoo[arch]["b"], 0.3), "preview": "sample", "evaluate": evaluate})
     assert "previews" in report, [n["note"] for n in report.get("preview_notes", [])]
     (row,) = report["previews"]
     with Image.open(row["png"]) as png:
         assert png.size == (256, 256), row  # the sample cropped to the scale, box-downscaled, upscaled back
     assert not report.get("preview_notes")
+    figures = report["metrics"]["blend"]
+    assert all(isinstance(figures[m], float) for m in metrics), figures  # a random model: any value, measured
+    assert figures["scale"] == ARCHS[arch].scale == figures["border"]
 
 
 def test_inspect_compares_each_model_with_the_first_on_their_own_shared_keys(
