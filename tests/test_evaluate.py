@@ -96,6 +96,7 @@ def test_image_metrics_equal_an_independent_computation(
     ]
 
 
+@pytest.mark.slow  # several runs end to end
 def test_metrics_are_cached_by_output_and_data(crops: Path, run_recipe: RunRecipe, launch_dir: Path) -> None:
     first = run_recipe(demo_recipe())["metrics"]["blend"]
     again = run_recipe(demo_recipe(), output_dir=launch_dir / "out2")["metrics"]["blend"]
@@ -114,6 +115,7 @@ def test_metrics_are_cached_by_output_and_data(crops: Path, run_recipe: RunRecip
     assert bordered["cached"] is False and bordered["border"] == 0
 
 
+@pytest.mark.slow  # several runs end to end
 def test_pairs_are_matched_by_name(crops: Path, run_recipe: RunRecipe, launch_dir: Path) -> None:
     lr = launch_dir / "lr"
     lr.mkdir()
@@ -153,6 +155,7 @@ def test_a_metric_that_fails_is_recorded_and_the_job_goes_on(
     assert run_recipe(demo_recipe(), output_dir=launch_dir / "o2")["metrics"]["blend"]["cached"] is False
 
 
+@pytest.mark.slow  # several runs end to end
 def test_the_objective_goes_back_to_hydra(crops: Path, launch_dir: Path) -> None:
     from merger.cli.api import RunResult
 
@@ -236,6 +239,7 @@ def test_bad_text_files_are_errors_before_the_run(run_recipe: RunRecipe, launch_
     assert "cannot be read" in bad(run_recipe, evaluate=text, objective=None).what
 
 
+@pytest.mark.slow  # several runs end to end
 def test_the_perplexity_of_a_merged_language_model(launch_dir: Path, run_recipe: RunRecipe) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -282,6 +286,7 @@ def test_the_summary_prints_the_metrics(crops: Path, run_recipe: RunRecipe) -> N
     assert any(line.strip().startswith("objective blend.psnr = ") for line in lines)
 
 
+@pytest.mark.slow  # several runs end to end
 def test_a_copied_cache_record_for_another_key_is_not_served(
     crops: Path, run_recipe: RunRecipe, launch_dir: Path
 ) -> None:
@@ -295,3 +300,40 @@ def test_a_copied_cache_record_for_another_key_is_not_served(
     shutil.copy(records[0], second)  # a record under another key's name
     again = run_recipe(other, output_dir=launch_dir / "o3")["metrics"]["blend"]
     assert again["cached"] is False
+
+
+def test_wide_images_are_refused_and_a_model_that_gives_nan_fails(
+    crops: Path, run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(launch_dir / "g16.png")
+    error = bad(run_recipe, evaluate={"images": "g16.png"})
+    assert "(16-bit or floating point)" in error.what and "convert the image to 8 bits" in (error.fix or "")
+    data = demo_recipe()
+    data["nodes"]["blend"]["alpha"] = 1e30  # the float16 output overflows
+    report = run_recipe(data | {"nonfinite": "warn"})
+    assert "NaN or infinite values" in report["metrics"]["blend"]["failed"]["psnr"]
+    assert report["objective"][0]["value"] is None
+
+
+@pytest.mark.slow  # several runs end to end
+def test_a_record_that_is_not_what_merger_writes_is_measured_again(
+    crops: Path, run_recipe: RunRecipe, launch_dir: Path
+) -> None:
+    import json
+
+    first = run_recipe(demo_recipe())["metrics"]["blend"]
+    (record,) = (launch_dir / "cache" / "metrics").glob("*/*.json")
+    for change in ({"psnr": 1e6}, {"failed": 5}, {"per_image": {}}, {"ssim": "0.9"}):
+        data = json.loads(record.read_text())
+        data["metrics"].update(change)
+        record.write_text(json.dumps(data))
+        again = run_recipe(demo_recipe(), output_dir=launch_dir / "again")["metrics"]["blend"]
+        assert again["cached"] is False and again["psnr"] == first["psnr"], change
+
+
+def test_a_reference_name_held_twice_is_an_error(crops: Path, run_recipe: RunRecipe, launch_dir: Path) -> None:
+    shutil.copytree(crops, launch_dir / "lr")
+    with Image.open(crops / "a.png") as image:
+        image.convert("RGB").save(crops / "a.jpg")
+    error = bad(run_recipe, evaluate={"images": None, "pairs": {"lr": "lr", "hr": "crops"}})
+    assert "pairs.hr holds 'a.jpg' and 'a.png'" in error.what or "pairs.hr holds 'a.png' and 'a.jpg'" in error.what

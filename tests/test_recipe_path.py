@@ -104,3 +104,15 @@ def test_a_missing_recipe_file_is_one_block(launch_dir: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.count("merger: error:") == 1 and "recipe file not found: 'nope/best.yaml'" in done.stderr
     assert "Traceback" not in done.stderr and not (launch_dir / "outputs").exists()
+
+
+def test_a_sweep_over_files_runs_each_file_it_names(launch_dir: Path) -> None:
+    """One search path finds every stem: a same-named file in an earlier folder would run instead."""
+    for folder, name in (("d1", "x"), ("d1", "y"), ("d2", "y"), ("d1", "demo")):
+        (launch_dir / folder).mkdir(exist_ok=True)
+        (launch_dir / folder / f"{name}.yaml").write_text("# @package _global_\n")
+    error = expect_error(lambda: rewrite_recipe_args(["-m", "recipe=d1/x.yaml,d2/y.yaml"], launch_dir))
+    assert "would run" in error.what and "d1/y.yaml" in error.what and "'d2/y.yaml'" in error.what
+    error = expect_error(lambda: rewrite_recipe_args(["-m", "recipe=d1/x.yaml,demo"], launch_dir))
+    assert "d1/demo.yaml" in error.what and "for 'demo'" in error.what
+    assert rewrite_recipe_args(["-m", "recipe=d2/y.yaml,d1/x.yaml"], launch_dir)[1].startswith("recipe=y,x")

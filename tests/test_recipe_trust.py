@@ -76,11 +76,19 @@ def test_sweep_settings_are_allowed(tmp_path: Path) -> None:
         ("n_trials: ten\n", "must hold a plain int"),
         ("n_trials: true\n", "must hold a plain int"),
         ("direction: ${oc.env:HOME}\n", "plain string"),
+        ("n_jobs: 100000\n", "a recipe may ask for 1 to"),  # a process each: the machine's memory
+        ("n_jobs: 0\n", "a recipe may ask for 1 to"),
+        ("n_trials: -5\n", "a search runs 1 to"),
     ],
 )
 def test_sweep_values_must_be_plain(tmp_path: Path, sweep: str, phrase: str) -> None:
     error = refusal(tmp_path, HEAD + BODY + "hydra:\n  sweeper:\n    " + sweep)
     assert phrase in error.what
+
+
+def test_a_recipe_may_not_start_a_process_per_job_beyond_the_machine(tmp_path: Path) -> None:
+    error = refusal(tmp_path, HEAD + BODY + "hydra:\n  launcher:\n    n_jobs: 100000\n")
+    assert "'hydra.launcher.n_jobs' is 100000: a recipe may ask for 1 to" in error.what
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,26 @@ def _checked_file(value: str, launch_dir: Path) -> Path:
     return path
 
 
+def _check_unshadowed(items: list[str], launch_dir: Path, folders: list[str]) -> None:
+    """Each file of a sweep over recipe files is the one its name finds on the search path: no folder
+    before its own holds a recipe of that name, and no named recipe is in one of the files' folders."""
+    for item in items:
+        if is_recipe_path(item):
+            path = _checked_file(item, launch_dir)
+            before = folders[: folders.index(str(path.parent.resolve()))]
+            found = [f for f in before if (Path(f) / path.name).is_file()]
+        else:
+            found = [f for f in folders if (Path(f) / f"{item}.yaml").is_file()]
+        if found:
+            name = path.name if is_recipe_path(item) else f"{item}.yaml"
+            raise MergerError(
+                f"the sweep over recipe files would run '{shown(Path(found[0]) / name)}' for '{shown(item)}'"
+                " (both are found by the name Hydra looks up)",
+                where="the command line",
+                fix="give recipes of distinct names (rename one), or run them in separate sweeps",
+            )
+
+
 def rewrite_recipe_args(args: Sequence[str], launch_dir: Path) -> list[str]:
     """The arguments with every `recipe=PATH` made `recipe=STEM` plus the search path that finds it;
     raises MergerError for a file that is not there or cannot be a recipe's name."""
@@ -103,6 +123,7 @@ def rewrite_recipe_args(args: Sequence[str], launch_dir: Path) -> list[str]:
                 where="the command line",
                 fix="a sweep over recipe files needs distinct file names: rename one, or run two sweeps",
             )
+        _check_unshadowed(items, launch_dir, folders)
         out.append(f"recipe={','.join(stems)}")
     if folders:
         entries = [f"{SCHEME}{folder}" for folder in folders] + list(default_searchpath())

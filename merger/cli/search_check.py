@@ -281,6 +281,12 @@ def preflight_search(overrides: list[str], launch_dir: Path) -> None:
         for override in [*from_recipe, *swept]:
             dimensions[override.get_key_element()] = override  # the command line's wins, as in Optuna's sweeper
         trials = sweeper.get("n_trials")
+        if isinstance(trials, int) and trials < 1:
+            raise MergerError(
+                f"the search has n_trials={trials}, so it would run no trial",
+                where="hydra.sweeper.n_trials",
+                fix="give hydra.sweeper.n_trials=N with N at least 1 (20 is the Optuna sweeper's default)",
+            )
         if isinstance(trials, int) and trials > MAX_SWEEP_JOBS:
             raise MergerError(
                 f"the search has n_trials={trials}, more than the limit of {MAX_SWEEP_JOBS} (MAX_SWEEP_JOBS)",

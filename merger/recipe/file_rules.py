@@ -25,6 +25,7 @@ before Hydra sees it:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -50,6 +51,10 @@ SWEEP_KEYS: dict[str, str] = {
     "hydra.sweeper.max_batch_size": "int",
     "hydra.launcher.n_jobs": "int",
 }
+#: how many jobs a recipe may run at once (the command line may ask for more): each may hold a model
+PARALLEL_KEYS = ("hydra.sweeper.n_jobs", "hydra.launcher.n_jobs")
+MAX_RECIPE_PARALLEL = max(1, min(os.cpu_count() or 1, 16))
+MAX_RECIPE_TRIALS = 10_000
 ENV_RESOLVER = "oc.env"
 _INTERPOLATION = re.compile(r"\$\{")
 _PLAIN_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_.\-]*(\[\d+\])*\}")
@@ -204,6 +209,18 @@ def _check_sweep_value(kind: str, value: Any, label: str, place: str) -> None:
                     f"{place}.{key}",
                     "write e.g. alpha: 0,0.5,1 or alpha: interval(0,1)",
                 )
+    if ok and place in PARALLEL_KEYS and not 1 <= value <= MAX_RECIPE_PARALLEL:
+        raise _refuse(
+            f"'{place}' is {value}: a recipe may ask for 1 to {MAX_RECIPE_PARALLEL} jobs at a time"
+            " (each is a process that may hold a model)",
+            label,
+            place,
+            f"give at most {MAX_RECIPE_PARALLEL}; more can be given on the command line, which is yours",
+        )
+    if ok and place == "hydra.sweeper.n_trials" and not 1 <= value <= MAX_RECIPE_TRIALS:
+        raise _refuse(
+            f"'{place}' is {value}: a search runs 1 to {MAX_RECIPE_TRIALS} trials", label, place, "give n_trials >= 1"
+        )
     if not ok:
         raise _refuse(
             f"'{place}' must hold a plain {kind.rstrip('s')}, not {shown(value)!s}",

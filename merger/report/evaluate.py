@@ -37,6 +37,18 @@ log = logging.getLogger("merger")
 #: bump when what a metric measures changes (a record made before is then measured again)
 METRICS_VERSION = 1
 MAX_REASON = 300
+#: the PSNR of an output equal to its reference (infinite) is reported as this: more than any finite
+#: PSNR of 8-bit images of at most MAX_PREVIEW_PIXELS (one Y step of 0.098 in a million pixels: 158 dB)
+MAX_PSNR = 1000.0
+PSNRS = ("psnr", "psnr_rgb")
+#: what a metric record may hold, and the range of each metric's values (a record outside them is absent)
+METRIC_RANGES = {
+    "psnr": (0.0, MAX_PSNR),
+    "psnr_rgb": (0.0, MAX_PSNR),
+    "ssim": (-1.0, 1.0),
+    "sharpness": (0.0, 255.0**2 * 20),
+    "perplexity": (1.0, math.inf),
+}
 
 
 class Measurable(Protocol):
@@ -130,6 +142,9 @@ def measure_image_model(path: Path, plan: EvaluationPlan, device: str) -> dict[s
             kept = 1 if hr.shape[2] == 1 else 3
             if upscaled.shape[1] < kept:
                 upscaled = upscaled[:, :1].repeat(1, kept, 1, 1)
+            bad = int((~torch.isfinite(upscaled)).sum())
+            if bad:
+                raise ValueError(f"the model's output on {image.name} holds {bad} NaN or infinite values")
             out = quantise(upscaled[0, :kept].permute(1, 2, 0).numpy())
             if out.shape != hr.shape:
                 raise ValueError(
@@ -137,6 +152,7 @@ def measure_image_model(path: Path, plan: EvaluationPlan, device: str) -> dict[s
                     f"{hr.shape[1]}x{hr.shape[0]}"
                 )
             figures = image_metrics(out, hr, border=border, names=names)
+            figures = {name: min(value, MAX_PSNR) if name in PSNRS else value for name, value in figures.items()}
             per_image[image.name] = {name: _finite(figures[name]) for name in names}
             for name in names:
                 values[name].append(figures[name])
@@ -220,6 +236,8 @@ def measure(
             continue
         key = record_key(plan, output, target)
         record = records.get(key)
+        if record is not None and not valid_record(record["metrics"], target, plan):
+            record = None  # not what merger writes: measured again
         if record is not None:
             done.metrics[name] = {**record["metrics"], "seconds": 0.0, "cached": True}
             continue
@@ -237,6 +255,33 @@ def measure(
     if plan.objectives:
         done.objective = [_value(done.metrics.get(o.output or ""), o.metric) for o in plan.objectives]
     return done
+
+
+def _in_range(metric: str, value: Any) -> bool:
+    if value is None:
+        return True
+    low, high = METRIC_RANGES[metric]
+    return isinstance(value, float | int) and not isinstance(value, bool) and low <= value <= high
+
+
+def valid_record(figures: Mapping[str, Any], target: Target, plan: EvaluationPlan) -> bool:
+    """Whether a metric record holds what this evaluation writes: its metrics in their ranges, per image too."""
+    evaluation = plan.evaluation
+    wanted = evaluation.image_metrics if target.kind == "image" else evaluation.text_metrics
+    facts = ("per_image", "scale", "border") if target.kind == "image" else ("tokens", "predicted", "window", "stride")
+    if set(figures) != {*wanted, *facts}:
+        return False
+    if not all(name in figures and _in_range(name, figures[name]) for name in wanted):
+        return False
+    if target.kind == "text":
+        return all(isinstance(figures.get(k), int) for k in ("tokens", "predicted", "window", "stride"))
+    per_image = figures.get("per_image")
+    if not isinstance(per_image, dict) or set(per_image) != {image.name for image in plan.images}:
+        return False
+    return all(
+        isinstance(row, dict) and all(name in row and _in_range(name, row[name]) for name in wanted)
+        for row in per_image.values()
+    ) and all(isinstance(figures.get(k), int) for k in ("scale", "border"))
 
 
 def _seconds(start: float) -> float:

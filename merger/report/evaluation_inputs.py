@@ -36,6 +36,8 @@ MAX_EVAL_IMAGES = 256
 MAX_TEXT_BYTES = 64 * 1024 * 1024
 MAX_IMAGE_BYTES = 256 * 1024 * 1024
 SSIM_WINDOW = 11
+#: Pillow modes of more than 8 bits a channel (Pillow's convert to RGB clips them: refused)
+WIDE_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N", "RGB;16", "RGBA;16"})
 _SCALE_SUFFIX = re.compile(r"^(.*?)x\d+$")
 
 Kind = Literal["image", "text", "skipped"]
@@ -99,6 +101,13 @@ def _image_size(path: Path, where: Location, digest: hashlib._Hash) -> tuple[int
                     where=where,
                     fix="crop the images to regions of at most 1024x1024",
                 )
+            if image.mode in WIDE_MODES:
+                raise MergerError(
+                    f"evaluation image '{shown(path)}' has {image.mode} pixels (16-bit or floating point), which"
+                    " 8-bit metrics would misread",
+                    where=where,
+                    fix="convert the image to 8 bits per channel (e.g. PNG RGB)",
+                )
             image.load()
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise MergerError(
@@ -131,7 +140,7 @@ def _image_files(entries: tuple[str, ...], launch_dir: Path, where: Location) ->
         if entry == SAMPLE:
             files.append(SAMPLE_IMAGE)
             continue
-        path = launch_dir / Path(entry).expanduser()
+        path = launch_dir / entry  # no ~: a recipe does not read $HOME
         if any(c in entry for c in "*?["):
             matched = [p for p in bounded_glob(path, where=where, shown_as=entry) if p.is_file()]
             if not matched:
@@ -172,7 +181,7 @@ def _references(evaluation: Evaluation, launch_dir: Path, where: Location, diges
             EvalImage(_unique("sample" if f == SAMPLE_IMAGE else f.stem, taken), f, _image_size(f, where, digest))
             for f in files
         ]
-    lr_dir, hr_dir = (launch_dir / Path(p).expanduser() for p in evaluation.pairs)
+    lr_dir, hr_dir = (launch_dir / p for p in evaluation.pairs)
     for folder, side in ((lr_dir, "lr"), (hr_dir, "hr")):
         if not folder.is_dir():
             raise MergerError(
@@ -181,7 +190,16 @@ def _references(evaluation: Evaluation, launch_dir: Path, where: Location, diges
                 fix="name the folders of low-resolution inputs and of their references",
             )
     lows = _folder_images(lr_dir, where.at("pairs.lr"))
-    highs = {p.stem: p for p in _folder_images(hr_dir, where.at("pairs.hr"))}
+    highs: dict[str, Path] = {}
+    for reference in _folder_images(hr_dir, where.at("pairs.hr")):
+        if reference.stem in highs:
+            raise MergerError(
+                f"pairs.hr holds '{shown(highs[reference.stem].name)}' and '{shown(reference.name)}':"
+                " which is the reference?",
+                where=where.at("pairs.hr"),
+                fix="keep one image of each name in the folder",
+            )
+        highs[reference.stem] = reference
     if len(lows) > MAX_EVAL_IMAGES:
         raise MergerError(f"pairs.lr holds more than {MAX_EVAL_IMAGES} images", where=where.at("pairs.lr"))
     matched: list[tuple[Path, Path]] = []
@@ -216,7 +234,7 @@ def _references(evaluation: Evaluation, launch_dir: Path, where: Location, diges
 def _text(evaluation: Evaluation, launch_dir: Path, where: Location, digest: hashlib._Hash) -> str | None:
     if evaluation.text is None:
         return None
-    path = launch_dir / Path(evaluation.text).expanduser()
+    path = launch_dir / evaluation.text
     fix = "name a UTF-8 text file (a held-out sample of what the model should read)"
     try:
         data, size = read_bounded(path, MAX_TEXT_BYTES)
@@ -280,6 +298,7 @@ def _targets(plan: Plan, evaluation: Evaluation, folders: dict[str, FolderFacts]
 
 def _check_sizes(plan: Plan, images: list[EvalImage], targets: dict[str, Target], where: Location) -> None:
     border_setting = plan.recipe.evaluation.border if plan.recipe.evaluation else None
+    metrics = plan.recipe.evaluation.metrics if plan.recipe.evaluation else ()
     for name, target in targets.items():
         if target.kind != "image":
             continue
@@ -305,12 +324,14 @@ def _check_sizes(plan: Plan, images: list[EvalImage], targets: dict[str, Target]
                     where=where,
                     fix=f"evaluate on images at least {least * scale} pixels a side",
                 )
-            if min(low_w, low_h) * scale - 2 * border < SSIM_WINDOW:
+            least_side = SSIM_WINDOW if "ssim" in metrics else 4  # sharpness: a 3x3 Laplacian, twice
+            if min(low_w, low_h) * scale - 2 * border < least_side:
                 raise MergerError(
                     f"evaluation image '{shown(image.hr)}' is too small for output '{name}': {low_w * scale}x"
-                    f"{low_h * scale} pixels less a border of {border} leaves less than SSIM's {SSIM_WINDOW}",
+                    f"{low_h * scale} pixels less a border of {border} leaves less than"
+                    + (f" SSIM's {SSIM_WINDOW}" if least_side == SSIM_WINDOW else f" {least_side} pixels a side"),
                     where=where,
-                    fix=f"evaluate on images at least {2 * border + SSIM_WINDOW} pixels a side (or set border)",
+                    fix=f"evaluate on images at least {2 * border + least_side} pixels a side (or set border)",
                 )
             if low_w * low_h * scale * scale > limits.MAX_PREVIEW_OUTPUT_PIXELS:
                 raise MergerError(

@@ -12,6 +12,7 @@ command line may set; so `merger recipe=<sweep>/best.yaml` runs what the job ran
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -98,7 +99,14 @@ def job_row(report: Mapping[str, Any], job: str) -> dict[str, Any]:
     }
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _override_value(text: str) -> Any:
+    """An override's value as Hydra reads it: numbers (1e-4 too, which YAML 1.1 reads as text), else YAML."""
+    if _NUMBER.match(text.strip()):
+        number = float(text)
+        return int(number) if number.is_integer() and not re.search(r"[.eE]", text) else number
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -185,8 +193,8 @@ def best_recipe(job_dir: Path, row: Mapping[str, Any], objectives: Sequence[Mapp
         for o, v in zip(objectives, values, strict=False)
         if isinstance(v, int | float)
     )
-    values = row.get("values") or {}
-    overrides = shown(" ".join(f"{k}={v}" for k, v in values.items()) or " ".join(row["overrides"]) or "no overrides")
+    swept: dict[str, Any] = row.get("values") or {}
+    overrides = shown(" ".join(f"{k}={v}" for k, v in swept.items()) or " ".join(row["overrides"]) or "no overrides")
     scored = shown(scored)
     header = [
         "# @package _global_",
