@@ -4,9 +4,11 @@ A node whose content key is in the cache costs a lookup. Otherwise it is
 computed tensor by tensor: inputs are read one tensor at a time (sources
 lazily, upstream nodes from their cache entries), moved to the compute
 device, combined by the op, and streamed into a new cache entry, so memory
-holds a few tensors, never a model. A source whose content hash is not in the
-memo is hashed in the same pass; the entry's key and metadata are patched in
-when the pass ends. A lock per node keeps concurrent runs from computing the
+holds a few tensors, never a model. A node that feeds other nodes is written at
+the maths precision (float32 for float16 / bfloat16 tensors: `PlannedNode.stored`)
+and read by them as it is, so a chain rounds once, when its outputs are cast. A
+source whose content hash is not in the memo is hashed in the same pass; the
+entry's key and metadata are patched in when the pass ends. A lock per node keeps concurrent runs from computing the
 same node twice: the second waits, then finds the first one's entry.
 
 What an op notes while computing (`TensorInputs.note`: per output key, e.g. a reconstruction
@@ -22,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from merger.cache.keys import node_key, provisional_key
@@ -55,6 +57,9 @@ class NodeResult:
     entry: EntryInfo
     notes: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # the family check's, said as the node ran
+    #: tensor -> the op's dtype, where the entry keeps a wider one (a node that feeds others: its
+    #: outputs under `dtype: keep` are cast back to these); empty when the entry has the op's dtypes
+    natural: dict[str, str] = field(default_factory=dict)
 
     @property
     def nonfinite(self) -> dict[str, Any]:
@@ -153,7 +158,7 @@ class Executor:
 
     def _backend_for(self) -> Backend:
         if self._backend is None:
-            dtypes = {t.dtype for node in self.plan.nodes.values() for t in node.spec.tensors.values()}
+            dtypes = {t.dtype for node in self.plan.nodes.values() for t in node.stored.values()}
             for node in self.plan.nodes.values():
                 for ref in node.inputs:
                     if ref.handle is not None:
@@ -214,6 +219,7 @@ class Executor:
                         entry,
                         self._notes(node, entry),
                         self._family_verdict(node, entry, say=False),
+                        node.natural,
                     )
         assert key is not None
         self._recheck_nonfinite(node, entry)
@@ -227,6 +233,7 @@ class Executor:
             entry,
             self._notes(node, entry),
             said,
+            node.natural,
         )
 
     def _notes(self, node: PlannedNode, entry: EntryInfo) -> dict[str, Any]:
@@ -326,7 +333,7 @@ class Executor:
             else:
                 reader = SafetensorsReader(read_header(self.results[ref.name].entry.path))
                 entry_readers.append(reader)
-                source, spec_of_input = reader, self.plan.nodes[ref.name].spec.tensors
+                source, spec_of_input = reader, self.plan.nodes[ref.name].stored  # as its entry holds it
             if ref.adaptation is not None:
                 source = RenamedSource(source, ref.adaptation.rename)
             sources.append(source)
@@ -350,7 +357,7 @@ class Executor:
         from merger.engine.pipeline import Pipeline
 
         backend = self._backend_for()
-        spec = node.spec.tensors
+        spec = node.stored  # a node that feeds others: float tensors at the maths precision
         known = self._known_key(node)
         tmp = self.cache.new_tmp(known or node.name)
         progress = Progress(node.name, len(spec), sum(s.nbytes for s in spec.values()), enabled=self.progress)
@@ -366,7 +373,7 @@ class Executor:
             pipeline = Pipeline(
                 node.op, node.keyed, sources, tuple(specs), backend, watched=watched, on_nonfinite=watch
             )
-            pipeline.run(writer, node.spec, progress.advance)
+            pipeline.run(writer, replace(node.spec, tensors=spec), progress.advance)
             runtime = runtime_notes(node.op, pipeline.noted)
             for ref in node.inputs:
                 if ref.handle is not None:

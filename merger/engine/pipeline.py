@@ -9,6 +9,8 @@ inputs are added), so memory holds a few chunks whatever the model size, the
 tensor size or the number of inputs; other ops get whole tensors. Non-finite
 values are counted off the compute thread: in what the reader reads from the
 watched inputs (sources) and in what the writer writes (see merger.core.nonfinite).
+A "copy" from an input kept wider than the tensor written (an upstream node's float32
+entry, see merger.engine.plan) is cast on the way; otherwise its bytes pass untouched.
 Numbers an op notes about the key it computes (`TensorInputs.note`) are gathered in
 `Pipeline.noted` for the executor, which keeps them with the node's cache entry.
 """
@@ -208,10 +210,17 @@ class Pipeline:
 
     def _compute(self, fetched: Fetched, out_spec: TensorSpec) -> memoryview:
         piece = fetched.piece
-        if piece.mode == "copy":  # the bytes of the one input tensor the op named
-            return fetched.data[piece.reads[0]]
         xp = self.backend
         count = piece.stop - piece.start
+        if piece.mode == "copy":  # the bytes of the one input tensor the op named
+            data = fetched.data[piece.reads[0]]
+            index, key = piece.reads[0]
+            code = self.specs[index][key].dtype
+            if code == out_spec.dtype:
+                return data
+            # a float tensor of an input kept wider than the op's dtype (a float32 entry of an upstream
+            # node), into a node that is not: cast once
+            return xp.store(xp.load(data, code, (count,)), out_spec.dtype)
         if piece.mode == "merge":
             values = [xp.load(fetched.data[(i, k)], self.specs[i][k].dtype, (count,)) for i, k in piece.reads]
             result: Array = self.op.combine(values, self.params_for(piece.key), xp)

@@ -2,7 +2,10 @@
 
 With `dtype: keep` and a `.safetensors` path the output is the entry itself,
 hard-linked (or copied across filesystems). A dtype or format change makes an
-artifact (the entry cast, or saved as `.pth`), itself cached under a key
+artifact (the entry cast, or saved as `.pth`), and so does `dtype: keep` of a node
+that feeds other nodes, whose entry is kept at float32 (merger.engine.plan): cast
+back to the op's dtypes (`NodeResult.natural`), so it rounds once; an explicit dtype
+is cast from the float32 entry. An artifact is itself cached under a key
 derived from the node's, so a re-run links it too. The output appears
 atomically: linked or copied to a temporary name beside it, then renamed.
 A `.pth` output gets its provenance in a `.json` beside it. The sha256 the
@@ -18,7 +21,7 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +102,7 @@ def output_artifact(output: OutputDef, node: NodeResult, cache: Cache, fmt: str,
     .pth, wrapped) and cached; `nonfinite: error` refuses one whose cast made values infinite."""
     suffix = ".pth" if fmt == "pth" else ".safetensors"
     tagged = f"pth+{output.wrap}" if fmt == "pth" and output.wrap else fmt  # the key of a wrapped .pth differs
-    key = artifact_key(node.key, output.dtype, tagged, output.layout)
+    key = artifact_key(node.key, output.dtype, tagged, output.layout, promoted=bool(node.natural))
     artifact = cache.lookup(key, suffix)
     if artifact is None:
         with cache.lock(key):
@@ -170,9 +173,13 @@ def copy_hashed(source: Path, target: Path, chunk: int = 8 * 1024 * 1024) -> str
     return sha.hexdigest()
 
 
-def _cast_spec(spec: TensorSpec, dtype: str) -> TensorSpec:
-    if dtype == "keep" or not spec.is_float:
+def _cast_spec(spec: TensorSpec, dtype: str, natural: str | None = None) -> TensorSpec:
+    """The spec of a tensor of the entry in an output of `dtype` (`natural`: the op's dtype for it,
+    where the entry keeps a wider one)."""
+    if not spec.is_float:
         return spec
+    if dtype == "keep":
+        return TensorSpec(natural, spec.shape) if natural is not None else spec
     return TensorSpec(DTYPE_NAMES[dtype], spec.shape)
 
 
@@ -182,10 +189,10 @@ def _make_artifact(cache: Cache, node: NodeResult, output: OutputDef, fmt: str, 
     if output.layout is not None:
         made["layout"] = output.layout
     notes: dict[str, Any] = {}
-    if output.dtype != "keep" or output.layout is not None:
+    if output.dtype != "keep" or output.layout is not None or node.natural:
         variant_key = key if fmt == "safetensors" else key + "-variant"
         rename = _layout_rename(header, output)
-        variant = write_variant(cache, header, output.dtype, rename, variant_key, made)
+        variant = write_variant(cache, header, output.dtype, rename, variant_key, made, natural=node.natural)
         if fmt == "safetensors":
             return variant
         header = read_header(variant.path)
@@ -212,13 +219,17 @@ def write_variant(
     key: str,
     made: dict[str, Any],
     keys: Sequence[str] | None = None,
+    *,
+    natural: Mapping[str, str] | None = None,
 ) -> EntryInfo:
-    """The entry (or its tensors `keys`) with float tensors cast to `dtype` and keys renamed, in
-    chunks (numpy); the non-finite values of the result are counted (a cast to float16 may overflow)."""
+    """The entry (or its tensors `keys`) with float tensors cast to `dtype` (`keep`: to `natural`,
+    the op's dtypes of the tensors a node that feeds others keeps wider) and keys renamed, in chunks
+    (numpy); the non-finite values of the result are counted (a cast to float16 may overflow)."""
     from merger.core.arrays import select_backend
 
     chosen = header.tensors if keys is None else {k: header.tensors[k] for k in keys}
-    specs = {(rename or {}).get(k, k): _cast_spec(s, dtype) for k, s in chosen.items()}
+    natural = natural or {}
+    specs = {(rename or {}).get(k, k): _cast_spec(s, dtype, natural.get(k)) for k, s in chosen.items()}
     xp = select_backend("cpu", {s.dtype for s in chosen.values()} | {s.dtype for s in specs.values()})
     metadata = {**header.metadata, **({DTYPE_FIELD: dtype} if dtype != "keep" else {})}
     tmp = cache.new_tmp(key)

@@ -10,6 +10,12 @@ merger.ops.vocab), and a model that ties its LM head to its input embedding
 does not merge with one that does not. Merges of image models are checked by
 architecture and size, and a merge that merges no key, or too little of an image
 model, fails (merger.engine.image_checks).
+
+A node that feeds other nodes (an input or a reference, such as `base`, of another) keeps its
+float16 / bfloat16 tensors at float32 in its cache entry (`PlannedNode.promoted`; its key says so),
+so a chain rounds once, at its outputs; `spec` stays the op's answer, whose dtypes the node's own
+outputs get under `dtype: keep` and its consumers' specs are planned from. A node that feeds none
+is exactly as the op gives it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 from merger.archs import Adaptation, align_layouts, embeddings, esrgan
 from merger.cache.keys import NodeContent
-from merger.core.specs import TensorSpec
+from merger.core.specs import FLOAT_DTYPES, TensorSpec
 from merger.engine import image_checks
 from merger.engine.catalog import SourceCatalog, SourceHandle
 from merger.engine.graph import Graph
@@ -58,6 +64,22 @@ class PlannedNode:
     #: with `vocab: first`: the input (its name in the recipe; `name[i]` for a glob's files) whose
     #: vocabulary the output has, so the tokenizer that fits it: the first model of `inputs:`
     vocab_from: str | None = None
+    #: a node that feeds other nodes: its entry's tensors, float ones at the maths precision (float32,
+    #: float64 where an input of the key is) where the op gives narrower ones (`spec.tensors`, which
+    #: its outputs are cast back to under `dtype: keep`); None: the entry holds `spec.tensors`
+    promoted: dict[str, TensorSpec] | None = None
+
+    @property
+    def stored(self) -> dict[str, TensorSpec]:
+        """The tensors of the node's cache entry, as its consumers read them."""
+        return self.promoted if self.promoted is not None else self.spec.tensors
+
+    @property
+    def natural(self) -> dict[str, str]:
+        """Tensor -> the dtype the op gives it, for the tensors whose entry dtype differs (promoted)."""
+        if self.promoted is None:
+            return {}
+        return {k: t.dtype for k, t in self.spec.tensors.items() if self.promoted[k].dtype != t.dtype}
 
     @property
     def content(self) -> NodeContent:
@@ -71,12 +93,50 @@ class PlannedNode:
             self.op.version,
             params,
             tuple(ref.adaptation.tag if ref.adaptation else None for ref in self.inputs),
+            MATHS_PRECISION if self.promoted is not None else None,
         )
 
     @property
     def seed(self) -> int | None:
         """The seed in force (random ops only; it is one of their parameters)."""
         return getattr(self.params, "seed", None) if self.op.random else None
+
+
+#: the precision a node that feeds other nodes is kept at (its key says so): float32, float64 stays
+MATHS_PRECISION = "float32"
+#: float dtypes narrower than the maths (merger.core.arrays.compute_code): kept wider between nodes
+NARROW_FLOATS = frozenset(FLOAT_DTYPES - {"F32", "F64"})
+
+
+def promote(node: PlannedNode, planned: dict[str, PlannedNode]) -> PlannedNode:
+    """`node`, which feeds other nodes, with its narrow float tensors kept at the maths precision:
+    float64 where an input the key reads is float64 (as the maths is), else float32. Its consumers
+    read them as they are, so a chain rounds once, at its outputs. Unchanged when nothing is narrow."""
+    seen = _input_specs(node, planned, stored=False)  # as the op was planned with them
+    read = _input_specs(node, planned, stored=True)  # as their entries hold them
+    tensors: dict[str, TensorSpec] = {}
+    for key, spec in node.spec.tensors.items():
+        if spec.dtype in NARROW_FLOATS:
+            wide = any(read[i].get(k, spec).dtype == "F64" for i, k in node.op.needs(key, seen, node.spec.plan))
+            spec = TensorSpec("F64" if wide else "F32", spec.shape)
+        tensors[key] = spec
+    if tensors == node.spec.tensors:
+        return node
+    return replace(node, promoted=tensors)
+
+
+def _input_specs(
+    node: PlannedNode, planned: dict[str, PlannedNode], *, stored: bool
+) -> tuple[dict[str, TensorSpec], ...]:
+    """The node's inputs' specs as it sees them: the ops' dtypes, or (`stored`) its entries' dtypes."""
+    specs = []
+    for ref in node.inputs:
+        if ref.handle is not None:
+            spec = ref.handle.spec()
+        else:
+            spec = planned[ref.name].stored if stored else planned[ref.name].spec.tensors
+        specs.append(presented_spec(spec, ref.adaptation))
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -285,6 +345,10 @@ def build_plan(recipe: Recipe, graph: Graph, catalog: SourceCatalog, registry: O
         warnings.extend(f"node '{name}': {w}" for w in node_warnings if w != image_checks.SPANDREL_NOTE)
         if image_checks.SPANDREL_NOTE in node_warnings and image_checks.SPANDREL_NOTE not in warnings:
             warnings.append(image_checks.SPANDREL_NOTE)  # said once
+    consumed = {ref.name for node in planned.values() for ref in node.inputs if ref.handle is None}
+    for name in list(planned):  # in execution order: a node's inputs are promoted before it reads their dtypes
+        if name in consumed:
+            planned[name] = promote(planned[name], planned)
     warnings.extend(f"node '{n}' is not used by any output, so it does not run" for n in graph.unused)
     for output in recipe.outputs.values():
         if output.layout is not None and esrgan.detect(planned[output.node].spec.tensors) is None:

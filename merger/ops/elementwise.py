@@ -9,7 +9,9 @@ Key policy (`keys:` on the node):
   (`not_shared`) and which (`copied_keys`, the first 50).
 Non-float tensors (e.g. BatchNorm's `num_batches_tracked`) are copied from the
 first input. Maths runs in float32 at least, whatever the storage dtype; the
-result takes the first input's dtype. Copies pass bytes through untouched.
+result takes the first input's dtype (a node that feeds other nodes keeps its
+float16 / bfloat16 results at float32 in its entry: merger.engine.plan). Copies
+pass bytes through untouched (cast only from such a float32 entry).
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ class ElementwiseOp(AlignedOp[P, R]):
     """A per-key op: subclasses give `combine`, the maths over aligned float arrays.
 
     The executor feeds `combine` flat chunks of each merged tensor, in float32
-    (or float64), and casts the result to the first input's dtype.
+    (or float64), and casts the result to the first input's dtype (or, for a node
+    that feeds others, keeps it at float32 or wider).
     """
 
     def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Merged) -> PieceMode:
