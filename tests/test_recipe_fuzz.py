@@ -199,7 +199,7 @@ def run_in_process(root: Path, out: Path) -> None:
 
 #: mutated recipes run in-process per test run (`pytest -m "not slow"` stays under a minute); run
 #: more with MERGER_FUZZ_EXAMPLES=5000 (derandomized: the same cases on every run of one size)
-IN_PROCESS_EXAMPLES = int(os.environ.get("MERGER_FUZZ_EXAMPLES", "100"))
+IN_PROCESS_EXAMPLES = int(os.environ.get("MERGER_FUZZ_EXAMPLES", "70"))
 
 
 def assert_nothing_partial(root: Path) -> None:

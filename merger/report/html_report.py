@@ -11,6 +11,7 @@ imported only to make the input's upscaled images.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -83,9 +84,14 @@ def write_html_report(directory: Path, summary: Mapping[str, Any], *, title: str
 
 
 def environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True, undefined=jinja2.StrictUndefined
-    )
+    """The Jinja environment of the templates folder: made once per folder (a template is compiled once,
+    and again only when its file changes)."""
+    return _environment(TEMPLATES_DIR)
+
+
+@functools.cache
+def _environment(folder: Path) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(folder), autoescape=True, undefined=jinja2.StrictUndefined)
     env.policies["json.dumps_kwargs"] = {"sort_keys": True, "allow_nan": False}
     env.filters["text"] = shown
     return env
