@@ -337,3 +337,11 @@ def test_a_reference_name_held_twice_is_an_error(crops: Path, run_recipe: RunRec
         image.convert("RGB").save(crops / "a.jpg")
     error = bad(run_recipe, evaluate={"images": None, "pairs": {"lr": "lr", "hr": "crops"}})
     assert "pairs.hr holds 'a.jpg' and 'a.png'" in error.what or "pairs.hr holds 'a.png' and 'a.jpg'" in error.what
+
+
+def test_an_output_may_not_take_the_place_of_report_html_s_files(run_recipe: RunRecipe) -> None:
+    data = demo_recipe()
+    del data["evaluate"], data["objective"]
+    data["outputs"] = {"blend": {"path": "report_files"}}
+    error = expect_error(lambda: run_recipe(data))
+    assert "which merger's own run files already writes" in error.what

@@ -417,7 +417,7 @@ def _output(name: str, raw: Any, where: Location) -> OutputDef:
     )
 
 
-RESERVED_FILES = ("merge_report.json", "merger.log", "sweep_report.json")
+RESERVED_FILES = ("merge_report.json", "merger.log", "sweep_report.json", "report.html", "report_files", "best.yaml")
 
 
 def _check_output_paths(outputs: dict[str, OutputDef], file: str) -> None:
