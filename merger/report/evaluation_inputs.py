@@ -26,7 +26,7 @@ from merger.core.regular_file import read_bounded
 from merger.engine.globbing import bounded_glob
 from merger.errors import Location, MergerError, shown
 from merger.recipe.evaluate import IMAGE_METRICS, Evaluation, Objective
-from merger.report.preview_images import IMAGE_SUFFIXES, SAMPLE, SAMPLE_IMAGE
+from merger.report.preview_images import SAMPLE, SAMPLE_IMAGE, folder_images
 
 if TYPE_CHECKING:
     from merger.engine.folder_facts import FolderFacts
@@ -121,17 +121,7 @@ def _image_size(path: Path, where: Location, digest: hashlib._Hash) -> tuple[int
 
 
 def _folder_images(folder: Path, where: Location) -> list[Path]:
-    try:
-        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    except OSError as e:
-        raise MergerError(f"folder '{shown(folder)}' cannot be listed ({shown(e)})", where=where) from None
-    if not found:
-        raise MergerError(
-            f"folder '{shown(folder)}' holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})",
-            where=where,
-            fix="name a folder of PNG or JPEG images",
-        )
-    return found
+    return folder_images(folder, where, "evaluation folder")
 
 
 def _image_files(entries: tuple[str, ...], launch_dir: Path, where: Location) -> list[Path]:

@@ -123,17 +123,18 @@ def preview_images(recipe: RecipeSettings, launch_dir: Path) -> list[PreviewImag
     return images
 
 
-def folder_images(folder: Path, where: Location) -> list[Path]:
-    """The images of a folder given as `preview` (by suffix, sorted by name; not its subfolders)."""
+def folder_images(folder: Path, where: Location, what: str = "preview folder") -> list[Path]:
+    """The images of a folder given as `preview` (or `evaluate`'s; `what` names it in errors): by
+    suffix, sorted by name, not its subfolders."""
     try:
         found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     except OSError as e:
-        raise MergerError(f"preview folder '{shown(folder)}' cannot be listed ({shown(e)})", where=where) from None
+        raise MergerError(f"{what} '{shown(folder)}' cannot be listed ({shown(e)})", where=where) from None
     if not found:
         raise MergerError(
-            f"preview folder '{shown(folder)}' holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})",
+            f"{what} '{shown(folder)}' holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})",
             where=where,
-            fix="put the images to compare in it, or name image files",
+            fix="put the images in it, or name image files",
         )
     return found
 
