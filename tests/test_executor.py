@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import merger
 import merger.engine.placement
 from merger.cli.job import prepare
+from merger.engine.pipeline import COMPUTE_WORKERS
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter
 from merger.io.safetensors_header import read_header
 from merger.ops import builtin_registry
@@ -407,7 +408,8 @@ def test_interrupted_computation_leaves_nothing_behind(
 
     with pytest.raises(Interrupted):
         run_recipe(lerp_recipe(0.5))
-    assert calls["n"] == 2
+    # the node stops at the failing piece; pieces already handed to the other compute thread finish
+    assert 2 <= calls["n"] <= (1 + COMPUTE_WORKERS if where == "combine" else 2)
     cache = launch_dir / "cache"
     assert files_under(cache / "objects") == []
     assert files_under(cache / "tmp") == []

@@ -85,3 +85,58 @@ def test_compute_error_stops_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(Lerp, "combine", broken)
     with pytest.raises(ValueError, match="maths failed"):
         run([models(1), models(2)], Collector())
+
+
+def float16_sources(seed: int, shapes: dict[str, tuple[int, ...]]) -> tuple[BytesSource, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    arrays = {k: (rng.standard_normal(s) * 100).astype(np.float16) for k, s in shapes.items()}
+    return BytesSource({k: a.tobytes() for k, a in arrays.items()}), arrays
+
+
+@pytest.mark.parametrize("threads", ["two compute threads", "one"])
+def test_blocks_and_compute_threads_give_correctly_rounded_bytes_in_order(
+    threads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float16 lerp over many chunks, each computed in blocks (the last one partial), by two threads or one:
+    every element is float32 maths rounded once to float16, and chunks reach the writer in order."""
+    monkeypatch.setattr(NumpyBackend, "block_elements", 300)
+    if threads == "one":
+        monkeypatch.setattr(Pipeline, "_compute_workers", lambda self: None)
+    shapes = {"first": (9001,), "second": (64, 65), "third": (5,)}
+    (a, arrays_a), (b, arrays_b) = float16_sources(1, shapes), float16_sources(2, shapes)
+    specs = tuple({k: TensorSpec("F16", s) for k, s in shapes.items()} for _ in range(2))
+    op, params = Lerp(), LerpParams(alpha=0.3)
+    node = op.spec(InputSpecs(("a", "b"), specs), params)
+    collector = Collector()
+    Pipeline(op, keyed(op, params, node), [a, b], specs, NumpyBackend()).run(collector, node, lambda k, n: None)
+    keys = [key for key, _ in collector.chunks]
+    assert keys.count("first") == 9  # 9001 elements in chunks of 1024
+    assert [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k] == list(shapes)
+    for key, got in collector.joined().items():
+        x, y = arrays_a[key].astype(np.float32), arrays_b[key].astype(np.float32)
+        want = (x * np.float32(1.0 - 0.3) + y * np.float32(0.3)).astype(np.float16).reshape(-1)
+        assert np.array_equal(np.frombuffer(got, np.uint16), want.view(np.uint16)), key
+
+
+def test_a_failing_block_stops_the_two_compute_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(NumpyBackend, "block_elements", 300)
+    calls = {"n": 0}
+    original = Lerp.combine
+
+    def combine(self: Lerp, values: list[Any], params: Any, xp: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise ArithmeticError("block 20 failed")
+        return original(self, values, params, xp)
+
+    monkeypatch.setattr(Lerp, "combine", combine)
+    shapes = {"big": (50_000,)}
+    (a, _), (b, _) = float16_sources(1, shapes), float16_sources(2, shapes)
+    specs = tuple({"big": TensorSpec("F16", (50_000,))} for _ in range(2))
+    op, params = Lerp(), LerpParams(alpha=0.3)
+    node = op.spec(InputSpecs(("a", "b"), specs), params)
+    collector = Collector()
+    with pytest.raises(ArithmeticError, match="block 20"):
+        Pipeline(op, keyed(op, params, node), [a, b], specs, NumpyBackend()).run(collector, node, lambda k, n: None)
+    assert sum(len(data) for _, data in collector.chunks) < 50_000 * 2  # stopped before the end
+    assert calls["n"] < 50_000 // 300

@@ -1,8 +1,11 @@
 """Array backends: where tensor maths runs, and how bytes become arrays and back.
 
 - `NumpyBackend` runs on the CPU with numpy, so a CPU merge never imports
-  torch (whose import alone costs about 2 s and 600 MB). bfloat16 is widened
-  to float32 on load and rounded to nearest even on store, as torch does.
+  torch (whose import alone costs about 2 s and 600 MB). float16 and bfloat16
+  are widened to float32 on load and rounded to nearest even on store (as
+  numpy and torch do) by merger's compiled loops (`merger.core._floatconv`,
+  F16C/AVX2 where the CPU has them: 10-40x numpy's float16 casts on CPUs
+  without AVX512-FP16), or by numpy when the extension was not built.
 - `TorchBackend` runs on a torch device (CUDA): bytes go through pinned host
   memory, onto the device asynchronously, and back.
 
@@ -25,6 +28,13 @@ from merger.errors import MergerError
 
 if TYPE_CHECKING:
     import torch
+
+try:  # built by setup.py when a C compiler is there; numpy does the same, slower, without it
+    from merger.core import _floatconv
+except ImportError:  # pragma: no cover - the tests force the numpy path by setting FLOATCONV to None
+    _floatconv = None  # type: ignore[assignment]
+#: the compiled loops, or None (numpy then)
+FLOATCONV = _floatconv
 
 Array = Any  # a numpy.ndarray or a torch.Tensor, by backend
 
@@ -54,6 +64,9 @@ def compute_code(code: str) -> str:
 class Backend(Protocol):
     name: str
     device: str
+    #: elements per block of a chunk's elementwise maths (numpy: its temporaries stay in the CPU's
+    #: cache, about twice as fast as chunk-sized ones), or None: the whole chunk at once (CUDA)
+    block_elements: int | None
 
     def load(self, data: Any, code: str, shape: tuple[int, ...]) -> Array:
         """An array from raw bytes (C order), floats in the compute dtype, on the device."""
@@ -61,6 +74,10 @@ class Backend(Protocol):
 
     def store(self, array: Array, code: str) -> memoryview:
         """The array's bytes in dtype `code`, on the CPU, C order."""
+        ...
+
+    def store_into(self, array: Array, code: str, out: memoryview) -> None:
+        """`store`, into `out` (exactly the array's bytes in dtype `code`)."""
         ...
 
     def copy(self, array: Array) -> Array: ...
@@ -93,15 +110,24 @@ class Backend(Protocol):
         ...
 
 
-def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+def bf16_to_f32(raw: np.ndarray, *, compiled: bool = True) -> np.ndarray:
+    """bfloat16 bits (uint16) widened to float32, exactly."""
+    if compiled and FLOATCONV is not None:
+        out = np.empty(raw.shape, dtype=np.float32)
+        FLOATCONV.bf16_to_f32(np.ascontiguousarray(raw), out)
+        return out
     wide = raw.astype(np.uint32)
     wide <<= 16
     return wide.view(np.float32)
 
 
-def f32_to_bf16(values: np.ndarray) -> np.ndarray:
+def f32_to_bf16(values: np.ndarray, *, compiled: bool = True) -> np.ndarray:
     """Round float32 to bfloat16 bits, to nearest even (NaN stays NaN)."""
     values = np.ascontiguousarray(values, dtype=np.float32)
+    if compiled and FLOATCONV is not None:
+        out = np.empty(values.shape, dtype=np.uint16)
+        FLOATCONV.f32_to_bf16(values, out)
+        return out
     bits = values.view(np.uint32)
     rounded = bits >> 16
     rounded &= 1
@@ -113,6 +139,27 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     if nan.any():
         out[nan] = np.uint16(0x7FC0)
     return out
+
+
+def f16_to_f32(raw: Any, *, compiled: bool = True) -> np.ndarray:
+    """float16 bytes widened to float32, exactly (numpy's `astype` gives the same bits, slower)."""
+    half = np.frombuffer(raw, dtype=np.float16) if not isinstance(raw, np.ndarray) else raw
+    if compiled and FLOATCONV is not None:
+        out = np.empty(half.shape, dtype=np.float32)
+        FLOATCONV.f16_to_f32(np.ascontiguousarray(half), out)
+        return out
+    return half.astype(np.float32)
+
+
+def f32_to_f16(values: np.ndarray, *, compiled: bool = True) -> np.ndarray:
+    """float32 rounded to float16, to nearest even, overflow to inf (numpy's `astype`, faster)."""
+    if compiled and FLOATCONV is not None and values.dtype == np.float32:
+        values = np.ascontiguousarray(values)
+        out = np.empty(values.shape, dtype=np.float16)
+        FLOATCONV.f32_to_f16(values, out)
+        return out
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(values, dtype=np.float16)  # float64 rounds once, straight to float16
 
 
 def _float8_table(exponent_bits: int, mantissa_bits: int, *, ieee_specials: bool) -> np.ndarray:
@@ -146,6 +193,7 @@ def float8_to_f32(raw: Any, code: str) -> np.ndarray:
 class NumpyBackend:
     name = "numpy"
     device = "cpu"
+    block_elements: int | None = 32 * 1024
 
     @staticmethod
     def supports(code: str) -> bool:
@@ -154,17 +202,34 @@ class NumpyBackend:
     def load(self, data: Any, code: str, shape: tuple[int, ...]) -> np.ndarray:
         if code == "BF16":
             return bf16_to_f32(np.frombuffer(data, dtype=np.uint16)).reshape(shape)
+        if code == "F16":
+            return f16_to_f32(data).reshape(shape)
         array = np.frombuffer(data, dtype=NUMPY_DTYPES[code]).reshape(shape)
         if code in FLOAT_DTYPES and code not in ("F32", "F64"):
             return array.astype(np.float32)
         return array
 
     def store(self, array: np.ndarray, code: str) -> memoryview:
-        with np.errstate(over="ignore"):  # a float16 overflow becomes inf, counted by merger.core.nonfinite
-            out = f32_to_bf16(array) if code == "BF16" else np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+        if code == "BF16":
+            out = f32_to_bf16(array)
+        elif code == "F16":  # an overflow becomes inf, counted by merger.core.nonfinite
+            out = f32_to_f16(array)
+        else:
+            with np.errstate(over="ignore"):  # float64 into float32: an overflow becomes inf, counted too
+                out = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
         if out.size == 0:  # a tensor with a zero-length dimension
             return memoryview(b"")
         return memoryview(out.reshape(-1).data).cast("B")
+
+    def store_into(self, array: np.ndarray, code: str, out: memoryview) -> None:
+        if FLOATCONV is not None and code in ("F16", "BF16") and array.dtype == np.float32:
+            convert = FLOATCONV.f32_to_f16 if code == "F16" else FLOATCONV.f32_to_bf16
+            convert(np.ascontiguousarray(array).reshape(-1), out)
+            return
+        stored = self.store(array, code)
+        if len(stored) != len(out):
+            raise ValueError(f"{len(stored)} bytes for a buffer of {len(out)}")
+        out[:] = stored
 
     def copy(self, array: np.ndarray) -> np.ndarray:
         return array.copy()
@@ -204,6 +269,7 @@ class TorchBackend:
     """Maths on a torch device; bytes cross through pinned host buffers."""
 
     name = "torch"
+    block_elements: int | None = None
 
     def __init__(self, device: str) -> None:
         from merger.core.tensor_bytes import TORCH_DTYPES
@@ -234,6 +300,12 @@ class TorchBackend:
         from merger.core.tensor_bytes import tensor_memoryview
 
         return tensor_memoryview(tensor)
+
+    def store_into(self, array: torch.Tensor, code: str, out: memoryview) -> None:
+        stored = self.store(array, code)
+        if len(stored) != len(out):
+            raise ValueError(f"{len(stored)} bytes for a buffer of {len(out)}")
+        out[:] = stored
 
     def copy(self, array: torch.Tensor) -> torch.Tensor:
         return array.clone()

@@ -22,6 +22,7 @@ _BIT_TESTS: dict[str, tuple[str, int, int]] = {
     "F8_E4M3": ("u1", 0x7F, 0x7F),  # float8_e4m3fn: no inf, NaN is S.1111.111
 }
 _FLOATS = {"F64": "f8", "F32": "f4", "F16": "f2"}
+_MASKS_16 = {"F16": 0x7C00, "BF16": 0x7F80}  # the exponent bits: all set is inf or NaN
 SHOWN_TENSORS = 3
 
 
@@ -31,6 +32,10 @@ def count_nonfinite(data: Any, code: str) -> int:
         return 0
     import numpy as np
 
+    from merger.core.arrays import FLOATCONV
+
+    if code in _MASKS_16 and FLOATCONV is not None:  # compiled: one pass, no conversion
+        return FLOATCONV.count_masked16(np.frombuffer(data, dtype=np.uint16), _MASKS_16[code])
     if code in _FLOATS:
         values = np.frombuffer(data, dtype=_FLOATS[code])
         with np.errstate(invalid="ignore", over="ignore"):

@@ -20,6 +20,7 @@ family check's figures (merger.engine.family, FAMILY_NOTE): a cache hit warns, o
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import threading
@@ -32,6 +33,7 @@ from merger.cache.store import Cache, EntryInfo, cache_error
 from merger.core.nonfinite import nonfinite_error
 from merger.core.specs import TensorSpec
 from merger.engine.family import FAMILY_NOTE, FAMILY_THRESHOLD, family_error, family_figures, unrelated_warning
+from merger.engine.memory import available_bytes
 from merger.engine.plan import Plan, PlannedNode, presented_spec
 from merger.engine.progress import Progress
 from merger.engine.provenance import node_metadata
@@ -73,6 +75,8 @@ NONFINITE_NOTE = "nonfinite"
 RUNTIME_NOTE = "runtime"
 #: a larger summary would crowd the entry's record (merger.cache.record caps it): per-key tables are dropped
 MAX_RUNTIME_NOTE_BYTES = 256 * 1024
+#: sources hashed at once before a first run computes (reads and hashing release the GIL)
+HASHING_THREADS = 2
 
 
 def runtime_notes(op: AnyOp, noted: Noted) -> dict[str, Any]:
@@ -202,7 +206,13 @@ class Executor:
                     if ref.handle is not None:
                         ref.handle.refresh()
                 key = self._known_key(node)
+                if key is None and self._hash_sources_first(node):
+                    key = self._known_key(node)
                 entry = self.cache.lookup(key) if key else None
+                if entry is not None:  # found once the sources were hashed: their hashes are worth keeping
+                    for ref in node.inputs:
+                        if ref.handle is not None:
+                            ref.handle.remember()
                 if entry is None:
                     try:
                         entry = self._compute(node)
@@ -352,6 +362,27 @@ class Executor:
         finally:
             for reader in entry_readers:
                 reader.close()
+
+    def _hash_sources_first(self, node: PlannedNode) -> bool:
+        """Hash the node's sources whose content hash is unknown (a first run) before it computes,
+        when they fit in half the memory available; returns whether it did (the node's key is then known).
+
+        Otherwise the key, which the entry's header names, is known only once the merge has read
+        every source, so the header is patched at the end and the whole entry read again for its
+        sha256. Hashed first, the pass leaves the sources in the page cache for the merge, the
+        header is final before the data, and the sha256 is computed as the entry is written.
+        """
+        handles = {id(ref.handle): ref.handle for ref in node.inputs if ref.handle and ref.handle.content_hash is None}
+        if not handles:
+            return False
+        available = available_bytes()
+        need = sum(spec.nbytes for handle in handles.values() for spec in handle.spec().values())
+        if available is None or need > available // 2:
+            return False
+        with concurrent.futures.ThreadPoolExecutor(min(len(handles), HASHING_THREADS)) as pool:
+            for done in [pool.submit(handle.finish_hash) for handle in handles.values()]:
+                done.result()  # a source's error, as the merge would have met it
+        return True
 
     def _compute(self, node: PlannedNode) -> EntryInfo:
         from merger.engine.pipeline import Pipeline

@@ -6,7 +6,9 @@ computes; a writer thread streams the results into the entry file (hashing
 it and starting write-back as it goes). Per-key ops (lerp, sums, ...) are fed
 in chunks of PIECE_BYTES across all inputs (each input's chunk shrinks as
 inputs are added), so memory holds a few chunks whatever the model size, the
-tensor size or the number of inputs; other ops get whole tensors. Non-finite
+tensor size or the number of inputs; so are streaming ops (TIES, DARE, SLERP,
+...: `op.stream` makes passes over the inputs' chunks, read one chunk ahead,
+and yields the output in chunks); other ops get whole tensors. Non-finite
 values are counted off the compute thread: in what the reader reads from the
 watched inputs (sources) and in what the writer writes (see merger.core.nonfinite).
 A "copy" from an input kept wider than the tensor written (an upstream node's float32
@@ -17,11 +19,14 @@ Numbers an op notes about the key it computes (`TensorInputs.note`) are gathered
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import math
+import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +35,7 @@ import numpy as np
 from merger.core.arrays import Array, Backend
 from merger.core.nonfinite import count_nonfinite
 from merger.core.specs import DTYPE_SIZES, TensorSpec
+from merger.engine.memory import keep_freed_blocks
 from merger.ops.base import AnyOp, NodeSpec
 from merger.ops.params import OpParams
 from merger.recipe.schedule import KeyedParams
@@ -38,6 +44,7 @@ from merger.recipe.schedule import KeyedParams
 PIECE_BYTES = 24 * 1024 * 1024
 POOLED_MAX_BYTES = 16 * 1024 * 1024  # larger read buffers are not kept for reuse
 QUEUE_DEPTH = 2
+COMPUTE_WORKERS = 2  # chunks computed at once on the CPU (see Pipeline._compute_workers)
 MAX_POOLED = 32
 _DONE = object()
 
@@ -75,6 +82,7 @@ class Piece:
     start: int
     stop: int
     mode: str  # "merge": op.combine on chunks | "copy": bytes of reads[0] | "tensor": op.tensor on the whole
+    # | "stream": op.stream, which reads its own chunks (nothing is read ahead for it)
     reads: tuple[tuple[int, str], ...]  # (input index, key) to fetch
 
 
@@ -85,11 +93,19 @@ class Fetched:
     buffers: list[bytearray] = field(default_factory=list)
 
 
-def plan_pieces(op: AnyOp, specs: tuple[dict[str, TensorSpec], ...], node: NodeSpec[Any]) -> Iterator[Piece]:
+def chunk_elements(specs: tuple[dict[str, TensorSpec], ...]) -> int:
+    """Elements of one chunk: PIECE_BYTES over the bytes an element takes in every input and the maths."""
     per_element = 8 + sum(max((DTYPE_SIZES[t.dtype] for t in s.values()), default=4) for s in specs)
-    chunk = max(1024, PIECE_BYTES // per_element)
+    return max(1024, PIECE_BYTES // per_element)
+
+
+def plan_pieces(op: AnyOp, specs: tuple[dict[str, TensorSpec], ...], node: NodeSpec[Any]) -> Iterator[Piece]:
+    chunk = chunk_elements(specs)
     for key, spec in node.tensors.items():
         mode = op.piece_mode(key, specs, node.plan)
+        if mode == "stream":
+            yield Piece(key, 0, spec.numel, mode, ())
+            continue
         reads = tuple(op.needs(key, specs, node.plan))
         if mode == "tensor":
             yield Piece(key, 0, spec.numel, mode, reads)
@@ -222,6 +238,9 @@ class Pipeline:
             # node), into a node that is not: cast once
             return xp.store(xp.load(data, code, (count,)), out_spec.dtype)
         if piece.mode == "merge":
+            block = xp.block_elements
+            if block is not None and count > block:
+                return self._combine_blocks(fetched, out_spec, block)
             values = [xp.load(fetched.data[(i, k)], self.specs[i][k].dtype, (count,)) for i, k in piece.reads]
             result: Array = self.op.combine(values, self.params_for(piece.key), xp)
         else:
@@ -229,8 +248,51 @@ class Pipeline:
             result = self.op.tensor(piece.key, inputs, self.params_for(piece.key), xp)
         return xp.store(result, out_spec.dtype)
 
+    def _compute_workers(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """Two threads for chunk maths on a CPU of several cores (numpy and the conversion loops
+        release the GIL), so one core does not compute while the other waits; None: the calling
+        thread computes (CUDA: one stream of work)."""
+        if self.backend.name != "numpy" or (os.cpu_count() or 1) < 2:
+            return None
+        return concurrent.futures.ThreadPoolExecutor(COMPUTE_WORKERS, thread_name_prefix="merger-compute")
+
+    def _combine_blocks(self, fetched: Fetched, out_spec: TensorSpec, block: int) -> memoryview:
+        """A "merge" piece, block by block into one output buffer (the temporaries stay in cache)."""
+        piece, xp = fetched.piece, self.backend
+        params = self.params_for(piece.key)
+        inputs = [(fetched.data[(i, k)], self.specs[i][k].dtype) for i, k in piece.reads]
+        sizes = [DTYPE_SIZES[code] for _, code in inputs]
+        out_size = DTYPE_SIZES[out_spec.dtype]
+        out = memoryview(np.empty((piece.stop - piece.start) * out_size, dtype=np.uint8).data)
+        for start in range(0, piece.stop - piece.start, block):
+            stop = min(start + block, piece.stop - piece.start)
+            values = [
+                xp.load(data[start * size : stop * size], code, (stop - start,))
+                for (data, code), size in zip(inputs, sizes, strict=True)
+            ]
+            xp.store_into(self.op.combine(values, params, xp), out_spec.dtype, out[start * out_size : stop * out_size])
+        return out
+
+    def _stream(
+        self,
+        piece: Piece,
+        out_spec: TensorSpec,
+        write_queue: queue.Queue[Any],
+        errors: list[BaseException],
+        advance: Callable[[str, int], None],
+    ) -> None:
+        inputs = _ChunkInputs(self, piece)
+        with inputs:
+            for chunk in self.op.stream(piece.key, inputs, self.params_for(piece.key), self.backend):
+                if errors:
+                    raise errors[0]
+                data = self.backend.store(chunk, out_spec.dtype)
+                write_queue.put((piece.key, data, []))
+                advance(piece.key, len(data))
+
     def run(self, writer: ChunkWriter, node: NodeSpec[Any], advance: Callable[[str, int], None]) -> None:
         """Compute every tensor of `node` into `writer`; `advance(key, nbytes)` after each piece."""
+        keep_freed_blocks()
         self._plan = node.plan
         read_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
         write_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -242,6 +304,21 @@ class Pipeline:
         reader.start()
         writing.start()
         finished = False
+        computing: collections.deque[tuple[Fetched, concurrent.futures.Future[memoryview]]] = collections.deque()
+        workers = self._compute_workers()
+
+        def hand_on(item: Fetched, data: memoryview) -> None:
+            keep = item.buffers if _aliases(data, item.buffers) else []
+            if not keep:  # the result is new memory: the inputs' buffers can be reused now
+                self._pool.put(item.buffers)
+            write_queue.put((item.piece.key, data, keep))
+            advance(item.piece.key, len(data))
+
+        def drain(limit: int) -> None:  # hand on finished pieces, in order, until `limit` are left
+            while len(computing) > limit:
+                item, future = computing.popleft()
+                hand_on(item, future.result())
+
         try:
             while True:
                 item = read_queue.get()
@@ -252,12 +329,16 @@ class Pipeline:
                 if errors:
                     raise errors[0]
                 spec = node.tensors[item.piece.key]
-                data = self._compute(item, spec)
-                keep = item.buffers if _aliases(data, item.buffers) else []
-                if not keep:  # the result is new memory: the inputs' buffers can be reused now
-                    self._pool.put(item.buffers)
-                write_queue.put((item.piece.key, data, keep))
-                advance(item.piece.key, len(data))
+                if workers is not None and item.piece.mode in ("merge", "copy"):
+                    computing.append((item, workers.submit(self._compute, item, spec)))
+                    drain(COMPUTE_WORKERS - 1)
+                    continue
+                drain(0)  # whole tensors and streams one at a time (their memory), in order
+                if item.piece.mode == "stream":
+                    self._stream(item.piece, spec, write_queue, errors, advance)
+                    continue
+                hand_on(item, self._compute(item, spec))
+            drain(0)
             finished = True
         finally:
             if not finished:  # stop the reader and let the writer drop what is queued
@@ -265,6 +346,8 @@ class Pipeline:
                 while reader.is_alive():  # a blocked reader finishes its put
                     with contextlib.suppress(queue.Empty):
                         read_queue.get(timeout=0.05)
+            if workers is not None:
+                workers.shutdown(wait=True, cancel_futures=True)
             write_queue.put(_DONE)
             writing.join()
             reader.join()
@@ -299,6 +382,67 @@ class _TensorInputs:
 
     def note(self, name: str, value: float) -> None:
         self._pipeline._note(name, self._fetched.piece.key, value)
+
+
+class _ChunkInputs:
+    """`ChunkInputs` for streaming ops: passes over input chunks, the next chunk read while one is
+    computed; non-finite values of watched inputs are counted in the first pass over a tensor only."""
+
+    def __init__(self, pipeline: Pipeline, piece: Piece) -> None:
+        self._pipeline = pipeline
+        self._piece = piece
+        self._counted: set[tuple[int, str]] = set()
+        self._ahead: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> _ChunkInputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def specs(self) -> tuple[dict[str, TensorSpec], ...]:
+        return self._pipeline.specs
+
+    @property
+    def plan(self) -> Any:
+        return self._pipeline._plan
+
+    def _read(self, reads: Sequence[tuple[int, str]], start: int, stop: int, count: bool) -> list[memoryview]:
+        pipeline = self._pipeline
+        out = []
+        for index, key in reads:
+            size = DTYPE_SIZES[pipeline.specs[index][key].dtype]
+            buffer = memoryview(bytearray(max(1, (stop - start) * size)))
+            data = pipeline.sources[index].read_into(key, start * size, stop * size, buffer)
+            if count and index in pipeline._watched:
+                pipeline._count(index, key, data, pipeline.specs[index][key].dtype)
+            out.append(data)
+        return out
+
+    def chunks(self, reads: Sequence[tuple[int, str]]) -> Iterator[list[Array]]:
+        pipeline = self._pipeline
+        specs = [pipeline.specs[index][key] for index, key in reads]
+        numel = specs[0].numel if specs else 0
+        if any(spec.numel != numel for spec in specs):
+            raise ValueError(f"chunks of tensors of different sizes: {[s.numel for s in specs]}")
+        count = not set(reads) <= self._counted
+        if self._ahead is None:
+            self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merger-stream")
+        step = chunk_elements(pipeline.specs)
+        bounds = [(start, min(start + step, numel)) for start in range(0, numel, step)]
+        pending = self._ahead.submit(self._read, reads, *bounds[0], count) if bounds else None
+        for i, (start, stop) in enumerate(bounds):
+            assert pending is not None
+            data = pending.result()
+            if i + 1 < len(bounds):
+                pending = self._ahead.submit(self._read, reads, *bounds[i + 1], count)
+            yield [pipeline.backend.load(d, spec.dtype, (stop - start,)) for d, spec in zip(data, specs, strict=True)]
+        self._counted.update(reads)
+
+    def note(self, name: str, value: float) -> None:
+        self._pipeline._note(name, self._piece.key, value)
 
 
 def _address(buffer: Any) -> tuple[int, int]:

@@ -6,7 +6,10 @@ the op's own plan (what to do for each key); the planner calls it for every node
 is read. Then, per output key, `piece_mode` says how the key is computed and `needs` which input
 tensors it reads (so they can be read ahead): "merge" feeds `combine` flat chunks of the inputs
 (per-key maths, `ElementwiseOp`), "tensor" calls `tensor` with whole tensors (`WholeTensorOp`),
-"copy" passes the bytes of the one input tensor named. Maths gets arrays of the backend `xp`
+"copy" passes the bytes of the one input tensor named, and "stream" calls `stream`, which makes
+passes over the inputs' chunks (`ChunkInputs.chunks`: whole-tensor statistics such as a top-k
+threshold or a norm in the first passes) and yields the output in chunks, so a whole-tensor
+method holds a few chunks, not a few tensors. Maths gets arrays of the backend `xp`
 (numpy on the CPU, torch on CUDA; floats in float32 or wider) and parameters resolved for the key
 at hand (`R`: numbers, never schedules). Ops never open files, pick devices or cache.
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
 Noted = Mapping[str, Mapping[str, float | None]]
 
 #: how one output key is computed
-PieceMode = Literal["merge", "tensor", "copy"]
+PieceMode = Literal["merge", "tensor", "copy", "stream"]
 
 P = TypeVar("P", bound=OpParams)
 R = TypeVar("R", bound=OpParams)
@@ -119,6 +122,27 @@ class TensorInputs(Protocol[PlanT_co]):
         ...
 
 
+class ChunkInputs(Protocol[PlanT_co]):
+    """How an op reads its inputs chunk by chunk while streaming one output tensor."""
+
+    @property
+    def specs(self) -> tuple[dict[str, TensorSpec], ...]: ...
+
+    @property
+    def plan(self) -> PlanT_co: ...
+
+    def chunks(self, reads: Sequence[tuple[int, str]]) -> Iterator[list[Array]]:
+        """One pass over the (input index, key) tensors named, which hold the same number of
+        elements: per chunk, their flat arrays over the same element range (floats as float32 or
+        wider), in C order. Each call is a new pass (the inputs are read again); the arrays of a
+        chunk are the op's to keep or change."""
+        ...
+
+    def note(self, name: str, value: float) -> None:
+        """As `TensorInputs.note`."""
+        ...
+
+
 class Op(ABC, Generic[P, R, PlanT]):
     """A merge operation. Subclasses set the class attributes and the functions."""
 
@@ -166,6 +190,11 @@ class Op(ABC, Generic[P, R, PlanT]):
     def combine(self, values: list[Array], params: R, xp: Backend) -> Array:
         """The merged chunk from the inputs' chunks (piece mode "merge")."""
         raise NotImplementedError(f"op {self.name} has no per-element form")
+
+    def stream(self, key: str, inputs: ChunkInputs[PlanT], params: R, xp: Backend) -> Iterator[Array]:
+        """Output `key` as flat chunks in C order, from passes over the inputs' chunks (piece mode
+        "stream"); the chunks' sizes add up to the tensor's element count."""
+        raise NotImplementedError(f"op {self.name} streams no tensors")
 
     def summarise_notes(self, noted: Noted) -> dict[str, Any]:
         """The node's report notes from what `tensor` noted (`TensorInputs.note`; name -> output key
