@@ -124,3 +124,11 @@ def test_sizes_that_do_not_match_are_refused() -> None:
 def test_empty_buffers_convert_to_nothing() -> None:
     floatconv.f16_to_f32(b"", bytearray())
     assert f16_to_f32(b"").size == 0 and NumpyBackend().store(np.zeros(0, np.float32), "F16").nbytes == 0
+
+
+def test_nonfinite_count_of_float32_with_and_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = hard_floats()
+    want = int((~np.isfinite(values)).sum())
+    assert want > 4 and count_nonfinite(values.tobytes(), "F32") == want
+    monkeypatch.setattr(arrays, "FLOATCONV", None)
+    assert count_nonfinite(values.tobytes(), "F32") == want

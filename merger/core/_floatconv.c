@@ -272,6 +272,87 @@ static PyObject *py_count_masked16(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(found);
 }
 
+/* How many 32-bit values have every bit of `mask` set (float32's exponent: NaN or inf). */
+#define COUNT32_LOOP(suffix, attribute)                                                                        \
+    attribute static Py_ssize_t count_masked32_##suffix(const uint32_t *src, Py_ssize_t n, uint32_t mask) {    \
+        Py_ssize_t found = 0;                                                                                \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                                 \
+            found += (src[i] & mask) == mask;                                                                \
+        }                                                                                                    \
+        return found;                                                                                        \
+    }
+
+COUNT32_LOOP(portable, )
+#ifdef HAVE_X86_DISPATCH
+COUNT32_LOOP(avx2, __attribute__((target("avx2"))))
+#endif
+
+static PyObject *py_count_masked32(PyObject *self, PyObject *args) {
+    Py_buffer src;
+    unsigned int mask;
+    Py_ssize_t found;
+    if (!PyArg_ParseTuple(args, "y*I", &src, &mask)) {
+        return NULL;
+    }
+    if (src.len % 4 != 0) {
+        PyBuffer_Release(&src);
+        PyErr_SetString(PyExc_ValueError, "a byte count not a multiple of 4 is not 32-bit values");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_X86_DISPATCH
+    if (has_f16c()) {
+        found = count_masked32_avx2((const uint32_t *)src.buf, src.len / 4, mask);
+    } else
+#endif
+    {
+        found = count_masked32_portable((const uint32_t *)src.buf, src.len / 4, mask);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    return PyLong_FromSsize_t(found);
+}
+
+/* Histograms of float32 magnitudes' bit patterns (|x| orders as its bits, as uint32), for an exact top-k
+ * threshold in two passes (merger.ops.topk): counts[(bits >> 16)] += 1 for every element, or, given a high
+ * half `high` >= 0, counts[bits & 0xFFFF] += 1 for the elements whose high half is `high`. `counts` holds
+ * 65536 int64 and is added to. */
+static void magnitude_hist16_loop(const uint32_t *src, Py_ssize_t n, int64_t *counts, long high) {
+    if (high < 0) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            counts[(src[i] & 0x7FFFFFFFu) >> 16]++;
+        }
+        return;
+    }
+    const uint32_t want = (uint32_t)high;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint32_t bits = src[i] & 0x7FFFFFFFu;
+        if ((bits >> 16) == want) {
+            counts[bits & 0xFFFFu]++;
+        }
+    }
+}
+
+static PyObject *py_magnitude_hist16(PyObject *self, PyObject *args) {
+    Py_buffer src, counts;
+    long high;
+    if (!PyArg_ParseTuple(args, "y*w*l", &src, &counts, &high)) {
+        return NULL;
+    }
+    if (src.len % 4 != 0 || counts.len != 65536 * 8 || high > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "magnitude_hist16 takes float32 values, 65536 int64 counts, high < 65536");
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&counts);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    magnitude_hist16_loop((const uint32_t *)src.buf, src.len / 4, (int64_t *)counts.buf, high);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&counts);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *unused) {
 #ifdef HAVE_X86_DISPATCH
     return PyBool_FromLong(has_f16c());
@@ -286,6 +367,9 @@ static PyMethodDef methods[] = {
     {"bf16_to_f32", py_bf16_to_f32, METH_VARARGS, "bf16_to_f32(src, dst): bfloat16 bytes into float32"},
     {"f32_to_bf16", py_f32_to_bf16, METH_VARARGS, "f32_to_bf16(src, dst): float32 into bfloat16, RNE"},
     {"count_masked16", py_count_masked16, METH_VARARGS, "count_masked16(src, mask): 16-bit values with all mask bits set"},
+    {"count_masked32", py_count_masked32, METH_VARARGS, "count_masked32(src, mask): 32-bit values with all mask bits set"},
+    {"magnitude_hist16", py_magnitude_hist16, METH_VARARGS,
+     "magnitude_hist16(src, counts, high): histogram of float32 |x| bits, high or (high >= 0) low halves"},
     {"simd", py_simd, METH_NOARGS, "simd(): whether the float16 loops use the CPU's F16C instructions"},
     {NULL, NULL, 0, NULL},
 };

@@ -36,6 +36,8 @@ def count_nonfinite(data: Any, code: str) -> int:
 
     if code in _MASKS_16 and FLOATCONV is not None:  # compiled: one pass, no conversion
         return FLOATCONV.count_masked16(np.frombuffer(data, dtype=np.uint16), _MASKS_16[code])
+    if code == "F32" and FLOATCONV is not None:
+        return FLOATCONV.count_masked32(np.frombuffer(data, dtype=np.uint32), 0x7F800000)
     if code in _FLOATS:
         values = np.frombuffer(data, dtype=_FLOATS[code])
         with np.errstate(invalid="ignore", over="ignore"):
