@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merger.core.arrays import NumpyBackend, TorchBackend
-from merger.engine.executor import runtime_notes
+from merger.engine.entry_notes import runtime_notes
 from merger.ops import builtin_registry, lora_extract
 from tests.conftest import RunRecipe, StateDict, expect_error
 from tests.test_op_versions import CASES, outputs_of

@@ -7,8 +7,11 @@ device, combined by the op, and streamed into a new cache entry, so memory
 holds a few tensors, never a model. A node that feeds other nodes is written at
 the maths precision (float32 for float16 / bfloat16 tensors: `PlannedNode.stored`)
 and read by them as it is, so a chain rounds once, when its outputs are cast. A
-source whose content hash is not in the memo is hashed in the same pass; the
-entry's key and metadata are patched in when the pass ends. A lock per node keeps concurrent runs from computing the
+source whose content hash is not in the memo is hashed before the node computes
+when the sources fit in half the memory available (the pass warms the page cache,
+and the entry's header is final before its data, so its sha256 is taken as it is
+written); otherwise in the pass that reads it, and the entry's key and metadata
+are patched in when the pass ends. A lock per node keeps concurrent runs from computing the
 same node twice: the second waits, then finds the first one's entry.
 
 What an op notes while computing (`TensorInputs.note`: per output key, e.g. a reconstruction
@@ -21,9 +24,7 @@ family check's figures (merger.engine.family, FAMILY_NOTE): a cache hit warns, o
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -32,19 +33,18 @@ from merger.cache.keys import node_key, provisional_key
 from merger.cache.store import Cache, EntryInfo, cache_error
 from merger.core.nonfinite import nonfinite_error
 from merger.core.specs import TensorSpec
+from merger.engine.entry_notes import NONFINITE_NOTE, RUNTIME_NOTE, NonFiniteWatch, node_notes, runtime_notes
 from merger.engine.family import FAMILY_NOTE, FAMILY_THRESHOLD, family_error, family_figures, unrelated_warning
 from merger.engine.memory import available_bytes
 from merger.engine.plan import Plan, PlannedNode, presented_spec
 from merger.engine.progress import Progress
 from merger.engine.provenance import node_metadata
-from merger.errors import Where
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter
 from merger.io.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from merger.core.arrays import Backend
-    from merger.engine.pipeline import ByteSource, Noted
-    from merger.ops.base import AnyOp
+    from merger.engine.pipeline import ByteSource
 
 log = logging.getLogger("merger")
 
@@ -70,67 +70,8 @@ class NodeResult:
         return found
 
 
-NONFINITE_NOTE = "nonfinite"
-#: the entry note holding what the op noted while computing (summarised), merged into the node's notes
-RUNTIME_NOTE = "runtime"
-#: a larger summary would crowd the entry's record (merger.cache.record caps it): per-key tables are dropped
-MAX_RUNTIME_NOTE_BYTES = 256 * 1024
 #: sources hashed at once before a first run computes (reads and hashing release the GIL)
 HASHING_THREADS = 2
-
-
-def runtime_notes(op: AnyOp, noted: Noted) -> dict[str, Any]:
-    """The report notes of what `op` noted: its summary, else `{"noted": noted}`; bounded in size."""
-    if not noted:
-        return {}
-    summary = op.summarise_notes(noted)
-    if len(json.dumps(summary)) <= MAX_RUNTIME_NOTE_BYTES:
-        return summary
-    log.warning(f"op '{op.name}': its per-key notes are over {MAX_RUNTIME_NOTE_BYTES} bytes; only totals are kept")
-    return {
-        name: {k: v for k, v in value.items() if not isinstance(v, dict)} | {"per_key_dropped": True}
-        if isinstance(value, dict)
-        else value
-        for name, value in summary.items()
-    }
-
-
-def node_notes(planned: dict[str, Any], entry: EntryInfo) -> dict[str, Any]:
-    """A node's notes: the plan's, with what its entry records from computing it merged in
-    (one level deep: a runtime `lora` table joins the plan's `lora` table)."""
-    notes = dict(planned)
-    runtime = entry.notes.get(RUNTIME_NOTE)
-    for name, value in (runtime if isinstance(runtime, dict) else {}).items():
-        known = notes.get(name)
-        notes[name] = {**known, **value} if isinstance(known, dict) and isinstance(value, dict) else value
-    return notes
-
-
-class _NonFiniteWatch:
-    """Counts a node's non-finite values as its pipeline reports them; raises under `nonfinite: error`."""
-
-    def __init__(self, node: PlannedNode, where: Where) -> None:
-        self._node = node
-        self._where = where
-        self._lock = threading.Lock()
-        self.output: dict[str, int] = {}
-        self.inputs: dict[str, dict[str, int]] = {}
-
-    def __call__(self, index: int | None, key: str, count: int) -> None:
-        name = "output" if index is None else f"input '{self._node.inputs[index].name}'"
-        with self._lock:
-            counts = self.output if index is None else self.inputs.setdefault(self._node.inputs[index].name, {})
-            counts[key] = counts.get(key, 0) + count
-        if self._node.nonfinite == "error":
-            raise nonfinite_error(self._where, f"node '{self._node.name}': its {name}", key, counts[key])
-
-    def notes(self) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        if self.output:
-            found["output"] = self.output
-        if self.inputs:
-            found["inputs"] = self.inputs
-        return {NONFINITE_NOTE: found} if found else {}
 
 
 class _Peek:
@@ -392,7 +333,7 @@ class Executor:
         known = self._known_key(node)
         tmp = self.cache.new_tmp(known or node.name)
         progress = Progress(node.name, len(spec), sum(s.nbytes for s in spec.values()), enabled=self.progress)
-        watch = _NonFiniteWatch(node, self.plan.recipe.where(f"nodes.{node.name}"))
+        watch = NonFiniteWatch(node, self.plan.recipe.where(f"nodes.{node.name}"))
         entry_readers: list[SafetensorsReader] = []
         writer: SafetensorsWriter | None = None
         try:

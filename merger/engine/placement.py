@@ -32,7 +32,8 @@ from merger.cache.keys import artifact_key
 from merger.cache.store import Cache, EntryInfo
 from merger.core.nonfinite import NonFiniteCounts, nonfinite_error
 from merger.core.specs import DTYPE_NAMES, DTYPE_SIZES, TensorSpec
-from merger.engine.executor import NONFINITE_NOTE, NodeResult
+from merger.engine.entry_notes import NONFINITE_NOTE
+from merger.engine.executor import NodeResult
 from merger.engine.output_targets import OutputTarget
 from merger.engine.provenance import DTYPE_FIELD, SIDE_FILE_FIELD, parse_metadata
 from merger.errors import MergerError
