@@ -13,7 +13,8 @@ import merger.core.arrays as arrays
 from merger.core.arrays import NumpyBackend, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
 from merger.core.nonfinite import count_nonfinite
 
-floatconv = pytest.importorskip("merger.core._floatconv")
+floatconv = arrays.FLOATCONV
+compiled = pytest.mark.skipif(floatconv is None, reason="merger.core._floatconv was not built (no C compiler)")
 PATHS = [False, True]  # F16C (where the CPU has it), portable C
 
 
@@ -45,6 +46,7 @@ def same_bits(got: np.ndarray, want: np.ndarray, kind: Any) -> None:
     assert mismatch.size == 0, f"{mismatch.size} differ, first at {mismatch[:3]}"
 
 
+@compiled
 @pytest.mark.parametrize("portable", PATHS, ids=["simd", "portable"])
 def test_float16_widens_exactly_for_every_value(portable: bool) -> None:
     halves = every_half()
@@ -53,6 +55,7 @@ def test_float16_widens_exactly_for_every_value(portable: bool) -> None:
     same_bits(out, halves.view(np.float16).astype(np.float32), np.float32)
 
 
+@compiled
 @pytest.mark.parametrize("portable", PATHS, ids=["simd", "portable"])
 def test_float16_narrowing_rounds_as_numpy(portable: bool) -> None:
     values = hard_floats()
@@ -106,12 +109,14 @@ def test_numpy_backend_gives_the_same_bytes_without_the_extension(code: str, mon
     assert count_nonfinite(stored, code) == int((~np.isfinite(loaded)).sum())
 
 
+@compiled
 def test_nonfinite_count_of_16_bit_floats() -> None:
     halves = every_half()
     assert count_nonfinite(halves.tobytes(), "F16") == int((~np.isfinite(halves.view(np.float16))).sum()) == 2048
     assert floatconv.count_masked16(halves, 0x7F80) == 256  # bfloat16: 2 signs x 128 mantissas
 
 
+@compiled
 def test_sizes_that_do_not_match_are_refused() -> None:
     with pytest.raises(ValueError, match="buffer sizes do not match"):
         floatconv.f16_to_f32(np.zeros(4, np.uint16), np.empty(3, np.float32))
@@ -121,6 +126,7 @@ def test_sizes_that_do_not_match_are_refused() -> None:
         floatconv.f16_to_f32(np.zeros(4, np.uint16), b"read-only destination")
 
 
+@compiled
 def test_empty_buffers_convert_to_nothing() -> None:
     floatconv.f16_to_f32(b"", bytearray())
     assert f16_to_f32(b"").size == 0 and NumpyBackend().store(np.zeros(0, np.float32), "F16").nbytes == 0

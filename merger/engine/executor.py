@@ -23,7 +23,6 @@ family check's figures (merger.engine.family, FAMILY_NOTE): a cache hit warns, o
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -35,15 +34,17 @@ from merger.core.nonfinite import nonfinite_error
 from merger.core.specs import TensorSpec
 from merger.engine.entry_notes import NONFINITE_NOTE, RUNTIME_NOTE, NonFiniteWatch, node_notes, runtime_notes
 from merger.engine.family import FAMILY_NOTE, FAMILY_THRESHOLD, family_error, family_figures, unrelated_warning
-from merger.engine.memory import available_bytes
 from merger.engine.plan import Plan, PlannedNode, presented_spec
 from merger.engine.progress import Progress
 from merger.engine.provenance import node_metadata
+from merger.engine.source_hashing import changed_sources, fit_in_memory, hash_sources, unknown_sources
+from merger.errors import MergerError
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter
 from merger.io.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from merger.core.arrays import Backend
+    from merger.engine.catalog import SourceHandle
     from merger.engine.pipeline import ByteSource
 
 log = logging.getLogger("merger")
@@ -70,8 +71,12 @@ class NodeResult:
         return found
 
 
-#: sources hashed at once before a first run computes (reads and hashing release the GIL)
-HASHING_THREADS = 2
+def source_changed(handle: SourceHandle, node: str) -> MergerError:
+    return MergerError(
+        f"source '{handle.name}' changed while node '{node}' read it ({handle.path})",
+        where=handle.where,
+        fix="run again once the file is written (is something saving over it?); nothing was cached",
+    )
 
 
 class _Peek:
@@ -305,24 +310,17 @@ class Executor:
                 reader.close()
 
     def _hash_sources_first(self, node: PlannedNode) -> bool:
-        """Hash the node's sources whose content hash is unknown (a first run) before it computes,
-        when they fit in half the memory available; returns whether it did (the node's key is then known).
-
-        Otherwise the key, which the entry's header names, is known only once the merge has read
-        every source, so the header is patched at the end and the whole entry read again for its
-        sha256. Hashed first, the pass leaves the sources in the page cache for the merge, the
-        header is final before the data, and the sha256 is computed as the entry is written.
-        """
-        handles = {id(ref.handle): ref.handle for ref in node.inputs if ref.handle and ref.handle.content_hash is None}
-        if not handles:
+        """Hash the node's sources whose content hash is unknown before it computes, when they fit
+        in memory (merger.engine.source_hashing); returns whether it did (the node's key is known)."""
+        handles = unknown_sources(node)
+        if not handles or not fit_in_memory(handles):
             return False
-        available = available_bytes()
-        need = sum(spec.nbytes for handle in handles.values() for spec in handle.spec().values())
-        if available is None or need > available // 2:
-            return False
-        with concurrent.futures.ThreadPoolExecutor(min(len(handles), HASHING_THREADS)) as pool:
-            for done in [pool.submit(handle.finish_hash) for handle in handles.values()]:
-                done.result()  # a source's error, as the merge would have met it
+        if node.op.family_check and len(node.inputs) > 1 and self._family_policy(node) == "error":
+            self._family_on_hit(node)  # unrelated inputs fail before the pass, as before it
+        gigabytes = sum(s.nbytes for h in handles.values() for s in h.spec().values()) / 1e9
+        log.info(f"node '{node.name}': hashing {len(handles)} source(s) first ({gigabytes:.2f} GB)")
+        where = self.plan.recipe.where(f"nodes.{node.name}")
+        hash_sources(handles, NonFiniteWatch(node, where) if node.nonfinite == "error" else None)
         return True
 
     def _compute(self, node: PlannedNode) -> EntryInfo:
@@ -347,6 +345,8 @@ class Executor:
             )
             pipeline.run(writer, replace(node.spec, tensors=spec), progress.advance)
             runtime = runtime_notes(node.op, pipeline.noted)
+            for handle in changed_sources(node):
+                raise source_changed(handle, node.name)
             for ref in node.inputs:
                 if ref.handle is not None:
                     ref.handle.finish_hash()

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: a container's memory.max and memory.current
 #: glibc's mallopt parameters
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's largest: blocks up to it come from the heap
@@ -27,18 +28,32 @@ TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024  # free memory the heap's top may keep
 
 
 def available_bytes() -> int | None:
-    """MemAvailable in bytes, or None where the kernel does not say (not Linux)."""
+    """MemAvailable in bytes, or less when a container's memory limit leaves less; None where the
+    kernel does not say (not Linux)."""
     try:
         text = MEMINFO.read_text()
     except OSError:
         return None
+    found = None
     for line in text.splitlines():
         name, _, value = line.partition(":")
-        if name == "MemAvailable":
-            parts = value.split()
-            if parts and parts[0].isdigit():
-                return int(parts[0]) * 1024
-    return None
+        parts = value.split()
+        if name == "MemAvailable" and parts and parts[0].isdigit():
+            found = int(parts[0]) * 1024
+    if found is None:
+        return None
+    limit, used = _cgroup_number("memory.max"), _cgroup_number("memory.current")
+    if limit is not None and used is not None:
+        found = min(found, max(0, limit - used))
+    return found
+
+
+def _cgroup_number(name: str) -> int | None:
+    try:
+        text = (CGROUP / name).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
 
 
 @functools.cache

@@ -1,0 +1,95 @@
+"""A first run's hashing pass, and the check that no source changed while a node read it.
+
+A node's key names its sources' content hashes. On a first run they are not in the memo, so
+without this pass the key (which the entry's header records) is known only once the merge
+has read every source: the header is then patched and the whole entry read again for its
+sha256. When the unknown sources fit in half the memory available, `hash_sources` reads
+them first instead (two threads; the pass leaves them in the page cache for the merge), so
+the header is final before the data, the sha256 is taken as the entry is written, and an
+entry the same bytes made under another path is found without computing.
+
+The pass stops within one chunk of an error or an interrupt, and fails as early as the merge
+would under `nonfinite: error` (a non-finite input value). Because the merge reads the
+sources again, `changed_sources` compares each source's identity (size, times, inode) with
+the one taken when it was opened: a file rewritten in between would otherwise be merged under
+the key of its old bytes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import TYPE_CHECKING
+
+from merger.cache.memo import source_identity
+from merger.core.nonfinite import count_nonfinite
+from merger.engine.memory import available_bytes
+
+if TYPE_CHECKING:
+    from merger.engine.catalog import SourceHandle
+    from merger.engine.entry_notes import NonFiniteWatch
+    from merger.engine.plan import PlannedNode
+
+#: sources hashed at once (reads and hashing release the GIL)
+HASHING_THREADS = 2
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def unknown_sources(node: PlannedNode) -> dict[int, SourceHandle]:
+    """The node's sources whose content hash is unknown, by the index of their first input."""
+    found: dict[int, SourceHandle] = {}
+    for index, ref in enumerate(node.inputs):
+        handle = ref.handle
+        if handle is not None and handle.content_hash is None and all(h is not handle for h in found.values()):
+            found[index] = handle
+    return found
+
+
+def fit_in_memory(handles: dict[int, SourceHandle]) -> bool:
+    """Whether the sources fit in half the memory available (so the merge finds them in the page cache)."""
+    available = available_bytes()
+    need = sum(spec.nbytes for handle in handles.values() for spec in handle.spec().values())
+    return available is not None and need <= available // 2
+
+
+def hash_sources(handles: dict[int, SourceHandle], watch: NonFiniteWatch | None) -> None:
+    """Hash every source in `handles` (their content hashes are then known); `watch` (under
+    `nonfinite: error`) is told of non-finite values as they are read, and raises."""
+    stop = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(min(len(handles), HASHING_THREADS), thread_name_prefix="merger-hash")
+    try:
+        for done in [pool.submit(_hash_one, index, handle, watch, stop) for index, handle in handles.items()]:
+            done.result()  # a source's error, as the merge would have met it
+    except BaseException:
+        stop.set()  # the other threads stop within one chunk
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _hash_one(index: int, handle: SourceHandle, watch: NonFiniteWatch | None, stop: threading.Event) -> None:
+    scratch = memoryview(bytearray(HASH_CHUNK_BYTES))
+    for key, spec in handle.spec().items():
+        for begin in range(0, spec.nbytes, HASH_CHUNK_BYTES):
+            if stop.is_set():
+                return
+            data = handle.read_into(key, begin, min(begin + HASH_CHUNK_BYTES, spec.nbytes), scratch)  # digests it
+            if watch is not None and (found := count_nonfinite(data, spec.dtype)):
+                watch(index, key, found)
+    handle.finish_hash()  # what is left (empty tensors), then the content hash
+
+
+def changed_sources(node: PlannedNode) -> list[SourceHandle]:
+    """The node's sources whose files are not the ones opened (rewritten, replaced or gone)."""
+    changed = []
+    for ref in node.inputs:
+        handle = ref.handle
+        if handle is None or any(h is handle for h in changed):
+            continue
+        try:
+            same = source_identity(handle.location) == handle.identity
+        except OSError:
+            same = False
+        if not same:
+            changed.append(handle)
+    return changed
