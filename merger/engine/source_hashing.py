@@ -81,7 +81,7 @@ def _hash_one(index: int, handle: SourceHandle, watch: NonFiniteWatch | None, st
 
 def changed_sources(node: PlannedNode) -> list[SourceHandle]:
     """The node's sources whose files are not the ones opened (rewritten, replaced or gone)."""
-    changed = []
+    changed: list[SourceHandle] = []
     for ref in node.inputs:
         handle = ref.handle
         if handle is None or any(h is handle for h in changed):
