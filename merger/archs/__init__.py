@@ -6,6 +6,9 @@
   rules). The one place the planner, previews, placement and `merger-inspect`
   ask. `image_mismatch` says in words how image models differ
   (merger.archs.image_compat).
+  What spandrel found is remembered between runs in a `DetectionStore` (the
+  cache's source memo; merger.archs.detection), so a re-run does not import
+  spandrel and torch to detect an architecture again.
 - ESRGAN (RRDBNet) layouts and scales (merger.archs.esrgan); `describe` names
   an ESRGAN for `merger-inspect` and messages.
 - Language models' token embeddings and LM heads (merger.archs.embeddings).
@@ -22,11 +25,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from merger.archs import esrgan
+from merger.archs.detection import Detection, DetectionStore, ImageModel
 from merger.archs.image_compat import ImageMismatch, image_mismatch
 from merger.archs.image_models import (
     SPANDREL_MISSING,
-    Detection,
-    ImageModel,
     detect,
     image_model,
     is_image_model,
@@ -39,6 +41,7 @@ __all__ = [
     "SPANDREL_MISSING",
     "Adaptation",
     "Detection",
+    "DetectionStore",
     "ImageMismatch",
     "ImageModel",
     "align_layouts",

@@ -38,16 +38,21 @@ LM_HEAD_ENDINGS = ("lm_head.weight",)  # e.g. language_model.lm_head.weight
 TIE_FIELD = "tie_word_embeddings"
 
 
-def _ends_in(key: str, endings: Sequence[str]) -> bool:
-    return any(key == e or key.endswith("." + e) for e in endings)
+#: each kind's whole names (its endings among them), and its endings after a dot: one set lookup and one
+#: `str.endswith` a key (the planner asks for every key of every input)
+_INPUT_WHOLE = INPUT_EMBEDDING_NAMES | frozenset(INPUT_EMBEDDING_ENDINGS)
+_INPUT_DOTTED = tuple("." + e for e in INPUT_EMBEDDING_ENDINGS)
+_HEAD_WHOLE = LM_HEAD_NAMES | frozenset(LM_HEAD_ENDINGS)
+_HEAD_DOTTED = tuple("." + e for e in LM_HEAD_ENDINGS)
 
 
 def is_input_embedding(key: str) -> bool:
-    return key in INPUT_EMBEDDING_NAMES or _ends_in(key, INPUT_EMBEDDING_ENDINGS)
+    """A whole name, or a name ending (the whole key, or after a dot) of INPUT_EMBEDDING_ENDINGS."""
+    return key in _INPUT_WHOLE or key.endswith(_INPUT_DOTTED)
 
 
 def is_lm_head(key: str) -> bool:
-    return key in LM_HEAD_NAMES or _ends_in(key, LM_HEAD_ENDINGS)
+    return key in _HEAD_WHOLE or key.endswith(_HEAD_DOTTED)
 
 
 def is_embedding_like(key: str) -> bool:
@@ -145,12 +150,14 @@ def tie_conflict(
 ) -> TieConflict | None:
     """The first tied / untied pair among the inputs, or None. `config(i)` gives input i's
     `config.json` (None when it has none); it is only asked for inputs that may tie."""
-    untied = next((i for i, spec in enumerate(specs) if any(is_lm_head(k) for k in spec)), None)
+    heads = [next((k for k in spec if is_lm_head(k)), None) for spec in specs]  # each input's first LM head
+    untied = next((i for i, head in enumerate(heads) if head is not None), None)
     if untied is None:
         return None
-    head = next(k for k in specs[untied] if is_lm_head(k))
+    head = heads[untied]
+    assert head is not None
     for i, spec in enumerate(specs):
-        if any(is_lm_head(k) for k in spec) or not any(is_input_embedding(k) for k in spec):
+        if heads[i] is not None or not any(is_input_embedding(k) for k in spec):
             continue
         found = tying(spec, config(i))
         if found.ties:

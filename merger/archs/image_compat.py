@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from merger.archs.image_models import CHANNEL_NAMES, SCALE_NAMES, Detection, ImageModel, plain_text
+from merger.archs.detection import CHANNEL_NAMES, SCALE_NAMES, Detection, ImageModel, plain_text
 
 #: hyper-parameters of the upsampler (the head): models that differ only in these and the scale share a trunk
 HEAD_NAMES = SCALE_NAMES | {"scale", "upsampler", "upsampler_type", "upsample_mode", "upsample_dim"}

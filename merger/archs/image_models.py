@@ -26,7 +26,8 @@ Without spandrel (the `merger[sr]` extra), ESRGAN is still known by merger's own
 key rules (merger.archs.esrgan); other image models are unknown. A `module.` or
 `netG.` prefix on every key is stripped first, as spandrel does. Results are
 memoised per process by a digest of the keys and shapes (and of the source's
-identity where values were read); spandrel's warnings and prints are kept quiet.
+identity where values were read), and between runs in a `DetectionStore` given to `detect` (the
+cache's source memo: merger.archs.detection); spandrel's warnings and prints are kept quiet.
 
 May import: merger.core.
 """
@@ -43,10 +44,17 @@ import json
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from merger.archs import esrgan, spandrel_keys
+from merger.archs.detection import (
+    Detection,
+    DetectionStore,
+    ImageModel,
+    detection_data,
+    detection_from_data,
+    plain,
+)
 from merger.core.specs import TensorSpec, total_bytes
 
 #: a spec with more tensors than this is not taken for an image model (the largest spandrel models have ~3000)
@@ -57,83 +65,24 @@ MAX_IMAGE_MODEL_BYTES = 1 << 30
 VALUE_READ_BYTES = 256 << 20
 #: prefixes spandrel strips when every key has one (DataParallel, BasicSR's generator)
 PREFIXES = ("module.", "netG.")
-#: spandrel's hyper-parameters that only matter for training (not compared, not shown)
-TRAINING_ONLY = frozenset(
-    {"drop_rate", "attn_drop_rate", "drop_path_rate", "dropout", "use_checkpoint", "use_chk", "fairscale_checkpoint"}
-)
-#: names spandrel's model classes give the scale and the image channels (shown once, up front)
-SCALE_NAMES = frozenset({"scale", "upscale", "up_scale", "upscale_factor", "upscaling_factor", "shuffle_factor"})
-CHANNEL_NAMES = frozenset(
-    {"in_nc", "out_nc", "num_in_ch", "num_out_ch", "in_chans", "out_chans", "in_ch", "out_ch", "inp_channels"}
-    | {"in_channels", "out_channels"}
-)
+#: bump when what `detect` answers for a spec changes (its rules, or the data merger.archs.detection writes):
+#: detections remembered in a store (the cache) under another version are not used
+DETECTION_VERSION = 1
 SPANDREL_MISSING = "spandrel is not installed (pip install 'merger[sr]'), so only ESRGAN is known"
 
 #: reads bytes [start, stop) of tensor `key` into `out` (a source's `read_into` / `peek_into`)
 ReadInto = Callable[[str, int, int, memoryview], memoryview]
 
 
-@dataclass(frozen=True)
-class ImageModel:
-    """An image model: spandrel's architecture id and name, the model class, what it does, and the
-    sizes spandrel reads (`resolved` False: the architecture alone, its sizes need tensor values)."""
-
-    arch: str  # spandrel's id, e.g. "Compact"
-    name: str  # spandrel's name, e.g. "RealESRGAN Compact"
-    model_class: str  # e.g. "SRVGGNetCompact"
-    scale: int | None
-    in_channels: int | None
-    out_channels: int | None
-    hyperparameters: dict[str, Any] = field(default_factory=dict)  # plain JSON values
-    purpose: str = "SR"  # SR | FaceSR | Restoration | Inpainting
-    tags: tuple[str, ...] = ()
-    resolved: bool = True
-    note: str = ""  # why not resolved
-    by: str = "spandrel"  # who detected it: spandrel, or merger's own ESRGAN rules
-    min_size: int = 0  # spandrel's size_requirements.minimum: the shortest side an input has unpadded
-
-    @property
-    def label(self) -> str:
-        """'SRVGGNetCompact (Compact, RealESRGAN Compact)', 'SPAN'."""
-        others = [n for n in dict.fromkeys((self.arch, self.name)) if n != self.model_class]
-        return f"{self.model_class} ({', '.join(others)})" if others else self.model_class
-
-    @property
-    def sizes(self) -> dict[str, Any]:
-        """The hyper-parameters that tell models of the architecture apart (not the training-only ones)."""
-        return {k: v for k, v in self.hyperparameters.items() if k not in TRAINING_ONLY}
-
-    def describe(self) -> str:
-        """'SRVGGNetCompact (Compact, RealESRGAN Compact): 4x, 3->3 channels, num_feat 64, num_conv 32, ...'"""
-        if not self.resolved:
-            return f"{self.label}: {self.note}"
-        shown = [f"{k} {plain_text(v)}" for k, v in self.sizes.items() if k not in SCALE_NAMES | CHANNEL_NAMES]
-        head = f"{self.scale}x, {self.in_channels}->{self.out_channels} channels"
-        purpose = f" ({self.purpose})" if self.purpose not in ("SR", "Restoration") else ""
-        return f"{self.label}: {head}{purpose}" + "".join(f", {s}" for s in shown)
-
-
-@dataclass(frozen=True)
-class Detection:
-    """What a spec is: an image model, or None and why not."""
-
-    model: ImageModel | None
-    why: str = ""
-    needs_values: bool = False  # spandrel's loader for this architecture reads tensor values
-
-
-def plain_text(value: Any) -> str:
-    """A hyper-parameter in words: 64, [6, 6], pixelshuffle, true, none."""
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value).replace("null", "none")
-    return str(value) if not isinstance(value, list | dict) else json.dumps(value).replace('"', "")
-
-
 def image_model(
-    spec: Mapping[str, TensorSpec], *, read: ReadInto | None = None, identity: str | None = None
+    spec: Mapping[str, TensorSpec],
+    *,
+    read: ReadInto | None = None,
+    identity: str | None = None,
+    store: DetectionStore | None = None,
 ) -> ImageModel | None:
     """The image model a spec is, or None (see `detect` for why)."""
-    return detect(spec, read=read, identity=identity).model
+    return detect(spec, read=read, identity=identity, store=store).model
 
 
 def is_image_model(spec: Mapping[str, TensorSpec]) -> bool:
@@ -146,10 +95,18 @@ def spandrel_available() -> bool:
 
 
 @functools.cache
+def _spandrel_version() -> str:
+    try:
+        return importlib.metadata.version("spandrel")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+@functools.cache
 def _anchors_apply() -> bool:
     """Whether `spandrel_keys.ANCHORS` describes the installed spandrel."""
     try:
-        return importlib.metadata.version("spandrel") == spandrel_keys.SPANDREL_VERSION
+        return _spandrel_version() == spandrel_keys.SPANDREL_VERSION
     except importlib.metadata.PackageNotFoundError:
         return False
 
@@ -192,9 +149,17 @@ def spec_digest(spec: Mapping[str, TensorSpec]) -> str:
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
-def detect(spec: Mapping[str, TensorSpec], *, read: ReadInto | None = None, identity: str | None = None) -> Detection:
+def detect(
+    spec: Mapping[str, TensorSpec],
+    *,
+    read: ReadInto | None = None,
+    identity: str | None = None,
+    store: DetectionStore | None = None,
+) -> Detection:
     """What `spec` is. `read` (with the source's `identity`, for the memo) lets a loader that needs
-    tensor values have them, for a model of at most VALUE_READ_BYTES; nothing else is ever read."""
+    tensor values have them, for a model of at most VALUE_READ_BYTES; nothing else is ever read.
+    `store` remembers spandrel's answers between runs (`store_key`), so that a later run (a cache
+    hit above all) neither asks spandrel again nor imports torch."""
     why = prefilter(spec)
     if why is not None:
         return _fallback(spec, why)
@@ -202,25 +167,46 @@ def detect(spec: Mapping[str, TensorSpec], *, read: ReadInto | None = None, iden
         return _fallback(spec, SPANDREL_MISSING)
     digest = spec_digest(spec)
     with _LOCK:
-        found = _MEMO.get((digest, None))
+        found = _recalled((digest, None), store)
         if found is None:
             try:
-                found = _remember((digest, None), _run_spandrel(canonical(spec), None))
+                found = _remember((digest, None), _run_spandrel(canonical(spec), None), store)
             except ImportError as e:  # a broken install: as if it were not there
                 return _fallback(spec, f"spandrel cannot be imported ({e})")
         if found.needs_values and read is not None and total_bytes(spec) <= VALUE_READ_BYTES:
-            found = _MEMO.get((digest, identity)) if identity is not None else None
+            found = _recalled((digest, identity), store) if identity is not None else None
             if found is None:
                 found = _run_spandrel(canonical(spec), _reader_of(spec, read, wrapping_prefix(spec)))
-                if identity is not None:
-                    _remember((digest, identity), found)
+                if identity is not None:  # a read that failed is not remembered past this run
+                    _remember((digest, identity), found, store if found.model is not None else None)
     return found if found.model is not None else _fallback(spec, found.why)
 
 
-def _remember(key: tuple[str, str | None], found: Detection) -> Detection:
+def store_key(digest: str, identity: str | None) -> str:
+    """Where a store keeps the detection of a spec (by its digest; with the source's `identity` where
+    tensor values were read): a digest that changes with spandrel's version and DETECTION_VERSION."""
+    data = {"detector": DETECTION_VERSION, "spandrel": _spandrel_version(), "spec": digest, "values_of": identity}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _recalled(key: tuple[str, str | None], store: DetectionStore | None) -> Detection | None:
+    """A detection made before: in the store (then remembered in this process too), else in this
+    process (then put in the store, which may be another run's: a sweep's job after its pre-flight)."""
+    if store is None:
+        return _MEMO.get(key)
+    found = detection_from_data(store.get_detection(store_key(*key)))
+    if found is not None:
+        return _remember(key, found, None)
+    found = _MEMO.get(key)
+    return _remember(key, found, store) if found is not None else None
+
+
+def _remember(key: tuple[str, str | None], found: Detection, store: DetectionStore | None) -> Detection:
     if len(_MEMO) >= _MEMO_SIZE:
         _MEMO.pop(next(iter(_MEMO)))
     _MEMO[key] = found
+    if store is not None:
+        store.put_detection(store_key(*key), detection_data(found))
     return found
 
 
@@ -335,19 +321,6 @@ def _run_spandrel(spec: Mapping[str, TensorSpec], values: Callable[[str], Any] |
         ),
         needs_values=values is not None,
     )
-
-
-def plain(value: Any) -> Any:
-    """A hyper-parameter as a plain JSON value (tuples as lists, classes by name)."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, type):
-        return value.__name__
-    return str(value)
 
 
 def _torch_dtype(code: str) -> Any:

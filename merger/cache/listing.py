@@ -29,7 +29,7 @@ _HEX = re.compile(r"[0-9a-f]+")
 _KEY_NAME = r"[0-9a-f]{64}(?:-variant)?"
 _MERGER_NAMES = {
     "objects": re.compile(rf"{_KEY_NAME}\.(?:safetensors|pth)(?:\.json)?"),
-    "memo": re.compile(r"[0-9a-f]{64}(?:\.layout)?\.json"),
+    "memo": re.compile(r"[0-9a-f]{64}(?:\.layout|\.detection)?\.json"),
     "locks": re.compile(rf"(?:provisional-)?{_KEY_NAME}\.lock"),
     "quarantine": re.compile(rf"{_KEY_NAME}\.(?:safetensors|pth)(?:\.json)?\.\d+"),
 }

@@ -7,7 +7,9 @@ unwrapped; a copy made with `cp -p` or `rsync -t` changes the last two) to its
 content hash and spec. One small JSON file per identity, written atomically,
 so concurrent runs and shared filesystems are safe. For a PyTorch checkpoint
 it also keeps the layout its one parse found (where each tensor's bytes are),
-so the unpickler runs once per file, not again in the job or the next run.
+so the unpickler runs once per file, not again in the job or the next run. It also remembers what
+image-model detections found (by a digest of the spec and spandrel's version, merger.archs), so a
+re-run does not import spandrel and torch to detect an architecture again.
 """
 
 from __future__ import annotations
@@ -23,12 +25,50 @@ from merger.cache.atomic import write_text_atomic
 from merger.cache.hashing import KEY_SCHEME, digest_json
 from merger.core.regular_file import open_regular
 from merger.core.specs import DTYPE_SIZES, TensorSpec
-from merger.core.strict_json import loads_strict
 from merger.io.sources import SourceLocation
 
 #: bump when what a file is read as changes (e.g. the .pth unwrapping rules); 2: merger's own .pth reader
 LOADER_VERSION = 2
 MAX_MEMO_BYTES = 256 * 1024 * 1024
+
+
+def _tensor_spec(row: Any) -> TensorSpec | None:
+    """[dtype, shape] as a TensorSpec, or None when it cannot describe a real tensor."""
+    dtype, shape = row
+    if dtype not in DTYPE_SIZES or not isinstance(shape, list):
+        return None
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    return TensorSpec(dtype, tuple(shape))
+
+
+def _spec_of(data: Any) -> dict[str, TensorSpec] | None:
+    """The spec a memo entry holds (None: not a valid one): `keys` with an index each into the distinct
+    `specs`, or (as earlier mergers wrote it) one [key, dtype, shape] row per tensor."""
+    if "spec" in data:  # the earlier form
+        rows = data["spec"]
+        specs = {}
+        for key, dtype, shape in rows:
+            found = _tensor_spec([dtype, shape])
+            if found is None or type(key) is not str:
+                return None
+            specs[key] = found
+        return specs if len(specs) == len(rows) else None
+    keys, table, index = data["keys"], data["specs"], data["spec_of"]
+    if not (type(keys) is list and type(table) is list and type(index) is list and len(keys) == len(index)):
+        return None
+    distinct: list[TensorSpec] = []
+    for row in table:
+        found = _tensor_spec(row)
+        if found is None:
+            return None
+        distinct.append(found)
+    if keys and not (set(map(type, keys)) == {str} and set(map(type, index)) == {int}):
+        return None
+    if index and not (min(index) >= 0 and max(index) < len(distinct)):
+        return None
+    spec = dict(zip(keys, map(distinct.__getitem__, index), strict=True))
+    return spec if len(spec) == len(keys) else None
 
 
 def source_identity(location: SourceLocation) -> str:
@@ -51,34 +91,40 @@ class MemoEntry:
 class SourceMemo:
     def __init__(self, root: Path) -> None:
         self.root = root
+        #: detections to remember, written by `write_detections` when the job runs (a pre-flight writes nothing)
+        self._detections: dict[str, Any] = {}
 
     def _path(self, identity: str, suffix: str = ".json") -> Path:
         return self.root / identity[:2] / f"{identity}{suffix}"
 
     def _read(self, path: Path) -> Any:
+        """A memo file's JSON, or None. merger wrote it, so Python's own parser reads it (a file that
+        nests too deeply fails as any other damage does); `get` checks every value it uses."""
         try:
             with open_regular(path) as f:
                 raw = f.read(MAX_MEMO_BYTES + 1)
-            return None if len(raw) > MAX_MEMO_BYTES else loads_strict(raw, what="a memo entry")
-        except (OSError, ValueError):
+            return None if len(raw) > MAX_MEMO_BYTES else json.loads(raw)
+        except (OSError, ValueError, RecursionError):
             return None
 
     def get(self, identity: str) -> MemoEntry | None:
         data = self._read(self._path(identity))
         try:
-            spec = {str(k): TensorSpec(d, tuple(s)) for k, d, s in data["spec"]}
-            content_hash = str(data["hash"])
-        except (ValueError, KeyError, TypeError):
+            spec = _spec_of(data)
+            content_hash = data["hash"]
+        except (ValueError, KeyError, TypeError, IndexError):
             return None
-        valid = all(
-            t.dtype in DTYPE_SIZES and all(isinstance(d, int) and d >= 0 for d in t.shape) for t in spec.values()
-        )
-        return MemoEntry(content_hash, spec) if valid else None
+        return MemoEntry(content_hash, spec) if spec is not None and isinstance(content_hash, str) else None
 
     def put(self, identity: str, entry: MemoEntry) -> None:
+        """The spec as its distinct tensor specs and, per key, which one (a model of many keys has few)."""
+        table: dict[TensorSpec, int] = {}
+        index = [table.setdefault(s, len(table)) for s in entry.spec.values()]
         data = {
             "hash": entry.content_hash,
-            "spec": [[k, s.dtype, list(s.shape)] for k, s in entry.spec.items()],
+            "keys": list(entry.spec),
+            "specs": [[s.dtype, list(s.shape)] for s in table],
+            "spec_of": index,
         }
         write_text_atomic(self._path(identity), json.dumps(data))
 
@@ -90,3 +136,20 @@ class SourceMemo:
     def put_layout(self, identity: str, layout: list[list[Any]]) -> None:
         with suppress(OSError):  # a read-only cache only means the next run parses the file again
             write_text_atomic(self._path(identity, ".layout.json"), json.dumps(layout))
+
+    def get_detection(self, key: str) -> Any:
+        """What an image-model detection found, remembered under `key` (merger.archs.detection reads it)."""
+        if key in self._detections:
+            return self._detections[key]
+        return self._read(self._path(key, ".detection.json"))
+
+    def put_detection(self, key: str, data: Any) -> None:
+        """Remember a detection: kept here until `write_detections`, so that checks that fail write nothing."""
+        self._detections[key] = data
+
+    def write_detections(self) -> None:
+        """Write the detections put since the last call (the job does, once its checks have passed)."""
+        pending, self._detections = self._detections, {}
+        for key, data in pending.items():
+            with suppress(OSError):  # a read-only cache only means the next run asks spandrel again
+                write_text_atomic(self._path(key, ".detection.json"), json.dumps(data))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from merger.errors import MergerError, os_error_block, shown
 
 if TYPE_CHECKING:
+    from merger.cli.job import Prepared
     from merger.engine.output_targets import SweepJob
 
 
@@ -84,14 +85,17 @@ def execute(
     launch_dir: Path,
     output_dir: Path,
     sweep_job: SweepJob | None = None,
+    prepared: Prepared | None = None,
 ) -> RunResult:
-    """Prepare, run and report one job of checked recipe data (the command's jobs come here too)."""
+    """Prepare, run and report one job of checked recipe data (the command's jobs come here too).
+    `prepared`: what `prepare` made of this very data already (the command's pre-flight)."""
     from merger.cli.job import prepare, run
     from merger.ops import builtin_registry
     from merger.report.git_state import git_state
     from merger.report.run_report import REPORT_NAME, RunContext
 
-    prepared = prepare(data, builtin_registry(), file=label, launch_dir=launch_dir)
+    if prepared is None:
+        prepared = prepare(data, builtin_registry(), file=label, launch_dir=launch_dir)
     context = RunContext(
         recipe_name=source.name,
         recipe_file=str(source.file) if source.file else None,

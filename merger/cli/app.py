@@ -1,17 +1,27 @@
 """The `merger` command: a Hydra app with a pre-flight check.
 
-Before Hydra's runner starts, the job of a run is composed with Hydra's Compose
-API and validated as far as specs allow: recipe syntax, ops, parameters,
-references, cycles, file headers, shapes, where outputs land. A sweep's jobs
-are checked the same way by merger's sweeper (hydra/sweeper=merger, the
-default), where Hydra knows them. A problem is printed as one short block and
-exits 2, without Hydra's traceback and before any output directory is made.
+Before Hydra's runner makes the directory of a run, its job is validated as
+far as specs allow, on the config Hydra composed for it (`PreflightCallback`,
+a Hydra callback of merger's config, at `on_run_start`): recipe syntax, ops,
+parameters, references, cycles, file headers, shapes, where outputs land. A
+sweep's jobs are checked the same way by merger's sweeper (hydra/sweeper=merger,
+the default), where Hydra knows them. A problem is printed as one short block
+and exits 2, without Hydra's traceback and before any output directory is made.
 A search (`-m hydra/sweeper=optuna`, another sweeper than merger's) is checked
 at the bounds of its search space (merger.cli.search_check). Then Hydra runs the
 jobs as usual (run dirs, multirun, launchers, callbacks); each job validates
 again (it may run in another process), executes, and returns the recipe's
 objective (what a sweeper such as Optuna's optimises; None without one).
 `recipe=path/to/file.yaml` runs a recipe file by its path (merger.cli.recipe_path).
+
+The recipe is composed twice per run, as in any Hydra app (Hydra's `get_mode`,
+then the run's own), never a third time for the pre-flight; and the pre-flight
+hands what it checked (the recipe data and its plan) to the job, which runs in
+the same process (`on_job_start` gives it to the task, a `Job`): a job whose
+recipe data is the checked data runs that plan, planned once. One whose data
+differs (a value only the job knows, such as `${now:...}`) plans its own.
+`preflight` composes and checks a run by itself (the Compose API), for callers
+without Hydra's runner.
 """
 
 from __future__ import annotations
@@ -20,23 +30,31 @@ import functools
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import yaml
 from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from merger.cli.failure import fail, wants_traceback
+from merger.cli.failure import EXIT_BUG, fail, wants_traceback
 from merger.cli.hydra_errors import explain_hydra_error
-from merger.cli.job_config import check_jobs, recipe_data
+from merger.cli.job_config import CheckedJob, check_jobs, recipe_data
 from merger.cli.recipe_path import recipe_file, rewrite_recipe_args
 from merger.cli.recipe_source import RecipeDirSource
+from merger.errors import MergerError
+
+if TYPE_CHECKING:
+    from merger.cli.job import Prepared
 
 #: flags after which Hydra only prints something (help, config, info): no pre-flight
 PASSTHROUGH_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
@@ -65,6 +83,9 @@ def _split_args(args: list[str]) -> tuple[bool, list[str], bool]:
 
 def _recipe_keys(overrides: list[str]) -> list[str]:
     """The top-level keys of the config that the group choices in `overrides` select."""
+    if not GlobalHydra.instance().is_initialized():  # after Hydra's runner failed: a context of its own
+        with initialize_config_module(config_module="merger.conf", version_base="1.3"):
+            return _recipe_keys(overrides)
     choices = [o for o in overrides if o.split("=")[0] in ("recipe", "hydra.searchpath")]
     try:
         cfg = compose(config_name="config", overrides=choices)
@@ -74,8 +95,8 @@ def _recipe_keys(overrides: list[str]) -> list[str]:
 
 
 def preflight(overrides: list[str], launch_dir: Path) -> None:
-    """Compose and check the one job of a run before Hydra makes its directory; raises MergerError.
-    (A sweep is checked by merger's sweeper, where Hydra knows its jobs: merger.cli.sweep_check.)"""
+    """Compose and check the one job of a run, as `PreflightCallback` checks it in Hydra's runner (for
+    callers without Hydra's runner); raises MergerError."""
     with initialize_config_module(config_module="merger.conf", version_base="1.3"):
         try:
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
@@ -84,9 +105,65 @@ def preflight(overrides: list[str], launch_dir: Path) -> None:
         check_jobs([(overrides, cfg)], launch_dir, None)
 
 
-def _task(cfg: DictConfig) -> float | list[float] | None:
-    """One Hydra job: validate, execute, report (through merger.cli.api.execute, as merger.run).
-    Returns the recipe's objective, what a search's sweeper optimises (NaN where a metric failed)."""
+class PreflightCallback(Callback):
+    """The pre-flight of a run, on the config Hydra composed for it, before Hydra makes its directory
+    (`on_run_start`; in a sweep, merger's sweeper checks the jobs instead). A problem is merger's block
+    and exit status 2. What it checked goes to the run's job (`on_job_start`, to a `Job` task)."""
+
+    def __init__(self) -> None:
+        self._checked: CheckedJob | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launch_dir = Path(str(config.hydra.runtime.cwd))
+        overrides = [str(o) for o in config.hydra.overrides.task]
+        try:  # Hydra turns a callback's exception into a warning: the block and the exit are said here
+            (self._checked,) = check_jobs([(overrides, config)], launch_dir, None, keep=True)
+        except Exception as e:
+            if wants_traceback(sys.argv) and not isinstance(e, MergerError):
+                traceback.print_exc()
+                raise SystemExit(EXIT_BUG) from None
+            raise SystemExit(fail(e, traceback=False)) from None
+
+    def on_job_start(self, config: DictConfig, *, task_function: Any, **kwargs: Any) -> None:
+        checked, self._checked = self._checked, None
+        if checked is None:
+            return
+        if isinstance(task_function, Job):
+            task_function.offer(checked)
+        else:  # another app's task: it plans for itself
+            checked.prepared.catalog.close()
+
+
+class Job:
+    """Hydra's task function: one job of the run or sweep (`_task`), with the pre-flight's checked job
+    when one was offered (`offer`: taken once, by the first job, and dropped if that job's recipe
+    data is not what was checked)."""
+
+    def __init__(self) -> None:
+        self._checked: CheckedJob | None = None
+
+    def offer(self, checked: CheckedJob) -> None:
+        if self._checked is not None:
+            self._checked.prepared.catalog.close()
+        self._checked = checked
+
+    def take(self, data: dict[str, Any], label: str, launch_dir: Path) -> Prepared | None:
+        checked, self._checked = self._checked, None
+        if checked is None:
+            return None
+        if checked.fits(data, label, launch_dir):
+            return checked.prepared  # the job closes its sources when it ends
+        checked.prepared.catalog.close()
+        return None
+
+    def __call__(self, cfg: DictConfig) -> float | list[float] | None:
+        return _task(cfg, self)
+
+
+def _task(cfg: DictConfig, job: Job) -> float | list[float] | None:
+    """One Hydra job: validate, execute, report (through merger.cli.api.execute, as merger.run), with
+    the pre-flight's plan when it fits (`job.take`). Returns the recipe's objective, what a search's
+    sweeper optimises (NaN where a metric failed)."""
     from merger.cli.api import JobSource, execute
     from merger.engine.output_targets import SweepJob
 
@@ -108,6 +185,7 @@ def _task(cfg: DictConfig) -> float | list[float] | None:
             launch_dir=launch_dir,
             output_dir=Path(hc.runtime.output_dir),
             sweep_job=sweep_job,
+            prepared=job.take(data, label, launch_dir),
         )
     except Exception as e:
         raise SystemExit(fail(e, traceback=wants_traceback(sys.argv))) from None
@@ -115,7 +193,9 @@ def _task(cfg: DictConfig) -> float | list[float] | None:
     return objective
 
 
-_hydra_main = hydra.main(version_base="1.3", config_path="pkg://merger.conf", config_name="config")(_task)
+def hydra_main() -> Any:
+    """Hydra's app, whose task is a `Job`."""
+    return hydra.main(version_base="1.3", config_path="pkg://merger.conf", config_name="config")(Job())
 
 
 def run(argv: list[str]) -> None:
@@ -127,8 +207,7 @@ def run(argv: list[str]) -> None:
     sys.argv = argv  # Hydra reads its arguments from sys.argv
     Plugins.instance().register(RecipeDirSource)
     multirun, overrides, skip = _split_args(argv[1:])
-    if not skip and not multirun:
-        preflight(overrides, launch_dir)
+    # a run's pre-flight: PreflightCallback, on the config Hydra composes (merger/conf/config.yaml)
     if not skip and multirun:
         from merger.cli.search_check import preflight_search
 
@@ -137,7 +216,7 @@ def run(argv: list[str]) -> None:
     # is set; set, it raises them, and merger shows its block (the user's -v is MERGER_VERBOSE: failure.py)
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        _hydra_main()
+        hydra_main()()
     except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError, OverflowError) as e:
         if wants_traceback(argv):
             raise

@@ -182,6 +182,7 @@ def _run(prepared: Prepared, context: RunContext, sweep_job: SweepJob | None, sa
     for warning in prepared.warnings:
         log.warning(warning)
     prepared.cache.remove_stale_tmp()
+    prepared.cache.memo.write_detections()  # what the plan's image-model checks found, for the next run
     executor = Executor(
         plan, prepared.cache, device=plan.recipe.settings.device, progress=plan.recipe.settings.progress
     )

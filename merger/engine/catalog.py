@@ -181,6 +181,7 @@ class SourceCatalog:
     """Every source a recipe names, each a list of handles (one, or a glob's matches)."""
 
     def __init__(self, recipe: Recipe, launch_dir: Path, memo: SourceMemo, seen: SpecsSeen | None = None) -> None:
+        self.memo = memo  # also where image-model detections are remembered (merger.archs.detect's store)
         self._handles = {name: self._resolve(recipe, d, launch_dir, memo, seen) for name, d in recipe.sources.items()}
 
     @staticmethod

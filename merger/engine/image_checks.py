@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from merger.archs import SPANDREL_MISSING, Detection, ImageMismatch, detect, image_mismatch
+from merger.archs import SPANDREL_MISSING, Detection, DetectionStore, ImageMismatch, detect, image_mismatch
 from merger.core.specs import TensorSpec, spec_differences
 from merger.engine.catalog import SourceHandle
 from merger.errors import MergerError
@@ -41,10 +41,13 @@ def merges(op: AnyOp, n_inputs: int) -> bool:
     return n_inputs >= 2 and (op.family_check or isinstance(op, AlignedOp))
 
 
-def detections(handles: Sequence[SourceHandle | None], specs: Sequence[dict[str, TensorSpec]]) -> list[Detection]:
-    """What each input is; a source's reader is handed on for the architectures whose sizes are values."""
+def detections(
+    handles: Sequence[SourceHandle | None], specs: Sequence[dict[str, TensorSpec]], store: DetectionStore | None = None
+) -> list[Detection]:
+    """What each input is; a source's reader is handed on for the architectures whose sizes are values.
+    `store` (the cache's source memo) remembers what spandrel found, for the next run."""
     return [
-        detect(spec, read=h.peek_into, identity=h.identity) if h is not None else detect(spec)
+        detect(spec, read=h.peek_into, identity=h.identity, store=store) if h is not None else detect(spec, store=store)
         for h, spec in zip(handles, specs, strict=True)
     ]
 
@@ -131,6 +134,8 @@ def coverage_error(
     keys = _float_keys(specs[0], params)
     if not keys:
         return None
+    if found[0].model is None and any(mergeable(k, specs) for k in keys):
+        return None  # not an image model, and it merges a key: nothing to say (without a pass over every key)
     merged = [k for k in keys if mergeable(k, specs)]
     mismatch = image_mismatch(names, found)
     differ = f" ({mismatch.what})" if mismatch else ""

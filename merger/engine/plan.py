@@ -208,7 +208,7 @@ def _plan_node(
     described = InputSpecs(tuple(ref.name for ref in inputs), specs, configs)
     # a merge of image models: one architecture and size, and most of the parameters merged
     merging = image_checks.merges(op, len(inputs))
-    found = image_checks.detections([ref.handle for ref in inputs], stored) if merging else []
+    found = image_checks.detections([ref.handle for ref in inputs], stored, catalog.memo) if merging else []
     if merging:
         image_error = image_checks.image_error(node.name, described.names, found, specs, params)
         if image_error is not None:

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 from merger.io.safetensors_header import SafetensorsHeader, _bad_file
 
+METADATA_KEY = "__metadata__"
+#: json.dumps's own string writer (ensure_ascii), so that headers are the bytes json.dumps gives
+_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
 ALIGNMENT = 8
 WRITEBACK_BYTES = 64 * 1024 * 1024
 
@@ -68,18 +72,55 @@ class SafetensorsReader:
 
 
 def build_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str], *, min_length: int = 0) -> bytes:
-    """Header bytes (length prefix included) for tensors laid out in `specs` order."""
+    """Header bytes (length prefix included) for tensors laid out in `specs` order: the bytes of
+    `json.dumps({"__metadata__": metadata, key: {dtype, shape, data_offsets}, ...}, separators=(",", ":"))`,
+    padded with spaces to a multiple of ALIGNMENT."""
+    if METADATA_KEY in specs:  # a tensor of that name takes the metadata's place in json.dumps's dict
+        return _padded(_header_json(specs, metadata), min_length)
+    return assemble_header(header_entries(specs), metadata, min_length=min_length)
+
+
+def header_entries(specs: Mapping[str, TensorSpec]) -> str:
+    """The tensors' part of a header, `"key":{"dtype":..,"shape":[..],"data_offsets":[b,e]}` comma-joined as
+    json.dumps writes it (for specs without a `__metadata__` key); each distinct spec is written once."""
+    known: dict[TensorSpec, tuple[str, int]] = {}
+    parts: list[str] = []
+    offset = 0
+    for key, spec in specs.items():
+        found = known.get(spec)
+        if found is None:
+            shape = json.dumps(list(spec.shape), separators=(",", ":"))
+            found = known[spec] = (f'{{"dtype":{_string(spec.dtype)},"shape":{shape},"data_offsets":[', spec.nbytes)
+        fragment, nbytes = found
+        parts.append(f"{_string(key)}:{fragment}{offset},{offset + nbytes}]}}")
+        offset += nbytes
+    return ",".join(parts)
+
+
+def assemble_header(entries: str, metadata: Mapping[str, str], *, min_length: int = 0) -> bytes:
+    """Header bytes from `header_entries` and the metadata (what `build_header` gives)."""
+    parts = [f'"{METADATA_KEY}":{json.dumps(dict(metadata), separators=(",", ":"))}'] if metadata else []
+    if entries:
+        parts.append(entries)
+    return _padded("{" + ",".join(parts) + "}", min_length)
+
+
+def _header_json(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> str:
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = dict(metadata)
+        header[METADATA_KEY] = dict(metadata)
     offset = 0
     for key, spec in specs.items():
         header[key] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    length = max(len(text), min_length)
+    return json.dumps(header, separators=(",", ":"))
+
+
+def _padded(text: str, min_length: int) -> bytes:
+    data = text.encode()
+    length = max(len(data), min_length)
     length += -(8 + length) % ALIGNMENT
-    return struct.pack("<Q", length) + text.ljust(length, b" ")
+    return struct.pack("<Q", length) + data.ljust(length, b" ")
 
 
 class SafetensorsWriter:
@@ -102,12 +143,19 @@ class SafetensorsWriter:
         self._keys = iter(self.specs)
         self._key: str | None = None
         self._left = 0  # bytes still due for the current key
-        self._header = build_header(self.specs, metadata)
+        #: the tensors' part of the header, written again by `finish` with the final metadata
+        self._entries = header_entries(self.specs) if METADATA_KEY not in self.specs else None
+        self._header = self._build(metadata)
         self._sha = hashlib.sha256() if final_header else None
         self._file = io.FileIO(path, "wb")
         self._flushed = 0
         self.bytes_written = 0
         self._write(self._header)
+
+    def _build(self, metadata: Mapping[str, str], *, min_length: int = 0) -> bytes:
+        if self._entries is None:
+            return build_header(self.specs, metadata, min_length=min_length)
+        return assemble_header(self._entries, metadata, min_length=min_length)
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -140,7 +188,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"writer finished before tensor {leftover or self._key!r}")
         sha = self._sha.hexdigest() if self._sha is not None else ""
         if metadata is not None:
-            header = build_header(self.specs, metadata, min_length=len(self._header) - 8)
+            header = self._build(metadata, min_length=len(self._header) - 8)
             if len(header) != len(self._header):
                 raise RuntimeError("patched safetensors header changed length")
             if header != self._header:
