@@ -13,6 +13,17 @@ absolute difference between the two outputs, and the share of elements that
 differ by more than 1e-5. DARE draws its random drops differently in each
 tool, so its comparison runs at density 1 (no drop); TIES differs only where
 deltas tie at its cut (each tool breaks such ties its own way).
+
+    python benchmarks/bench_methods.py --memory                       # issue 13, part 2
+    PYTHONPATH=/tmp/before python benchmarks/bench_methods.py --memory  # another checkout's merger
+
+`--memory` needs no mergekit: it writes a Stable Diffusion-sized base (about
+`--gb` GB of float16 in UNet-like conv, attention and feed-forward tensors) and
+two fine-tunes of it (base + small noise, rounded to float16), and prints, per
+method, the wall time, seconds per GB read (wall minus the start-up of the same
+merge of tiny models, over the bytes of all inputs), peak RSS, and both against
+the weighted sum's on the same three inputs (the figures of "TIES within 2x of a
+lerp" in issue 13). The merger that runs is whichever `python -m merger` imports.
 """
 
 from __future__ import annotations
@@ -91,6 +102,95 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
 }
 
 
+SD_LIKE = """
+import sys
+from pathlib import Path
+import numpy as np
+from merger.core.arrays import NumpyBackend
+from merger.core.specs import TensorSpec
+from merger.io.safetensors_file import SafetensorsWriter
+root, n_bytes, dtype = Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+root.mkdir(parents=True, exist_ok=True)
+shapes, total, block = {}, 0, 0
+while total < n_bytes // (4 if dtype == "F32" else 2):
+    w = (320, 640, 1280)[block % 3]
+    p = f"unet.block{block}."
+    for name, shape in (("conv1", (w, w, 3, 3)), ("conv2", (w, w, 3, 3)), ("attn.q", (w, w)), ("attn.k", (w, w)),
+                        ("attn.v", (w, w)), ("attn.out", (w, w)), ("ff.proj", (8 * w, w)), ("ff.out", (w, 4 * w)),
+                        ("norm.weight", (w,)), ("norm.bias", (w,))):
+        shapes[p + name] = shape
+        total += int(np.prod(shape))
+    block += 1
+specs = {k: TensorSpec(dtype, s) for k, s in shapes.items()}
+xp = NumpyBackend()
+for name, seed in (("base", 0), ("ft1", 1), ("ft2", 2)):
+    base_rng, noise = np.random.default_rng(0), np.random.default_rng(seed)
+    writer = SafetensorsWriter(root / f"{name}.safetensors", specs, {})
+    for key, spec in specs.items():
+        for start in range(0, spec.numel, 1 << 22):
+            n = min(1 << 22, spec.numel - start)
+            values = base_rng.standard_normal(n, dtype=np.float32) * 0.02
+            if seed:
+                values += noise.standard_normal(n, dtype=np.float32) * 0.002
+            writer.write_chunk(key, xp.store(values, dtype))
+    writer.finish()
+"""
+
+#: --memory: name -> node (base, ft1, ft2 are the inputs)
+MEMORY_METHODS: dict[str, dict[str, Any]] = {
+    "weighted_sum": {"op": "weighted_sum", "inputs": ["base", "ft1", "ft2"], "weights": [0.4, 0.3, 0.3]},
+    "ties": {"op": "ties", "base": "base", "inputs": ["ft1", "ft2"], "density": 0.3},
+    "dare_ties": {"op": "dare_ties", "base": "base", "inputs": ["ft1", "ft2"], "density": 0.3},
+    "dare_linear (l1)": {
+        "op": "dare_linear",
+        "base": "base",
+        "inputs": ["ft1", "ft2"],
+        "density": 0.3,
+        "rescale": "l1",
+    },
+    "model_stock": {"op": "model_stock", "base": "base", "inputs": ["ft1", "ft2"]},
+    "slerp": {"op": "slerp", "inputs": ["ft1", "ft2"], "t": 0.4},
+}
+
+
+def run_memory(root: Path, node: dict[str, Any]) -> Any:
+    """One first run (empty cache) of `node` over root's base/ft1/ft2: its Measure."""
+    recipe = {
+        "sources": {name: str(root / f"{name}.safetensors") for name in ("base", "ft1", "ft2")},
+        "nodes": {"merged": node},
+        "outputs": {"merged": {"path": str(root / "out.safetensors")}},
+    }
+    (root / "recipes").mkdir(exist_ok=True)
+    (root / "recipes" / "m.yaml").write_text("# @package _global_\n" + json.dumps(recipe) + "\n")
+    settings = ["progress=false", "preview=null", "sanity=off", "family=off", "device=cpu", "cache_dir=cache_m"]
+    shutil.rmtree(root / "cache_m", ignore_errors=True)
+    (root / "out.safetensors").unlink(missing_ok=True)
+    result = measure([*MERGER, "recipe=m", *settings], root)
+    shutil.rmtree(root / "cache_m", ignore_errors=True)
+    return result
+
+
+def memory_table(work: Path, gb: float, dtype: str, repeat: int, methods: list[str]) -> None:
+    """The --memory figures (see the module docstring); inputs already in `work` are used again."""
+    tiny = work / "tiny"
+    if not (work / "ft2.safetensors").exists():
+        run_python(SD_LIKE, work, int(gb * 1e9), dtype)
+        run_python(SD_LIKE, tiny, 1, dtype)
+    read_gb = 3 * size_mb(work / "base.safetensors") / 1000
+    print(f"inputs: base + 2 fine-tunes, {read_gb / 3 * 1000:.0f} MB {dtype} each (Stable Diffusion-like tensors)")
+    print(f"{'method':<18} {'wall s':>7} {'s/GB':>6} {'RSS MB':>7} {'x time/GB':>10} {'x RSS':>6}")
+    reference: tuple[float, float] | None = None
+    for name in ["weighted_sum", *(m for m in methods if m != "weighted_sum")]:
+        node = MEMORY_METHODS[name]
+        startup = min(run_memory(tiny, node).wall for _ in range(repeat))
+        runs = [run_memory(work, node) for _ in range(repeat)]
+        wall, rss = min(r.wall for r in runs), max(r.rss for r in runs)
+        per_gb = (wall - startup) / read_gb
+        reference = reference or (per_gb, rss)
+        ratios = f"{per_gb / reference[0]:10.2f} {rss / reference[1]:6.2f}"
+        print(f"{name:<18} {wall:7.2f} {per_gb:6.2f} {rss:7.0f} {ratios}")
+
+
 def differences(ours: Path, theirs: Path) -> tuple[float, int, int]:
     """(largest |ours - theirs|, elements differing by more than 1e-5, elements in all)."""
     import numpy as np
@@ -147,7 +247,20 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    parser.add_argument("--memory", action="store_true", help="peak RSS and s/GB against a weighted sum (no mergekit)")
+    parser.add_argument("--gb", type=float, default=1.0, help="--memory: GB of each input")
+    parser.add_argument("--dtype", default="F16", choices=["F16", "BF16", "F32"], help="--memory: the inputs' dtype")
+    parser.add_argument("--repeat", type=int, default=1, help="--memory: runs per figure (least time, most RSS)")
+    parser.add_argument("--methods", default=",".join(MEMORY_METHODS), help="--memory: which, comma-separated")
     args = parser.parse_args()
+    if args.memory:
+        work = args.dir or Path(tempfile.mkdtemp(prefix="merger-memory-"))
+        try:
+            memory_table(work, args.gb, args.dtype, args.repeat, args.methods.split(","))
+        finally:
+            if args.dir is None:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     if args.mergekit_yaml is None:
         sys.exit("this benchmark builds its models with mergekit's transformers: pass --mergekit-yaml PATH")
     work = args.dir or Path(tempfile.mkdtemp(prefix="merger-methods-"))

@@ -191,3 +191,16 @@ def test_select_is_not_family_checked(
     )
     assert _family_warnings(caplog) == []
     assert "family" not in report["nodes"]["s"].get("notes", {})
+
+
+def test_the_check_reads_samples_not_whole_tensors() -> None:
+    """Bounded by its samples whatever the tensors' sizes: at most max_elements elements per tensor."""
+    g = torch.Generator().manual_seed(5)
+    big = {"big.weight": torch.randn(1000, 1000, generator=g), "other.weight": torch.randn(300, 300, generator=g)}
+    models = [big, fine_tune(big, 6)]
+    sources = [BytesSource.of(m) for m in models]
+    (sim,) = compare(sources, [spec_of(m) for m in models], ("a", "b"), max_elements=16384)
+    assert sim.tensors == 2 and sim.related
+    for source in sources:
+        for key in big:
+            assert sum(stop - start for k, start, stop in source.reads if k == key) <= 16384 * 4

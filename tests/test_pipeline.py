@@ -140,3 +140,33 @@ def test_a_failing_block_stops_the_two_compute_threads(monkeypatch: pytest.Monke
         Pipeline(op, keyed(op, params, node), [a, b], specs, NumpyBackend()).run(collector, node, lambda k, n: None)
     assert sum(len(data) for _, data in collector.chunks) < 50_000 * 2  # stopped before the end
     assert calls["n"] < 50_000 // 300
+
+
+def test_many_small_tensors_travel_in_batches_and_stay_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes = {f"layer.{i}.bias": (i % 7 + 1,) for i in range(3000)} | {"big": (5000,), "after.bias": (3,)}
+    (a, arrays_a), (b, arrays_b) = float16_sources(1, shapes), float16_sources(2, shapes)
+    specs = tuple({k: TensorSpec("F16", s) for k, s in shapes.items()} for _ in range(2))
+    op, params = Lerp(), LerpParams(alpha=0.3)
+    node = op.spec(InputSpecs(("a", "b"), specs), params)
+    sizes: list[int] = []
+    original = Pipeline._compute_all
+
+    def compute_all(self: Pipeline, items: list[Any], node: Any) -> list[memoryview]:
+        sizes.append(len(items))
+        return original(self, items, node)
+
+    monkeypatch.setattr(Pipeline, "_compute_all", compute_all)
+    collector = Collector()
+    Pipeline(op, keyed(op, params, node), [a, b], specs, NumpyBackend()).run(collector, node, lambda k, n: None)
+    assert [key for key, _ in collector.chunks if key != "big"] == [k for k in shapes if k != "big"]
+    assert max(sizes) > 100 and len(sizes) < 50  # 3001 small keys in a few batches, "big" alone in 5 chunks
+    for key, got in collector.joined().items():
+        x, y = arrays_a[key].astype(np.float32), arrays_b[key].astype(np.float32)
+        want = (x * np.float32(0.7) + y * np.float32(0.3)).astype(np.float16).reshape(-1)
+        assert np.array_equal(np.frombuffer(got, np.uint16), want.view(np.uint16)), key
+
+    failing = BytesSource(a.tensors, fail_on="layer.1500.bias")  # an error inside a batch stops the node
+    with pytest.raises(OSError, match=r"layer\.1500\.bias"):
+        Pipeline(op, keyed(op, params, node), [failing, b], specs, NumpyBackend()).run(
+            Collector(), node, lambda k, n: None
+        )

@@ -4,7 +4,8 @@
  * vector path needs it), which made float16 merges several times slower than their
  * reads and writes. These loops use F16C (every x86-64 CPU since 2013) when the CPU
  * has it, chosen at run time, and portable bit arithmetic otherwise; both round to
- * nearest even as numpy does (overflow to infinity, subnormals kept). bfloat16 is the
+ * nearest even as numpy does (overflow to infinity, subnormals kept) and give numpy's
+ * bits for every value but signalling NaNs, which they quiet as F16C does. bfloat16 is the
  * top half of a float32: widening is a shift, narrowing rounds to nearest even and
  * keeps NaN a NaN (0x7FC0), as torch does.
  *
@@ -314,43 +315,293 @@ static PyObject *py_count_masked32(PyObject *self, PyObject *args) {
 }
 
 /* Histograms of float32 magnitudes' bit patterns (|x| orders as its bits, as uint32), for an exact top-k
- * threshold in two passes (merger.ops.topk): counts[(bits >> 16)] += 1 for every element, or, given a high
- * half `high` >= 0, counts[bits & 0xFFFF] += 1 for the elements whose high half is `high`. `counts` holds
- * 65536 int64 and is added to. */
-static void magnitude_hist16_loop(const uint32_t *src, Py_ssize_t n, int64_t *counts, long high) {
-    if (high < 0) {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            counts[(src[i] & 0x7FFFFFFFu) >> 16]++;
-        }
-        return;
-    }
+ * threshold (merger.ops.topk): counts[bits >> 16] += 1 for every element, or, given a high half `high` >= 0,
+ * counts[bits & 0xFFFF] += 1 for the elements whose high half is `high`. With `minus`, of x = src - minus
+ * (float32 subtraction, as numpy's). With `fine` (high < 0 only), also the low halves of the elements whose
+ * high half h is in [window, window + W), W = len(fine) / 65536: fine[(h - window) * 65536 + low] += 1, so
+ * that a second pass is not needed when the cut falls there. Counts are int64, added to. */
+static void magnitude_hist16_loop(const float *src, const float *minus, Py_ssize_t n, int64_t *counts, long high,
+                                  int64_t *fine, uint32_t window, uint32_t width) {
     const uint32_t want = (uint32_t)high;
     for (Py_ssize_t i = 0; i < n; i++) {
-        const uint32_t bits = src[i] & 0x7FFFFFFFu;
-        if ((bits >> 16) == want) {
-            counts[bits & 0xFFFFu]++;
+        const uint32_t bits = bits_of(minus != NULL ? src[i] - minus[i] : src[i]) & 0x7FFFFFFFu;
+        if (high >= 0) {
+            if ((bits >> 16) == want) {
+                counts[bits & 0xFFFFu]++;
+            }
+            continue;
+        }
+        counts[bits >> 16]++;
+        if ((bits >> 16) - window < width) { /* unsigned: below the window wraps around */
+            fine[(bits - (window << 16))]++;
         }
     }
 }
 
+static int optional_buffer(PyObject *object, Py_buffer *view, int writable) {
+    if (object == Py_None) {
+        return 0;
+    }
+    return PyObject_GetBuffer(object, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0));
+}
+
 static PyObject *py_magnitude_hist16(PyObject *self, PyObject *args) {
-    Py_buffer src, counts;
+    Py_buffer src, counts, minus = {0}, fine = {0};
+    PyObject *minus_object = Py_None, *fine_object = Py_None, *result = NULL;
     long high;
-    if (!PyArg_ParseTuple(args, "y*w*l", &src, &counts, &high)) {
+    unsigned long window = 0;
+    if (!PyArg_ParseTuple(args, "y*w*l|OOk", &src, &counts, &high, &minus_object, &fine_object, &window)) {
         return NULL;
     }
-    if (src.len % 4 != 0 || counts.len != 65536 * 8 || high > 0xFFFF) {
-        PyErr_SetString(PyExc_ValueError, "magnitude_hist16 takes float32 values, 65536 int64 counts, high < 65536");
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&counts);
-        return NULL;
+    if (optional_buffer(minus_object, &minus, 0) < 0 || optional_buffer(fine_object, &fine, 1) < 0) {
+        goto finish;
+    }
+    const Py_ssize_t rows = fine.len / (65536 * 8);
+    if (src.len % 4 != 0 || counts.len != 65536 * 8 || high > 0xFFFF || (minus.obj && minus.len != src.len) ||
+        (fine.obj && (high >= 0 || fine.len % (65536 * 8) != 0 || window + (unsigned long)rows > 65536))) {
+        PyErr_SetString(PyExc_ValueError, "magnitude_hist16 takes float32 values, 65536 int64 counts, high < 65536,"
+                                          " minus of src's size, fine of 65536 int64 rows within the bins");
+        goto finish;
     }
     Py_BEGIN_ALLOW_THREADS
-    magnitude_hist16_loop((const uint32_t *)src.buf, src.len / 4, (int64_t *)counts.buf, high);
+    magnitude_hist16_loop((const float *)src.buf, minus.buf, src.len / 4, (int64_t *)counts.buf, high, fine.buf,
+                          (uint32_t)window, (uint32_t)rows);
     Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+finish:
     PyBuffer_Release(&src);
     PyBuffer_Release(&counts);
-    Py_RETURN_NONE;
+    if (minus.obj != NULL) {
+        PyBuffer_Release(&minus);
+    }
+    if (fine.obj != NULL) {
+        PyBuffer_Release(&fine);
+    }
+    return result;
+}
+
+/* TIES-style sign election over task vectors, one pass, float32 (merger.ops.task_vectors: the same
+ * float32 operations in the same order as its array form, so the same bits). Per element, for model k:
+ *     d = model_k - base; sparsified by kind: 0 as is, 1 where mask_k (else +0), 2 d * 0,
+ *         3 where |d|'s bits exceed cut_k, or equal it while ties_k remain (taken in order);
+ *     d = d / divide_k (if not 0); d = d * multiply_k (if not 0); d = d * weight_k
+ *     vote = sum_k d (consensus 1) or sum_k sign(d) (2); positive = vote >= 0
+ *     agree_k = positive ? d > 0 : d < 0; mixed = base * 0 + sum of agreeing d; divisor = base * 0 + sum of
+ *     agreeing weight_k, 1 where 0; normalize: mixed / divisor; scale (if not 1): mixed * scale
+ *     out = base + mixed                                                                            */
+#define ELECT_MAX 32
+#define ELECT_BLOCK 1024
+typedef struct {
+    int kind;
+    const float *model;
+    const uint8_t *mask;
+    uint32_t cut;
+    Py_ssize_t ties;
+    float divide, multiply, weight;
+} ElectModel;
+
+/* x where `keep` (0 or 1), else +0, without a branch (random masks mispredict a branch half the time) */
+#define INLINE static inline __attribute__((always_inline))
+INLINE float kept_or_zero(float x, uint32_t keep) { return float_of(bits_of(x) & (0u - keep)); }
+
+/* numpy's sign: -1, 0 or 1, NaN for NaN */
+INLINE float sign_of(float x) {
+    const float sign = (float)((x > 0.0f) - (x < 0.0f));
+    return x != x ? x : sign;
+}
+
+/* One block of at most ELECT_BLOCK elements, in loops over the block that compilers vectorise;
+ * `d` holds count * ELECT_BLOCK floats of scratch. Compiled twice: for any CPU, and for AVX2 (without
+ * FMA, so that every operation rounds as numpy's). */
+INLINE void elect_block(const float *base, float *out, Py_ssize_t n, ElectModel *models, int count, int consensus,
+                        int normalize, float scale, float *d) {
+    float vote[ELECT_BLOCK], mixed[ELECT_BLOCK], divisor[ELECT_BLOCK];
+    uint32_t keep[ELECT_BLOCK];
+    for (int k = 0; k < count; k++) {
+        ElectModel *m = &models[k];
+        const float *model = m->model;
+        float *x = d + (Py_ssize_t)k * ELECT_BLOCK;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            x[i] = model[i] - base[i];
+        }
+        if (m->kind == 1) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                x[i] = kept_or_zero(x[i], m->mask[i] != 0);
+            }
+        } else if (m->kind == 2) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                x[i] = x[i] * 0.0f;
+            }
+        } else if (m->kind == 3) {
+            const uint32_t cut = m->cut;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                keep[i] = (bits_of(x[i]) & 0x7FFFFFFFu) > cut;
+            }
+            for (Py_ssize_t i = 0; i < n && m->ties > 0; i++) { /* the first ones equal to the cut, in order */
+                if ((bits_of(x[i]) & 0x7FFFFFFFu) == cut) {
+                    keep[i] = 1;
+                    m->ties--;
+                }
+            }
+            for (Py_ssize_t i = 0; i < n; i++) {
+                x[i] = kept_or_zero(x[i], keep[i]);
+            }
+        }
+        if (m->divide != 0.0f) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                x[i] = x[i] / m->divide;
+            }
+        }
+        if (m->multiply != 0.0f) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                x[i] = x[i] * m->multiply;
+            }
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            x[i] = x[i] * m->weight;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        vote[i] = consensus == 1 ? d[i] + 0.0f : sign_of(d[i]);
+    }
+    for (int k = 1; k < count; k++) {
+        const float *x = d + (Py_ssize_t)k * ELECT_BLOCK;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            vote[i] += consensus == 1 ? x[i] : sign_of(x[i]);
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        mixed[i] = base[i] * 0.0f;
+        divisor[i] = base[i] * 0.0f;
+    }
+    for (int k = 0; k < count; k++) {
+        const float *x = d + (Py_ssize_t)k * ELECT_BLOCK;
+        const float weight = models[k].weight;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const uint32_t positive = vote[i] >= 0.0f;
+            const uint32_t agree = (positive & (x[i] > 0.0f)) | ((positive ^ 1u) & (x[i] < 0.0f));
+            mixed[i] += kept_or_zero(x[i], agree);
+            divisor[i] += kept_or_zero(weight, agree);
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float value = mixed[i];
+        if (normalize) {
+            value = value / (divisor[i] + (float)(divisor[i] == 0.0f)); /* 1 where none agrees */
+        }
+        if (scale != 1.0f) {
+            value = value * scale;
+        }
+        out[i] = base[i] + value;
+    }
+}
+
+#define ELECT_LOOP(suffix, attribute)                                                                          \
+    attribute static void elect_block_##suffix(const float *base, float *out, Py_ssize_t n, ElectModel *models,   \
+                                               int count, int consensus, int normalize, float scale, float *d) {  \
+        elect_block(base, out, n, models, count, consensus, normalize, scale, d);                              \
+    }
+
+ELECT_LOOP(portable, )
+#ifdef HAVE_X86_DISPATCH
+ELECT_LOOP(avx2, __attribute__((target("avx2"))))
+#endif
+
+static void elect_loop(const float *base, float *out, Py_ssize_t n, ElectModel *models, int count, int consensus,
+                       int normalize, float scale, float *scratch) {
+#ifdef HAVE_X86_DISPATCH
+    const int avx2 = has_f16c();
+#endif
+    for (Py_ssize_t start = 0; start < n; start += ELECT_BLOCK) {
+        const Py_ssize_t size = n - start < ELECT_BLOCK ? n - start : ELECT_BLOCK;
+#ifdef HAVE_X86_DISPATCH
+        if (avx2) {
+            elect_block_avx2(base + start, out + start, size, models, count, consensus, normalize, scale, scratch);
+        } else
+#endif
+        {
+            elect_block_portable(base + start, out + start, size, models, count, consensus, normalize, scale, scratch);
+        }
+        for (int k = 0; k < count; k++) {
+            models[k].model += size;
+            if (models[k].mask != NULL) {
+                models[k].mask += size;
+            }
+        }
+    }
+}
+
+/* elect(base, out, models, consensus, normalize, scale) -> [ties left per model]; models: a sequence of
+ * (model, kind, mask or None, cut, ties, divide, multiply, weight), float32 buffers of base's size. */
+static PyObject *py_elect(PyObject *self, PyObject *args) {
+    Py_buffer base, out, views[2 * ELECT_MAX];
+    PyObject *sequence, *result = NULL;
+    int consensus, normalize, count, held = 0;
+    float scale;
+    ElectModel models[ELECT_MAX];
+    if (!PyArg_ParseTuple(args, "y*w*Oipf", &base, &out, &sequence, &consensus, &normalize, &scale)) {
+        return NULL;
+    }
+    PyObject *items = PySequence_Fast(sequence, "elect takes a sequence of models");
+    if (items == NULL) {
+        goto finish;
+    }
+    count = (int)PySequence_Fast_GET_SIZE(items);
+    if (count < 1 || count > ELECT_MAX || base.len % 4 != 0 || out.len != base.len) {
+        PyErr_SetString(PyExc_ValueError, "elect takes 1 to 32 models and float32 base and out of one size");
+        goto finish;
+    }
+    for (int k = 0; k < count; k++) {
+        PyObject *model_object, *mask_object;
+        unsigned long cut;
+        ElectModel *m = &models[k];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, k), "OiOknfff", &model_object, &m->kind, &mask_object,
+                              &cut, &m->ties, &m->divide, &m->multiply, &m->weight)) {
+            goto finish;
+        }
+        m->cut = (uint32_t)cut;
+        if (PyObject_GetBuffer(model_object, &views[held], PyBUF_C_CONTIGUOUS) < 0) {
+            goto finish;
+        }
+        m->model = views[held++].buf;
+        if (views[held - 1].len != base.len) {
+            PyErr_SetString(PyExc_ValueError, "elect: a model's size is not base's");
+            goto finish;
+        }
+        m->mask = NULL;
+        if (m->kind == 1) {
+            if (PyObject_GetBuffer(mask_object, &views[held], PyBUF_C_CONTIGUOUS) < 0) {
+                goto finish;
+            }
+            m->mask = views[held++].buf;
+            if (views[held - 1].len != base.len / 4) {
+                PyErr_SetString(PyExc_ValueError, "elect: a mask's size is not base's");
+                goto finish;
+            }
+        }
+    }
+    float *scratch = PyMem_RawMalloc((size_t)count * ELECT_BLOCK * sizeof(float));
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto finish;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    elect_loop(base.buf, out.buf, base.len / 4, models, count, consensus, normalize, scale, scratch);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(scratch);
+    result = PyList_New(count);
+    for (int k = 0; result != NULL && k < count; k++) {
+        PyList_SET_ITEM(result, k, PyLong_FromSsize_t(models[k].ties));
+    }
+finish:
+    Py_XDECREF(items);
+    for (int j = 0; j < held; j++) {
+        PyBuffer_Release(&views[j]);
+    }
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&out);
+    return result;
 }
 
 static PyObject *py_simd(PyObject *self, PyObject *unused) {
@@ -369,7 +620,8 @@ static PyMethodDef methods[] = {
     {"count_masked16", py_count_masked16, METH_VARARGS, "count_masked16(src, mask): 16-bit values with all mask bits set"},
     {"count_masked32", py_count_masked32, METH_VARARGS, "count_masked32(src, mask): 32-bit values with all mask bits set"},
     {"magnitude_hist16", py_magnitude_hist16, METH_VARARGS,
-     "magnitude_hist16(src, counts, high): histogram of float32 |x| bits, high or (high >= 0) low halves"},
+     "magnitude_hist16(src, counts, high, minus=None, fine=None, window=0): histogram of float32 |src - minus| bits"},
+    {"elect", py_elect, METH_VARARGS, "elect(base, out, models, consensus, normalize, scale): TIES sign election"},
     {"simd", py_simd, METH_NOARGS, "simd(): whether the float16 loops use the CPU's F16C instructions"},
     {NULL, NULL, 0, NULL},
 };

@@ -19,10 +19,13 @@ gives the same result on every device.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from merger.core import magnitudes
+from merger.core.magnitudes import Counting, Elected
 from merger.core.specs import FLOAT_DTYPES
 from merger.errors import MergerError
 
@@ -104,9 +107,31 @@ class Backend(Protocol):
         """Sums over all but the first axis, as a column (rows, 1)."""
         ...
 
-    def top_k_mask(self, values: Array, k: int) -> Array:
-        """A boolean array marking the `k` largest of `values`; among values equal to the k-th
-        largest, the first ones in C order (so every backend marks the same elements)."""
+    def keep(self, values: Array, mask: Array) -> Array:
+        """`where(mask, values, 0.0)` of a float array, bit for bit (fast on any mask)."""
+        ...
+
+    def row_dots(self, a: Array, b: Array) -> np.ndarray:
+        """Per row of two (rows, n) float arrays, the sum of a * b as `row_sums` sums it, on the host
+        (float64)."""
+        ...
+
+    def magnitude_histogram(self, values: Array, counts: np.ndarray, counting: Counting) -> None:
+        """Add to `counts` (65536 int64) a 16-bit digit of the bit patterns of |values - minus| (or
+        |values|): `counting` is (prefix_bits, prefix, minus, fine, window), see merger.core.magnitudes."""
+        ...
+
+    def cut_mask(self, values: Array, cut: int, ties: int) -> tuple[Array, int]:
+        """A flat mask of the elements whose magnitude's bit pattern exceeds `cut` and of the first
+        `ties` equal to it (C order); and how many equal ones it marked."""
+        ...
+
+    def elect(
+        self, base: Array, models: Sequence[Elected], consensus: int, normalize: bool, scale: float
+    ) -> tuple[Array, list[int]] | None:
+        """TIES's sign election in one compiled pass (merger.core._floatconv.elect), or None where
+        the backend has none (then the op's array maths runs): the merged block, and each model's
+        ties left."""
         ...
 
 
@@ -142,7 +167,8 @@ def f32_to_bf16(values: np.ndarray, *, compiled: bool = True) -> np.ndarray:
 
 
 def f16_to_f32(raw: Any, *, compiled: bool = True) -> np.ndarray:
-    """float16 bytes widened to float32, exactly (numpy's `astype` gives the same bits, slower)."""
+    """float16 bytes widened to float32, exactly: numpy's `astype` gives the same bits, slower (a
+    signalling NaN excepted, which the compiled loops quiet, as the CPU's F16C does)."""
     half = np.frombuffer(raw, dtype=np.float16) if not isinstance(raw, np.ndarray) else raw
     if compiled and FLOATCONV is not None:
         out = np.empty(half.shape, dtype=np.float32)
@@ -152,7 +178,8 @@ def f16_to_f32(raw: Any, *, compiled: bool = True) -> np.ndarray:
 
 
 def f32_to_f16(values: np.ndarray, *, compiled: bool = True) -> np.ndarray:
-    """float32 rounded to float16, to nearest even, overflow to inf (numpy's `astype`, faster)."""
+    """float32 rounded to float16, to nearest even, overflow to inf: numpy's `astype`, faster (NaN stays
+    NaN; the compiled loops quiet a signalling one, numpy keeps its payload as it is)."""
     if compiled and FLOATCONV is not None and values.dtype == np.float32:
         values = np.ascontiguousarray(values)
         out = np.empty(values.shape, dtype=np.float16)
@@ -214,6 +241,8 @@ class NumpyBackend:
             out = f32_to_bf16(array)
         elif code == "F16":  # an overflow becomes inf, counted by merger.core.nonfinite
             out = f32_to_f16(array)
+        elif array.dtype == NUMPY_DTYPES[code]:
+            out = np.ascontiguousarray(array)
         else:
             with np.errstate(over="ignore"):  # float64 into float32: an overflow becomes inf, counted too
                 out = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
@@ -255,14 +284,23 @@ class NumpyBackend:
     def row_sums(self, array: np.ndarray) -> Array:
         return array.reshape(array.shape[0], -1).sum(axis=1, keepdims=True)
 
-    def top_k_mask(self, values: np.ndarray, k: int) -> Array:
-        flat = values.reshape(-1)
-        if k >= flat.size or k <= 0:
-            return np.full(values.shape, k > 0, dtype=bool)
-        threshold = np.partition(flat, flat.size - k)[flat.size - k]
-        mask = flat > threshold
-        mask[np.flatnonzero(flat == threshold)[: k - int(mask.sum())]] = True
-        return mask.reshape(values.shape)
+    def keep(self, values: np.ndarray, mask: np.ndarray) -> Array:
+        return magnitudes.numpy_keep(values, mask)
+
+    def row_dots(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        sums: np.ndarray = np.multiply(a, b).sum(axis=1).astype(np.float64)
+        return sums
+
+    def magnitude_histogram(self, values: np.ndarray, counts: np.ndarray, counting: Counting) -> None:
+        magnitudes.numpy_histogram(values, counts, counting, FLOATCONV)
+
+    def cut_mask(self, values: np.ndarray, cut: int, ties: int) -> tuple[Array, int]:
+        return magnitudes.numpy_cut_mask(values, cut, ties)
+
+    def elect(
+        self, base: np.ndarray, models: Sequence[Elected], consensus: int, normalize: bool, scale: float
+    ) -> tuple[Array, list[int]] | None:
+        return magnitudes.numpy_elect(base, models, consensus, normalize, scale, FLOATCONV)
 
 
 class TorchBackend:
@@ -336,16 +374,24 @@ class TorchBackend:
     def row_sums(self, array: torch.Tensor) -> torch.Tensor:
         return array.reshape(array.shape[0], -1).sum(dim=1, keepdim=True)
 
-    def top_k_mask(self, values: torch.Tensor, k: int) -> torch.Tensor:
+    def keep(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return values.where(mask, 0.0)
+
+    def row_dots(self, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
         import torch
 
-        flat = values.reshape(-1)
-        if k >= flat.numel() or k <= 0:
-            return torch.full(values.shape, k > 0, dtype=torch.bool, device=flat.device)
-        threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-        mask = flat > threshold
-        mask[torch.nonzero(flat == threshold).reshape(-1)[: k - int(mask.sum().item())]] = True
-        return mask.reshape(values.shape)
+        return (a * b).sum(dim=1).to(torch.float64).cpu().numpy()
+
+    def magnitude_histogram(self, values: torch.Tensor, counts: np.ndarray, counting: Counting) -> None:
+        magnitudes.torch_histogram(values, counts, counting)
+
+    def cut_mask(self, values: torch.Tensor, cut: int, ties: int) -> tuple[torch.Tensor, int]:
+        return magnitudes.torch_cut_mask(values, cut, ties)
+
+    def elect(
+        self, base: torch.Tensor, models: Sequence[Elected], consensus: int, normalize: bool, scale: float
+    ) -> None:
+        return None
 
 
 def cuda_possible() -> bool:

@@ -9,6 +9,7 @@ report records them.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,18 +27,27 @@ _MASKS_16 = {"F16": 0x7C00, "BF16": 0x7F80}  # the exponent bits: all set is inf
 SHOWN_TENSORS = 3
 
 
+def _compiled() -> Any:
+    """merger's compiled loops (None without them), looked up once a call (cheap for tiny tensors)."""
+    arrays = sys.modules.get("merger.core.arrays")
+    if arrays is None:
+        import merger.core.arrays
+
+        arrays = merger.core.arrays
+    return arrays.FLOATCONV
+
+
 def count_nonfinite(data: Any, code: str) -> int:
     """How many values of dtype `code` in the raw bytes `data` are NaN or infinite (0 for integers)."""
     if not len(data) or (code not in _FLOATS and code not in _BIT_TESTS):
         return 0
+    floatconv = _compiled()
+    if floatconv is not None and code in _MASKS_16:  # compiled: one pass, no conversion
+        return int(floatconv.count_masked16(data, _MASKS_16[code]))
+    if floatconv is not None and code == "F32":
+        return int(floatconv.count_masked32(data, 0x7F800000))
     import numpy as np
 
-    from merger.core.arrays import FLOATCONV
-
-    if code in _MASKS_16 and FLOATCONV is not None:  # compiled: one pass, no conversion
-        return FLOATCONV.count_masked16(np.frombuffer(data, dtype=np.uint16), _MASKS_16[code])
-    if code == "F32" and FLOATCONV is not None:
-        return FLOATCONV.count_masked32(np.frombuffer(data, dtype=np.uint32), 0x7F800000)
     if code in _FLOATS:
         values = np.frombuffer(data, dtype=_FLOATS[code])
         with np.errstate(invalid="ignore", over="ignore"):

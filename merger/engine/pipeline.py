@@ -43,8 +43,11 @@ from merger.recipe.schedule import KeyedParams
 #: bytes of one chunk of work: the inputs' chunks, the result and the float32 maths
 PIECE_BYTES = 24 * 1024 * 1024
 POOLED_MAX_BYTES = 16 * 1024 * 1024  # larger read buffers are not kept for reuse
+POOLED_MIN_BYTES = 64 * 1024  # nor smaller ones (small tensors' reads get their own)
 QUEUE_DEPTH = 2
 COMPUTE_WORKERS = 2  # chunks computed at once on the CPU (see Pipeline._compute_workers)
+SMALL_PIECE_ELEMENTS = 16 * 1024  # pieces this small are read, computed and written in batches
+BATCH_PIECES = 2048  # pieces in one batch at most (and half of PIECE_BYTES of reads)
 MAX_POOLED = 32
 _DONE = object()
 
@@ -123,16 +126,20 @@ class _Pool:
         self._lock = threading.Lock()
 
     def get(self, nbytes: int) -> Any:
+        if nbytes < POOLED_MIN_BYTES:  # a small tensor: new memory costs less than a chunk-sized buffer held
+            return self._allocate(max(nbytes, 1))
         with self._lock:
             for i, buffer in enumerate(self._free):
                 if len(buffer) >= nbytes:
                     return self._free.pop(i)
-        return self._allocate(max(nbytes, 1))
+        return self._allocate(nbytes)
 
     def put(self, buffers: list[Any]) -> None:
-        with self._lock:
-            self._free.extend(b for b in buffers if len(b) <= POOLED_MAX_BYTES)
-            del self._free[MAX_POOLED:]
+        kept = [b for b in buffers if POOLED_MIN_BYTES <= len(b) <= POOLED_MAX_BYTES]
+        if kept:
+            with self._lock:
+                self._free.extend(kept)
+                del self._free[MAX_POOLED:]
 
 
 class Pipeline:
@@ -193,11 +200,28 @@ class Pipeline:
         return fetched
 
     def _reader(self, pieces: Iterator[Piece], out: queue.Queue[Any]) -> None:
+        """Fetched pieces into `out`, in order; small per-key pieces travel in lists (batches), so a
+        model of many small tensors costs one hand-off per batch rather than one per tensor."""
         try:
+            batch: list[Fetched] = []
+            batch_bytes = 0
             for piece in pieces:
                 if self._stop.is_set():
                     return
-                out.put(self._fetch(piece))
+                fetched = self._fetch(piece)
+                if piece.mode in ("merge", "copy") and piece.stop - piece.start <= SMALL_PIECE_ELEMENTS:
+                    batch.append(fetched)
+                    batch_bytes += sum(len(d) for d in fetched.data.values())
+                    if len(batch) >= BATCH_PIECES or batch_bytes >= PIECE_BYTES // 2:
+                        out.put(batch)
+                        batch, batch_bytes = [], 0
+                    continue
+                if batch:
+                    out.put(batch)
+                    batch, batch_bytes = [], 0
+                out.put(fetched)
+            if batch:
+                out.put(batch)
             out.put(_DONE)
         except BaseException as e:  # handed to the computing thread
             out.put(e)
@@ -211,16 +235,16 @@ class Pipeline:
             job = jobs.get()
             if job is _DONE:
                 return
-            key, data, buffers = job
-            if errors or self._stop.is_set():
+            for key, data, buffers in job:  # a piece's chunk, or a batch's
+                if errors or self._stop.is_set():
+                    self._pool.put(buffers)
+                    continue
+                try:
+                    self._count(None, key, data, node.tensors[key].dtype)
+                    writer.write_chunk(key, data)
+                except BaseException as e:
+                    errors.append(e)
                 self._pool.put(buffers)
-                continue
-            try:
-                self._count(None, key, data, node.tensors[key].dtype)
-                writer.write_chunk(key, data)
-            except BaseException as e:
-                errors.append(e)
-            self._pool.put(buffers)
 
     # --- stage 2: compute --------------------------------------------------------------------
 
@@ -247,6 +271,9 @@ class Pipeline:
             inputs = _TensorInputs(self, fetched)
             result = self.op.tensor(piece.key, inputs, self.params_for(piece.key), xp)
         return xp.store(result, out_spec.dtype)
+
+    def _compute_all(self, items: list[Fetched], node: NodeSpec[Any]) -> list[memoryview]:
+        return [self._compute(item, node.tensors[item.piece.key]) for item in items]
 
     def _compute_workers(self) -> concurrent.futures.ThreadPoolExecutor | None:
         """Two threads for chunk maths on a CPU of several cores (numpy and the conversion loops
@@ -281,14 +308,35 @@ class Pipeline:
         errors: list[BaseException],
         advance: Callable[[str, int], None],
     ) -> None:
+        """A "stream" piece: the op's output chunks (of any size: blocks of `block_elements` too),
+        stored into writes of about a chunk each."""
+        xp, size = self.backend, DTYPE_SIZES[out_spec.dtype]
         inputs = _ChunkInputs(self, piece)
+        capacity = inputs.step * size
+        buffer, used, written = np.empty(capacity, dtype=np.uint8), 0, 0
+
+        def put(data: memoryview) -> None:
+            write_queue.put([(piece.key, data, [])])  # the writer takes lists of chunks
+            advance(piece.key, len(data))
+
         with inputs:
-            for chunk in self.op.stream(piece.key, inputs, self.params_for(piece.key), self.backend):
+            for chunk in self.op.stream(piece.key, inputs, self.params_for(piece.key), xp):
                 if errors:
                     raise errors[0]
-                data = self.backend.store(chunk, out_spec.dtype)
-                write_queue.put((piece.key, data, []))
-                advance(piece.key, len(data))
+                nbytes = math.prod(chunk.shape) * size
+                written += nbytes
+                if used and used + nbytes > capacity:
+                    put(memoryview(buffer[:used].data))
+                    buffer, used = np.empty(capacity, dtype=np.uint8), 0
+                if nbytes > capacity:
+                    put(xp.store(chunk, out_spec.dtype))
+                    continue
+                xp.store_into(chunk, out_spec.dtype, memoryview(buffer[used : used + nbytes].data))
+                used += nbytes
+        if used or not written:  # an empty tensor is written too (as no bytes)
+            put(memoryview(buffer[:used].data))
+        if written != out_spec.nbytes:
+            raise RuntimeError(f"op {self.op.name} streamed {written} bytes of {piece.key!r}, {out_spec.nbytes} due")
 
     def run(self, writer: ChunkWriter, node: NodeSpec[Any], advance: Callable[[str, int], None]) -> None:
         """Compute every tensor of `node` into `writer`; `advance(key, nbytes)` after each piece."""
@@ -304,20 +352,25 @@ class Pipeline:
         reader.start()
         writing.start()
         finished = False
-        computing: collections.deque[tuple[Fetched, concurrent.futures.Future[memoryview]]] = collections.deque()
+        computing: collections.deque[tuple[list[Fetched], concurrent.futures.Future[list[memoryview]]]]
+        computing = collections.deque()
         workers = self._compute_workers()
 
-        def hand_on(item: Fetched, data: memoryview) -> None:
-            keep = item.buffers if _aliases(data, item.buffers) else []
-            if not keep:  # the result is new memory: the inputs' buffers can be reused now
-                self._pool.put(item.buffers)
-            write_queue.put((item.piece.key, data, keep))
-            advance(item.piece.key, len(data))
+        def hand_on(items: list[Fetched], results: list[memoryview]) -> None:
+            jobs = []
+            for item, data in zip(items, results, strict=True):
+                keep = item.buffers if _aliases(data, item.buffers) else []
+                if not keep:  # the result is new memory: the inputs' buffers can be reused now
+                    self._pool.put(item.buffers)
+                jobs.append((item.piece.key, data, keep))
+            write_queue.put(jobs)
+            for item, data in zip(items, results, strict=True):
+                advance(item.piece.key, len(data))
 
         def drain(limit: int) -> None:  # hand on finished pieces, in order, until `limit` are left
             while len(computing) > limit:
-                item, future = computing.popleft()
-                hand_on(item, future.result())
+                items, future = computing.popleft()
+                hand_on(items, future.result())
 
         try:
             while True:
@@ -328,16 +381,17 @@ class Pipeline:
                     raise item
                 if errors:
                     raise errors[0]
-                spec = node.tensors[item.piece.key]
-                if workers is not None and item.piece.mode in ("merge", "copy"):
-                    computing.append((item, workers.submit(self._compute, item, spec)))
+                items: list[Fetched] = item if isinstance(item, list) else [item]
+                mode = items[0].piece.mode
+                if workers is not None and mode in ("merge", "copy"):
+                    computing.append((items, workers.submit(self._compute_all, items, node)))
                     drain(COMPUTE_WORKERS - 1)
                     continue
                 drain(0)  # whole tensors and streams one at a time (their memory), in order
-                if item.piece.mode == "stream":
-                    self._stream(item.piece, spec, write_queue, errors, advance)
+                if mode == "stream":
+                    self._stream(items[0].piece, node.tensors[items[0].piece.key], write_queue, errors, advance)
                     continue
-                hand_on(item, self._compute(item, spec))
+                hand_on(items, self._compute_all(items, node))
             drain(0)
             finished = True
         finally:
@@ -385,14 +439,16 @@ class _TensorInputs:
 
 
 class _ChunkInputs:
-    """`ChunkInputs` for streaming ops: passes over input chunks, the next chunk read while one is
-    computed; non-finite values of watched inputs are counted in the first pass over a tensor only."""
+    """`ChunkInputs` for streaming ops: passes over input chunks, the next chunk read (and converted
+    to the compute dtype) on another thread while one is computed; non-finite values of watched
+    inputs are counted in the first pass over each element range of a tensor only."""
 
     def __init__(self, pipeline: Pipeline, piece: Piece) -> None:
         self._pipeline = pipeline
         self._piece = piece
-        self._counted: set[tuple[int, str]] = set()
+        self._counted: set[tuple[int, str, int, int]] = set()
         self._ahead: concurrent.futures.ThreadPoolExecutor | None = None
+        self.step = chunk_elements(pipeline.specs)
 
     def __enter__(self) -> _ChunkInputs:
         return self
@@ -409,37 +465,51 @@ class _ChunkInputs:
     def plan(self) -> Any:
         return self._pipeline._plan
 
-    def _read(self, reads: Sequence[tuple[int, str]], start: int, stop: int, count: bool) -> list[memoryview]:
+    def _read(
+        self, reads: Sequence[tuple[int, str]], specs: list[TensorSpec], start: int, stop: int, count: bool
+    ) -> list[Array]:
         pipeline = self._pipeline
         out = []
-        for index, key in reads:
-            size = DTYPE_SIZES[pipeline.specs[index][key].dtype]
-            buffer = memoryview(bytearray(max(1, (stop - start) * size)))
+        for (index, key), spec in zip(reads, specs, strict=True):
+            size = DTYPE_SIZES[spec.dtype]
+            buffer = memoryview(np.empty(max(1, (stop - start) * size), dtype=np.uint8).data)
             data = pipeline.sources[index].read_into(key, start * size, stop * size, buffer)
             if count and index in pipeline._watched:
-                pipeline._count(index, key, data, pipeline.specs[index][key].dtype)
-            out.append(data)
+                pipeline._count(index, key, data, spec.dtype)
+            out.append(pipeline.backend.load(data, spec.dtype, (stop - start,)))
         return out
 
-    def chunks(self, reads: Sequence[tuple[int, str]]) -> Iterator[list[Array]]:
+    def chunks(
+        self,
+        reads: Sequence[tuple[int, str]],
+        *,
+        multiple: int = 1,
+        span: tuple[int, int] | None = None,
+        peek: bool = False,
+    ) -> Iterator[list[Array]]:
         pipeline = self._pipeline
         specs = [pipeline.specs[index][key] for index, key in reads]
         numel = specs[0].numel if specs else 0
-        if any(spec.numel != numel for spec in specs):
+        if span is None and any(spec.numel != numel for spec in specs):
             raise ValueError(f"chunks of tensors of different sizes: {[s.numel for s in specs]}")
-        count = not set(reads) <= self._counted
+        first, last = span if span is not None else (0, numel)
+        if not 0 <= first <= last or any(spec.numel < last for spec in specs):
+            raise ValueError(f"elements {first}..{last} of tensors of {[s.numel for s in specs]}")
+        ranges = {(index, key, first, last) for index, key in reads}
+        count = not peek and not ranges <= self._counted
         if self._ahead is None:
             self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merger-stream")
-        step = chunk_elements(pipeline.specs)
-        bounds = [(start, min(start + step, numel)) for start in range(0, numel, step)]
-        pending = self._ahead.submit(self._read, reads, *bounds[0], count) if bounds else None
-        for i, (start, stop) in enumerate(bounds):
+        step = max(multiple, self.step - self.step % max(multiple, 1))
+        bounds = [(start, min(start + step, last)) for start in range(first, last, step)]
+        pending = self._ahead.submit(self._read, reads, specs, *bounds[0], count) if bounds else None
+        for i in range(len(bounds)):
             assert pending is not None
-            data = pending.result()
+            arrays = pending.result()
             if i + 1 < len(bounds):
-                pending = self._ahead.submit(self._read, reads, *bounds[i + 1], count)
-            yield [pipeline.backend.load(d, spec.dtype, (stop - start,)) for d, spec in zip(data, specs, strict=True)]
-        self._counted.update(reads)
+                pending = self._ahead.submit(self._read, reads, specs, *bounds[i + 1], count)
+            yield arrays
+        if not peek:
+            self._counted.update(ranges)
 
     def note(self, name: str, value: float) -> None:
         self._pipeline._note(name, self._piece.key, value)
@@ -450,10 +520,26 @@ def _address(buffer: Any) -> tuple[int, int]:
     return array.ctypes.data, array.ctypes.data + array.size
 
 
+def _owner(data: Any) -> Any:
+    """The object at the root of a chain of memoryviews and numpy views (what holds the memory)."""
+    while True:
+        if isinstance(data, memoryview):
+            data = data.obj
+        elif isinstance(data, np.ndarray) and data.base is not None:
+            data = data.base
+        else:
+            return data
+
+
 def _aliases(data: memoryview, buffers: list[Any]) -> bool:
     """Whether `data` lies in one of `buffers` (then they must live until it is written)."""
     if not len(data) or not buffers:
         return False
+    owner = _owner(data)
+    if any(owner is buffer for buffer in buffers):
+        return True
+    if isinstance(owner, bytearray | bytes) or (isinstance(owner, np.ndarray) and owner.flags.owndata):
+        return False  # its own memory (a result): no need to compare addresses
     start, stop = _address(data)
     for buffer in buffers:
         if not len(buffer):

@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,9 @@ _string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 ALIGNMENT = 8
 WRITEBACK_BYTES = 64 * 1024 * 1024
+SMALL_WRITE_BYTES = 64 * 1024  # writes smaller than this are gathered ...
+PENDING_BYTES = 1024 * 1024  # ... into writes of about this size
+READ_AHEAD_BYTES = 1024 * 1024  # a small read fetches this much of the file, for the small reads that follow
 
 
 class SafetensorsReader:
@@ -42,6 +46,7 @@ class SafetensorsReader:
     def __init__(self, header: SafetensorsHeader) -> None:
         self.header = header
         self._file: io.FileIO | None = None
+        self._ahead = threading.local()  # per thread: (file offset, bytes) read ahead for small reads
 
     def _handle(self) -> io.FileIO:
         if self._file is None:
@@ -57,6 +62,14 @@ class SafetensorsReader:
         view = out[: stop - start]
         fd = self._handle().fileno()
         offset = self.header.data_start + begin + start
+        if len(view) < SMALL_WRITE_BYTES:  # a small tensor: served from the block read ahead (one pread a MB)
+            at, block = getattr(self._ahead, "block", (0, b""))
+            if not at <= offset or offset + len(view) > at + len(block):
+                at, block = offset, os.pread(fd, max(READ_AHEAD_BYTES, len(view)), offset)
+                self._ahead.block = (at, block)
+            if offset + len(view) <= at + len(block):
+                view[:] = block[offset - at : offset - at + len(view)]
+                return view
         done = 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
@@ -150,6 +163,7 @@ class SafetensorsWriter:
         self._file = io.FileIO(path, "wb")
         self._flushed = 0
         self.bytes_written = 0
+        self._pending = bytearray()  # small writes not made yet
         self._write(self._header)
 
     def _build(self, metadata: Mapping[str, str], *, min_length: int = 0) -> bytes:
@@ -157,7 +171,25 @@ class SafetensorsWriter:
             return build_header(self.specs, metadata, min_length=min_length)
         return assemble_header(self._entries, metadata, min_length=min_length)
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        """Small writes (a model of many small tensors) are gathered and written together."""
+        if len(data) < SMALL_WRITE_BYTES:
+            self._pending += data
+            if len(self._pending) < PENDING_BYTES:
+                return
+            data = self._pending
+            self._pending = bytearray()
+        elif self._pending:
+            pending, self._pending = self._pending, bytearray()
+            self._write_now(pending)
+        self._write_now(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, bytearray()
+            self._write_now(pending)
+
+    def _write_now(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         done = 0
         while done < len(view):
@@ -186,6 +218,7 @@ class SafetensorsWriter:
         leftover = next(self._keys, None)
         if leftover is not None or self._left:
             raise RuntimeError(f"writer finished before tensor {leftover or self._key!r}")
+        self._flush()
         sha = self._sha.hexdigest() if self._sha is not None else ""
         if metadata is not None:
             header = self._build(metadata, min_length=len(self._header) - 8)

@@ -1,5 +1,6 @@
 """Merges over aligned keys: per-key maths fed in chunks (`ElementwiseOp`: lerp, weighted sums, ...)
-and maths on whole tensors (`WholeTensorOp`: slerp, task vectors, Model Stock).
+and maths on whole tensors (`WholeTensorOp`, for ops of one's own; the built-in whole-tensor methods,
+slerp, task vectors and Model Stock, stream instead: merger.ops.streaming).
 
 Key policy (`keys:` on the node):
 - `strict` (default): every input has the same keys with the same shapes, or
@@ -133,7 +134,8 @@ class ElementwiseOp(AlignedOp[P, R]):
 
 class WholeTensorOp(AlignedOp[P, R]):
     """A merge that needs each merged tensor whole (norms, top-k, random masks): subclasses give
-    `merge`; keys that are not merged are copied from the first input."""
+    `merge`; keys that are not merged are copied from the first input. Memory holds a few whole
+    tensors: `merger.ops.streaming.StreamingOp` computes such merges in a few chunks."""
 
     def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Merged) -> PieceMode:
         return "tensor" if key in plan else "copy"

@@ -12,11 +12,13 @@ and, where the vectors are nearly parallel or opposite (|cos(theta)| above
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Generic
 
-from merger.ops.base import Arity, TensorInputs
-from merger.ops.elementwise import Merged, MergeParams, WholeTensorOp
+from merger.ops.base import Arity, ChunkInputs
+from merger.ops.elementwise import Merged, MergeParams
 from merger.ops.params import N, Scheduled
+from merger.ops.streaming import Passes, StreamingOp, blocks
 
 if TYPE_CHECKING:
     from merger.core.arrays import Array, Backend
@@ -29,7 +31,7 @@ class SlerpParams(MergeParams, Generic[N]):
     dot_threshold: float = 0.9995
 
 
-class Slerp(WholeTensorOp[SlerpParams[Scheduled], SlerpParams[float]]):
+class Slerp(StreamingOp[SlerpParams[Scheduled], SlerpParams[float]]):
     """Spherical interpolation per tensor; lerp where the tensors are nearly parallel."""
 
     name = "slerp"
@@ -41,15 +43,38 @@ class Slerp(WholeTensorOp[SlerpParams[Scheduled], SlerpParams[float]]):
         t = params.t
         return [] if 0.0 <= t <= 1.0 else [f"t={t} is outside [0, 1]: this extrapolates past the inputs"]
 
-    def merge(self, key: str, inputs: TensorInputs[Merged], params: SlerpParams[float], xp: Backend) -> Array:
-        a, b, t = inputs.read(0, key), inputs.read(1, key), params.t
-        norm_a = math.sqrt(xp.total(a * a))
-        norm_b = math.sqrt(xp.total(b * b))
-        norm_a = norm_a if norm_a > EPS else 1.0
-        norm_b = norm_b if norm_b > EPS else 1.0
-        dot = max(-1.0, min(1.0, xp.total((a / norm_a) * (b / norm_b))))
-        if abs(dot) > params.dot_threshold or math.prod(a.shape) == 0:
-            return a * (1.0 - t) + b * t
-        theta = math.acos(dot)
-        sin_theta = math.sin(theta)
-        return a * (math.sin((1.0 - t) * theta) / sin_theta) + b * (math.sin(t * theta) / sin_theta)
+    def stream(self, key: str, inputs: ChunkInputs[Merged], params: SlerpParams[float], xp: Backend) -> Iterator[Array]:
+        passes, t = Passes(inputs, [(0, key), (1, key)]), params.t
+        dot = max(-1.0, min(1.0, cosine(passes, xp)))
+        if abs(dot) > params.dot_threshold:
+            weight_a, weight_b = 1.0 - t, t
+        else:
+            theta = math.acos(dot)
+            sin_theta = math.sin(theta)
+            weight_a, weight_b = math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+        for chunk in passes():
+            for a, b in blocks(chunk, xp.block_elements):
+                yield a * weight_a + b * weight_b
+
+
+def cosine(passes: Passes, xp: Backend) -> float:
+    """<A/|A|, B/|B|> (a zero norm counts as 1): of a tensor of one chunk as version 1 computed it, bit
+    for bit; of a larger one from the squared norms and the dot product summed over blocks in float64."""
+    whole = passes.whole()
+    if whole is not None:
+        a, b = whole
+        norm_a, norm_b = _norm(xp.total(a * a)), _norm(xp.total(b * b))
+        return xp.total((a / norm_a) * (b / norm_b))
+    aa = bb = ab = 0.0
+    for chunk in passes():
+        for x, y in blocks(chunk, xp.block_elements):
+            rows_x, rows_y = x.reshape(1, -1), y.reshape(1, -1)
+            aa += float(xp.row_dots(rows_x, rows_x)[0])
+            bb += float(xp.row_dots(rows_y, rows_y)[0])
+            ab += float(xp.row_dots(rows_x, rows_y)[0])
+    return ab / (_norm(aa) * _norm(bb))
+
+
+def _norm(squares: float) -> float:
+    norm = math.sqrt(squares)
+    return norm if norm > EPS else 1.0

@@ -25,19 +25,30 @@ tensors whose deltas are rounded to the base's precision).
 `base` names the model the others were fine-tuned from; `inputs` are the
 fine-tuned models; `weights` and `density` take one number, or one per input;
 `scale` is mergekit's `lambda`.
+
+Each tensor is computed in the memory of a few chunks (merger.ops.streaming), with the float32
+maths of a whole-tensor computation element for element: TIES first finds each model's cut by
+passes over its deltas' magnitude histograms (merger.ops.topk, exact: the k kept are the same),
+DARE draws its drops chunk by chunk from one stream per model (the numbers of one whole draw), and
+`rescale: l1` sums the norms in a first pass.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar
 
 from merger.errors import MergerError
-from merger.ops.base import Arity, TensorInputs, seeded_rng
-from merger.ops.elementwise import Merged, MergeParams, WholeTensorOp
+from merger.ops.base import Arity, ChunkInputs
+from merger.ops.elementwise import Merged, MergeParams
 from merger.ops.params import N, RandomParams, Scheduled
+from merger.ops.sparsify import Drop, Sparsify, Step, Trim, Zero, sparsified
+from merger.ops.streaming import Passes, StreamingOp, blocks
+from merger.ops.topk import BINS
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from merger.core.arrays import Array, Backend
 
 
@@ -75,11 +86,34 @@ def per_model(value: float | list[float], n: int, name: str) -> list[float]:
     return [value] * n
 
 
+#: TIES samples a tensor of at least AIMED elements (16 runs of SAMPLE_RUN elements spread over it,
+#: or as many elements evenly spread over a tensor of one chunk) to aim its first pass, which counts
+#: at most WINDOW_BINS high bins in full around the sample's cut (512 KB each), see merger.ops.topk
+AIMED = 1 << 20
+SAMPLE_RUN = 8192
+WINDOW_BINS = 8
+
 T = TypeVar("T", bound=TaskArithmeticParams[Scheduled])
 F = TypeVar("F", bound=TaskArithmeticParams[float])
 
 
-class TaskVectorOp(WholeTensorOp[T, F]):
+def _sample_counts(passes: Passes, index: int, xp: Backend) -> np.ndarray:
+    """The high-bin counts of a sample of input `index`'s deltas from input 0 (spread evenly)."""
+    import numpy as np
+
+    counts = np.zeros(BINS, dtype=np.int64)
+    whole = passes.whole()
+    if whole is None:
+        sample = passes.peek(SAMPLE_RUN)
+    else:
+        step = max(1, len(whole[0]) // (16 * SAMPLE_RUN))
+        sample = [[array[::step] for array in whole]]
+    for arrays in sample:
+        xp.magnitude_histogram(arrays[index], counts, (0, 0, arrays[0], None, 0))
+    return counts
+
+
+class TaskVectorOp(StreamingOp[T, F]):
     """The shared core; subclasses choose sparsification and consensus."""
 
     references = ("base",)
@@ -94,34 +128,88 @@ class TaskVectorOp(WholeTensorOp[T, F]):
                 raise MergerError(f"density {density} is not between 0 and 1", fix="use a density in [0, 1]")
         return []
 
-    def _sparsified(self, key: str, delta: Array, density: float, index: int, params: F, xp: Backend) -> Array:
-        if self.sparsify is None or density >= 1.0:
-            return delta
-        count = math.prod(delta.shape)
-        if density <= 0.0 or count == 0:
-            return delta * 0.0
-        if self.sparsify == "magnitude":
-            mask = xp.top_k_mask(xp.abs(delta), max(1, int(density * count)))
-            return xp.where(mask, delta, 0.0)
-        assert isinstance(params, DareParams)
-        keep = seeded_rng(params.seed, f"{key}#{index}").random(count, dtype="float32") < density
-        kept = xp.where(xp.asarray(keep.reshape(tuple(delta.shape))), delta, 0.0)
-        if params.rescale == "inverse_density":
-            return kept / density
-        if params.rescale == "l1":
-            before, after = xp.total(xp.abs(delta)), xp.total(xp.abs(kept))
-            return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
-        return kept
-
-    def merge(self, key: str, inputs: TensorInputs[Merged], params: F, xp: Backend) -> Array:
-        base = inputs.read(0, key)
+    def stream(self, key: str, inputs: ChunkInputs[Merged], params: F, xp: Backend) -> Iterator[Array]:
         n = len(inputs.specs) - 1
         weights = per_model(params.weights, n, "weights")
         densities = per_model(getattr(params, "density", 1.0), n, "density")
-        deltas = []
-        for i in range(n):
-            delta = self._sparsified(key, inputs.read(i + 1, key) - base, densities[i], i, params, xp)
-            deltas.append(delta * weights[i])
+        spec = inputs.specs[0][key]
+        count, width = spec.numel, 64 if spec.dtype == "F64" else 32
+        parts: list[Sparsify] = []
+        for i, density in enumerate(densities):
+            if self.sparsify is None or density >= 1.0:
+                parts.append(Sparsify())
+            elif density <= 0.0 or count == 0:
+                parts.append(Zero())
+            elif self.sparsify == "magnitude":
+                k = max(1, int(density * count))
+                parts.append(Trim(k, width) if k < count else Sparsify())
+            else:
+                assert isinstance(params, DareParams)
+                parts.append(Drop(params.seed, f"{key}#{i}", density, params.rescale))
+        passes = Passes(inputs, [(i, key) for i in range(n + 1)])
+        self._first_passes(passes, parts, count, xp)
+        fused = self.elects_sign  # the compiled election takes whole chunks (it blocks them itself)
+        for chunk in passes():
+            for block in [chunk] if fused else blocks(chunk, xp.block_elements):
+                out, fused = self._merge_block(block, parts, weights, params, xp, fused)
+                yield out
+
+    def _first_passes(self, passes: Passes, parts: list[Sparsify], count: int, xp: Backend) -> None:
+        """What the sparsifiers need of whole tensors: TIES's cuts, DARE's L1 norms (rescale: l1)."""
+        trims = [(i, p) for i, p in enumerate(parts) if isinstance(p, Trim)]
+        if trims and count >= AIMED:  # aim each first pass's window by a sample
+            for i, part in trims:
+                most = WINDOW_BINS if len(trims) <= 4 else 2
+                part.top.aim(_sample_counts(passes, i + 1, xp), part.top.need / count, most)
+        while any(p.top.cut is None for _, p in trims):
+            pending = [(i, p) for i, p in trims if p.top.cut is None]
+            for chunk in passes():
+                for i, part in pending:
+                    part.top.add(chunk[i + 1], xp, minus=chunk[0])  # the deltas' magnitudes
+            for _, part in pending:
+                part.top.end_pass()
+        for _, part in trims:
+            part.start()
+        drops = [(i, p) for i, p in enumerate(parts) if isinstance(p, Drop) and p.rescale == "l1"]
+        if drops:  # a tensor of one chunk is summed whole, as version 1 summed it
+            size = None if passes.whole() is not None else xp.block_elements
+            for chunk in passes():
+                for block in blocks(chunk, size):
+                    for i, drop in drops:
+                        drop.measure(block[i + 1] - block[0], xp)
+            for _, drop in drops:
+                before, after = drop.before, drop.after
+                drop.ratio = before / after if before >= 1e-7 and after >= 1e-7 else None
+                drop.start()
+
+    def _merge_block(
+        self, block: list[Array], parts: list[Sparsify], weights: list[float], params: F, xp: Backend, fused: bool
+    ) -> tuple[Array, bool]:
+        """The merged block, and whether the compiled election made it (else the array maths did)."""
+        base, models = block[0], block[1:]
+        steps = [part.step(len(base)) for part in parts]
+        try:
+            if fused:
+                assert isinstance(params, TiesParams | DareTiesParams)
+                consensus = 1 if params.consensus == "sum" else 2
+                models_steps = [(m, *s.fused(), w) for m, s, w in zip(models, steps, weights, strict=True)]
+                elected = xp.elect(base, models_steps, consensus, params.normalize, params.scale)
+                if elected is not None:
+                    out, ties = elected
+                    for step, left in zip(steps, ties, strict=True):
+                        step.ties = left
+                    return out, True
+            return self._merged(base, models, steps, weights, params, xp), False
+        finally:
+            for part, step in zip(parts, steps, strict=True):
+                part.done(step)
+
+    def _merged(
+        self, base: Array, models: list[Array], steps: list[Step], weights: list[float], params: F, xp: Backend
+    ) -> Array:
+        """The array form of the merge (the compiled `elect` does the same float32 operations)."""
+        pairs = zip(models, steps, weights, strict=True)
+        deltas = [sparsified(model - base, step, xp) * weight for model, step, weight in pairs]
         if self.elects_sign:
             assert isinstance(params, TiesParams | DareTiesParams)
             if params.consensus == "sum":
@@ -133,13 +221,14 @@ class TaskVectorOp(WholeTensorOp[T, F]):
                 for delta in deltas[1:]:
                     total += xp.sign(delta)
             positive = total >= 0  # the elected sign: + where the vote is 0
+            negative = ~positive
             mixed = base * 0.0
             divisor = base * 0.0
             for delta, weight in zip(deltas, weights, strict=True):
-                agrees = xp.where(positive, delta > 0, delta < 0)  # a zero delta never agrees
-                mixed += xp.where(agrees, delta, 0.0)
-                divisor += xp.where(agrees, weight, 0.0)
-            divisor = xp.where(divisor == 0, 1.0, divisor)
+                agrees = (positive & (delta > 0)) | (negative & (delta < 0))  # a zero delta never agrees
+                mixed += xp.keep(delta, agrees)
+                divisor += xp.keep(base * 0.0 + weight, agrees)  # the weight, in the maths' dtype
+            divisor = divisor + (divisor == 0)  # 1 where no model agrees
         else:
             mixed = deltas[0] + 0.0
             for delta in deltas[1:]:

@@ -6,7 +6,8 @@ embedding-like key (token embedding, LM head: see merger.archs.embeddings) has a
 count in different inputs. For each such key:
 
 - rows 0..m-1, the rows every input has, are what the node's op gives when each input is cut to
-  them (per-key ops merge those rows; whole-tensor ops such as TIES get the cut tensors whole);
+  them (per-key ops merge those rows; streaming ops such as TIES stream the cut tensors: rows
+  0..m-1 are the first elements of a tensor in C order);
 - the first input's remaining rows are copied as they are; rows only other inputs have are dropped;
 - the output tensor has the first input's shape (and the op's dtype).
 
@@ -23,12 +24,14 @@ were taken whole from the first input: `{"vocab": {"lm_head.weight": {"rows": 32
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from merger.archs.embeddings import vocab_mismatches
 from merger.core.specs import TensorSpec
-from merger.ops.base import AnyOp, InputSpecs, NodeSpec, Noted, Op, PieceMode, TensorInputs
+from merger.ops.base import AnyOp, ChunkInputs, InputSpecs, NodeSpec, Noted, Op, PieceMode, TensorInputs
 
 if TYPE_CHECKING:
     from merger.core.arrays import Array, Backend
@@ -86,7 +89,8 @@ class VocabFirst(Op[Any, Any, VocabPlan]):
         return NodeSpec(tensors=tensors, plan=VocabPlan(inner.plan, cut, rows), notes=notes)
 
     def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: VocabPlan) -> PieceMode:
-        return "tensor" if key in plan.rows else self.inner.piece_mode(key, plan.specs, plan.inner)
+        mode = self.inner.piece_mode(key, plan.specs, plan.inner)
+        return mode if key not in plan.rows or mode == "stream" else "tensor"
 
     def needs(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: VocabPlan) -> list[tuple[int, str]]:
         reads: list[tuple[int, str]] = self.inner.needs(key, plan.specs, plan.inner)
@@ -96,6 +100,16 @@ class VocabFirst(Op[Any, Any, VocabPlan]):
 
     def combine(self, values: list[Array], params: Any, xp: Backend) -> Array:
         return self.inner.combine(values, params, xp)
+
+    def stream(self, key: str, inputs: ChunkInputs[VocabPlan], params: Any, xp: Backend) -> Iterator[Array]:
+        plan = inputs.plan
+        yield from self.inner.stream(key, _CutChunks(inputs), params, xp)
+        rows = plan.rows.get(key)
+        if rows is not None and rows.rows > rows.merged:  # the first input's other rows, as they are
+            per_row = math.prod(plan.specs[self.first][key].shape[1:])
+            span = (rows.merged * per_row, rows.rows * per_row)
+            for (chunk,) in inputs.chunks([(self.first, key)], span=span):
+                yield chunk
 
     def tensor(self, key: str, inputs: TensorInputs[VocabPlan], params: Any, xp: Backend) -> Array:
         plan = inputs.plan
@@ -136,6 +150,37 @@ class _CutInputs:
         array = self._inputs.read(index, key)
         rows = self._inputs.plan.rows.get(key)
         return array[: rows.merged] if rows is not None else array
+
+    def note(self, name: str, value: float) -> None:
+        self._inputs.note(name, value)
+
+
+class _CutChunks:
+    """`_CutInputs` for streaming ops: a vocabulary key's chunks span its shared rows only."""
+
+    def __init__(self, inputs: ChunkInputs[VocabPlan]) -> None:
+        self._inputs = inputs
+
+    @property
+    def specs(self) -> tuple[dict[str, TensorSpec], ...]:
+        return self._inputs.plan.specs
+
+    @property
+    def plan(self) -> Any:
+        return self._inputs.plan.inner
+
+    def chunks(
+        self,
+        reads: Sequence[tuple[int, str]],
+        *,
+        multiple: int = 1,
+        span: tuple[int, int] | None = None,
+        peek: bool = False,
+    ) -> Iterator[list[Array]]:
+        cut = [self.specs[index][key].numel for index, key in reads if key in self._inputs.plan.rows]
+        if cut and span is None:
+            span = (0, cut[0])
+        return self._inputs.chunks(reads, multiple=multiple, span=span, peek=peek)
 
     def note(self, name: str, value: float) -> None:
         self._inputs.note(name, value)

@@ -1,0 +1,103 @@
+"""Whole-tensor merges in the memory of a few chunks (`StreamingOp`: slerp, task vectors, Model Stock).
+
+Such a merge needs something of each tensor whole before its first output element (a norm, a dot
+product, a top-k threshold): it makes passes over the inputs' chunks (`Passes`), the first ones to
+gather those statistics, the last to compute the output chunk by chunk (in blocks of the backend's
+`block_elements`, so that the temporaries stay in the CPU's cache). A tensor that fits in one chunk
+is read once and its chunk kept for the later passes, so small tensors cost one read, as before.
+The ops never change the arrays of a chunk (a kept one is passed again).
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from merger.core.specs import TensorSpec
+from merger.ops.base import ChunkInputs, P, PieceMode, R
+from merger.ops.elementwise import AlignedOp, Merged
+
+if TYPE_CHECKING:
+    from merger.core.arrays import Array, Backend
+
+
+class Passes:
+    """Passes over the chunks of one tensor of several inputs (`ChunkInputs.chunks`): call it for
+    each pass. A tensor of one chunk is read in the first pass only; its chunk is kept (`whole`)."""
+
+    def __init__(self, inputs: ChunkInputs[object], reads: Sequence[tuple[int, str]], multiple: int = 1) -> None:
+        self._inputs = inputs
+        self._reads = list(reads)
+        self._multiple = multiple
+        self._kept: list[Array] | None = None
+        self._started: Iterator[list[Array]] | None = None  # a first pass that `whole` began
+        self.inputs = len(self._reads)
+        self.reads = 0  # passes that read the inputs
+
+    def whole(self) -> list[Array] | None:
+        """The tensor's arrays whole, when it is one chunk (then no pass reads again), else None;
+        before the first pass, this begins it."""
+        if self.reads == 0:
+            self.reads = 1
+            chunks = self._inputs.chunks(self._reads, multiple=self._multiple)
+            first = next(chunks, None)
+            second = next(chunks, None) if first is not None else None
+            if first is not None and second is None:
+                self._kept = first
+            elif first is not None and second is not None:
+                self._started = itertools.chain([first, second], chunks)
+        return self._kept
+
+    def peek(self, count: int, runs: int = 16) -> list[list[Array]]:
+        """A sample of the tensor, before the passes: `runs` runs of `count` elements spread evenly
+        over it (or all of it, when that is fewer), per input."""
+        numel = self._inputs.specs[self._reads[0][0]][self._reads[0][1]].numel
+        if numel <= count * runs:
+            starts = [0] if numel else []
+            count = numel
+        else:
+            starts = [i * (numel - count) // (runs - 1) for i in range(runs)]
+        found = []
+        for start in starts:
+            for arrays in self._inputs.chunks(self._reads, span=(start, start + count), peek=True):
+                found.append(arrays)
+        return found
+
+    def __call__(self) -> Iterator[list[Array]]:
+        self.whole()
+        if self._kept is not None:
+            yield self._kept
+        elif self._started is not None:
+            started, self._started = self._started, None
+            yield from started
+        else:
+            self.reads += 1
+            yield from self._inputs.chunks(self._reads, multiple=self._multiple)
+
+
+def blocks(arrays: list[Array], size: int | None, multiple: int = 1) -> Iterator[list[Array]]:
+    """The arrays (flat, of one length) in blocks of about `size` elements (whole, for None), each
+    a multiple of `multiple` elements (rows of that length kept whole)."""
+    count = len(arrays[0]) if arrays else 0
+    if size is None or count <= size:
+        yield arrays
+        return
+    if multiple > 1:
+        size = max(multiple, size - size % multiple)
+    for start in range(0, count, size):
+        yield [a[start : start + size] for a in arrays]
+
+
+class StreamingOp(AlignedOp[P, R]):
+    """An aligned merge whose merged keys stream (piece mode "stream"): subclasses give `stream`;
+    keys that are not merged are copied from the first input."""
+
+    def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Merged) -> PieceMode:
+        return "stream" if key in plan else "copy"
+
+    @abstractmethod
+    def stream(self, key: str, inputs: ChunkInputs[Merged], params: R, xp: Backend) -> Iterator[Array]:
+        """The merged tensor `key` (every input has it, with one shape, as a float tensor), as flat
+        chunks in C order."""
