@@ -230,10 +230,15 @@ def main() -> None:
     default_mk = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
     parser.add_argument("--mergekit-yaml", default=default_mk, help="mergekit's CLI")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one, removed)")
+    parser.add_argument("--tools", default="merger,mergekit,sd-mecha", help="which tools to run (comma-separated)")
+    parser.add_argument("--methods", default=",".join(m.name for m in METHODS), help="which merges (comma-separated)")
     args = parser.parse_args()
+    chosen = set(args.tools.split(","))
+    methods = [m for m in METHODS if m.name in args.methods.split(",")]
     size = 100 * 10**6 if args.quick else args.size
     mergekit = args.mergekit_yaml if args.mergekit_yaml and Path(args.mergekit_yaml).is_file() else None
-    has_mecha = importlib.util.find_spec("sd_mecha") is not None
+    mergekit = mergekit if "mergekit" in chosen else None
+    has_mecha = importlib.util.find_spec("sd_mecha") is not None and "sd-mecha" in chosen
     work, where = pick_work_dir(args, 6 * size + (64 << 20))
     try:
         env = child_env(work)
@@ -252,9 +257,9 @@ def main() -> None:
             f" torch {version('torch')}; merger and mergekit read the folders, sd-mecha their model.safetensors",
         ]
         print("\n".join(notes))
-        if mergekit is None:
+        if mergekit is None and "mergekit" in chosen:
             print("mergekit not installed (pip install mergekit==0.1.5, or --mergekit-yaml PATH): its rows skipped")
-        if not has_mecha:
+        if not has_mecha and "sd-mecha" in chosen:
             print("sd-mecha not installed: pip install sd-mecha==1.1.8")
         tools: list[tuple[str, Callable[..., Measure], tuple[Any, ...], str]] = [
             ("merger", run_merger, (env,), "merger_out.safetensors")
@@ -267,7 +272,7 @@ def main() -> None:
         ours: dict[str, Measure] = {}
         floors: dict[int, Measure] = {}
         phases: list[str] = []
-        for method in METHODS:
+        for method in methods:
             n = len(method.inputs)
             if n not in floors:
                 files = [str(work / name / "model.safetensors") for name in method.inputs]
