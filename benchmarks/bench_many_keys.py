@@ -28,11 +28,9 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from common import MERGER
+from common import MERGER, Measure, measure
 
 BARE_APP = """
 import hydra
@@ -80,28 +78,13 @@ def project(root: Path, keys: int) -> Path:
     return root
 
 
-@dataclass(frozen=True)
-class Timing:
-    wall: float  # seconds
-    cpu: float  # user + system seconds
-    rss: float  # peak RSS, MB
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> Measure:
+    """One child's wall time, CPU time and peak RSS (common.measure); exits with its stderr if it fails."""
+    return measure(command, cwd, env=env)
 
 
-def timed(command: list[str], cwd: Path, env: dict[str, str]) -> Timing:
-    """One child's wall time, CPU time and peak RSS; exits with its stderr if it fails."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    assert proc.stderr is not None
-    stderr = proc.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{stderr}")
-    return Timing(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
-
-
-def fastest(runs: list[Timing]) -> Timing:
-    return Timing(min(r.wall for r in runs), min(r.cpu for r in runs), min(r.rss for r in runs))
+def fastest(runs: list[Measure]) -> Measure:
+    return Measure(min(r.wall for r in runs), min(r.rss for r in runs), min(r.cpu for r in runs))
 
 
 def statuses(root: Path) -> list[str]:
@@ -131,7 +114,7 @@ def main() -> None:
 
         small_first = timed([*MERGER, *ARGS], small, env)
         first = timed([*MERGER, *ARGS], large, env)
-        runs: dict[str, list[Timing]] = {"small": [], "large": [], "bare": []}
+        runs: dict[str, list[Measure]] = {"small": [], "large": [], "bare": []}
         for _ in range(args.repeat):  # in turn, so that a busy moment does not fall on one of them only
             runs["small"].append(timed([*MERGER, *ARGS], small, env))
             runs["large"].append(timed([*MERGER, *ARGS], large, env))

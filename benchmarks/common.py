@@ -23,6 +23,7 @@ MERGER = [sys.executable, "-m", "merger"]
 class Measure:
     wall: float  # seconds
     rss: float  # peak RSS, MB
+    cpu: float = 0.0  # user + system seconds
 
 
 def measure(
@@ -37,7 +38,7 @@ def measure(
     stderr = proc.stderr.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed: {' '.join(command)}\n{stderr}")
-    return Measure(wall, usage.ru_maxrss / 1024)
+    return Measure(wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
 
 
 def drop_caches() -> bool:
