@@ -152,85 +152,37 @@ static PyObject *done(Py_buffer *src, Py_buffer *dst) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_f16_to_f32(PyObject *self, PyObject *args) {
-    Py_buffer src, dst;
-    int portable;
-    Py_ssize_t n;
-    if (!parse(args, &src, &dst, &portable, 2, 4, &n)) {
-        return NULL;
+/* A Python function `name(src, dst, portable=False)` over one loop: the SIMD one where the CPU has
+ * it (and `portable` is false), else the portable one; the GIL is released while it runs. */
+#define CONVERTER(name, in_size, out_size, in_type, out_type, simd_loop, portable_loop)                        \
+    static PyObject *py_##name(PyObject *self, PyObject *args) {                                             \
+        Py_buffer src, dst;                                                                                  \
+        int portable;                                                                                        \
+        Py_ssize_t n;                                                                                        \
+        if (!parse(args, &src, &dst, &portable, in_size, out_size, &n)) {                                    \
+            return NULL;                                                                                     \
+        }                                                                                                    \
+        Py_BEGIN_ALLOW_THREADS if (!portable && has_f16c()) {                                                \
+            simd_loop((const in_type *)src.buf, (out_type *)dst.buf, n);                                     \
+        }                                                                                                    \
+        else {                                                                                               \
+            portable_loop((const in_type *)src.buf, (out_type *)dst.buf, n);                                 \
+        }                                                                                                    \
+        Py_END_ALLOW_THREADS return done(&src, &dst);                                                        \
     }
-    Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_X86_DISPATCH
-    if (!portable && has_f16c()) {
-        f16_to_f32_f16c((const uint16_t *)src.buf, (float *)dst.buf, n);
-    } else
-#endif
-    {
-        f16_to_f32_portable((const uint16_t *)src.buf, (float *)dst.buf, n);
-    }
-    Py_END_ALLOW_THREADS
-    return done(&src, &dst);
-}
 
-static PyObject *py_f32_to_f16(PyObject *self, PyObject *args) {
-    Py_buffer src, dst;
-    int portable;
-    Py_ssize_t n;
-    if (!parse(args, &src, &dst, &portable, 4, 2, &n)) {
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_X86_DISPATCH
-    if (!portable && has_f16c()) {
-        f32_to_f16_f16c((const float *)src.buf, (uint16_t *)dst.buf, n);
-    } else
+#ifndef HAVE_X86_DISPATCH /* no SIMD loops here: the portable ones stand in, never chosen */
+static int has_f16c(void) { return 0; }
+#define f16_to_f32_f16c f16_to_f32_portable
+#define f32_to_f16_f16c f32_to_f16_portable
+#define bf16_to_f32_avx2 bf16_to_f32_portable
+#define f32_to_bf16_avx2 f32_to_bf16_portable
 #endif
-    {
-        f32_to_f16_portable((const float *)src.buf, (uint16_t *)dst.buf, n);
-    }
-    Py_END_ALLOW_THREADS
-    return done(&src, &dst);
-}
 
-static PyObject *py_bf16_to_f32(PyObject *self, PyObject *args) {
-    Py_buffer src, dst;
-    int portable;
-    Py_ssize_t n;
-    if (!parse(args, &src, &dst, &portable, 2, 4, &n)) {
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_X86_DISPATCH
-    if (!portable && has_f16c()) {
-        bf16_to_f32_avx2((const uint16_t *)src.buf, (uint32_t *)dst.buf, n);
-    } else
-#endif
-    {
-        bf16_to_f32_portable((const uint16_t *)src.buf, (uint32_t *)dst.buf, n);
-    }
-    Py_END_ALLOW_THREADS
-    return done(&src, &dst);
-}
-
-static PyObject *py_f32_to_bf16(PyObject *self, PyObject *args) {
-    Py_buffer src, dst;
-    int portable;
-    Py_ssize_t n;
-    if (!parse(args, &src, &dst, &portable, 4, 2, &n)) {
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_X86_DISPATCH
-    if (!portable && has_f16c()) {
-        f32_to_bf16_avx2((const uint32_t *)src.buf, (uint16_t *)dst.buf, n);
-    } else
-#endif
-    {
-        f32_to_bf16_portable((const uint32_t *)src.buf, (uint16_t *)dst.buf, n);
-    }
-    Py_END_ALLOW_THREADS
-    return done(&src, &dst);
-}
+CONVERTER(f16_to_f32, 2, 4, uint16_t, float, f16_to_f32_f16c, f16_to_f32_portable)
+CONVERTER(f32_to_f16, 4, 2, float, uint16_t, f32_to_f16_f16c, f32_to_f16_portable)
+CONVERTER(bf16_to_f32, 2, 4, uint16_t, uint32_t, bf16_to_f32_avx2, bf16_to_f32_portable)
+CONVERTER(f32_to_bf16, 4, 2, uint32_t, uint16_t, f32_to_bf16_avx2, f32_to_bf16_portable)
 
 /* How many 16-bit values have every bit of `mask` set (the exponent of float16 or bfloat16: NaN or inf). */
 #define COUNT_LOOP(suffix, attribute)                                                                          \
