@@ -10,7 +10,8 @@ import torch
 
 from merger.core.arrays import NumpyBackend, TorchBackend, select_backend
 from merger.core.specs import TensorSpec
-from merger.engine.pipeline import PIECE_BYTES, Pipeline
+from merger.engine.pieces import PIECE_BYTES
+from merger.engine.pipeline import Pipeline
 from merger.ops.base import InputSpecs, Op
 from merger.ops.elementwise import MergeParams
 from merger.ops.linear import (

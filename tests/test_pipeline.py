@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import pytest
 
-import merger.engine.pipeline as pipeline_module
+import merger.engine.pieces as pieces_module
 from merger.core.arrays import NumpyBackend, TorchBackend
 from merger.core.specs import TensorSpec
-from merger.engine.pipeline import Pipeline, plan_pieces
+from merger.engine.pieces import plan_pieces
+from merger.engine.pipeline import Pipeline
 from merger.ops.base import InputSpecs
 from merger.ops.linear import Lerp, LerpParams
 from tests.conftest import BytesSource, Collector, keyed
@@ -28,7 +30,7 @@ def models(seed: int, fail_on: str | None = None) -> BytesSource:
 
 @pytest.fixture(autouse=True)
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline_module, "PIECE_BYTES", 1024 * 12)  # 1024 elements per chunk here
+    monkeypatch.setattr(pieces_module, "PIECE_BYTES", 1024 * 12)  # 1024 elements per chunk here
 
 
 def run(sources: list[BytesSource], collector: Collector, backend: Any = None) -> dict[str, TensorSpec]:
@@ -57,7 +59,7 @@ def test_chunked_result_equals_whole_tensor_maths(backend: Any) -> None:
 
 
 def test_plan_pieces_chunks_per_key_ops_and_shrinks_with_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline_module, "PIECE_BYTES", 1 << 20)
+    monkeypatch.setattr(pieces_module, "PIECE_BYTES", 1 << 20)
     specs2 = tuple({"w": TensorSpec("F32", (10_000_000,))} for _ in range(2))
     specs8 = tuple({"w": TensorSpec("F32", (10_000_000,))} for _ in range(8))
     params = LerpParams(alpha=0.5)
@@ -142,24 +144,30 @@ def test_a_failing_block_stops_the_two_compute_threads(monkeypatch: pytest.Monke
     assert calls["n"] < 50_000 // 300
 
 
-def test_many_small_tensors_travel_in_batches_and_stay_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    shapes = {f"layer.{i}.bias": (i % 7 + 1,) for i in range(3000)} | {"big": (5000,), "after.bias": (3,)}
+def test_many_small_tensors_are_computed_together_and_stay_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes = {f"layer.{i}.bias": (i % 7 + 1,) for i in range(3000)} | {"big": (50_000,), "after.bias": (3,)}
     (a, arrays_a), (b, arrays_b) = float16_sources(1, shapes), float16_sources(2, shapes)
     specs = tuple({k: TensorSpec("F16", s) for k, s in shapes.items()} for _ in range(2))
     op, params = Lerp(), LerpParams(alpha=0.3)
     node = op.spec(InputSpecs(("a", "b"), specs), params)
     sizes: list[int] = []
-    original = Pipeline._compute_all
+    original = Lerp.combine
 
-    def compute_all(self: Pipeline, items: list[Any], node: Any) -> list[memoryview]:
-        sizes.append(len(items))
-        return original(self, items, node)
+    def combine(self: Lerp, values: list[Any], params: Any, xp: Any) -> Any:
+        sizes.append(values[0].size)
+        return original(self, values, params, xp)
 
-    monkeypatch.setattr(Pipeline, "_compute_all", compute_all)
+    monkeypatch.setattr(Lerp, "combine", combine)
+    monkeypatch.setattr(pieces_module, "RUN_TENSORS", 1000)
+    monkeypatch.setattr(pieces_module, "PIECE_BYTES", 12 * 16384)  # chunks of 16384 float16 elements
     collector = Collector()
     Pipeline(op, keyed(op, params, node), [a, b], specs, NumpyBackend()).run(collector, node, lambda k, n: None)
-    assert [key for key, _ in collector.chunks if key != "big"] == [k for k in shapes if k != "big"]
-    assert max(sizes) > 100 and len(sizes) < 50  # 3001 small keys in a few batches, "big" alone in 5 chunks
+    keys = [key for key, _ in collector.chunks]
+    assert [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k] == list(shapes)  # in order
+    assert keys.count("big") == 4 and len(keys) == len(shapes) + 3  # the small ones whole, "big" in 4 chunks
+    # 3000 small keys in runs of 1000 tensors (one computation each), "big" in 4 chunks, "after.bias" alone
+    runs = [sum(i % 7 + 1 for i in range(start, start + 1000)) for start in (0, 1000, 2000)]
+    assert sizes == [*runs, 16384, 16384, 16384, 50_000 - 3 * 16384, 3]
     for key, got in collector.joined().items():
         x, y = arrays_a[key].astype(np.float32), arrays_b[key].astype(np.float32)
         want = (x * np.float32(0.7) + y * np.float32(0.3)).astype(np.float16).reshape(-1)

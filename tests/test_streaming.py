@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-import merger.engine.pipeline as pipeline_module
+import merger.engine.pieces as pieces_module
 import merger.ops.task_vectors as task_vectors
 from merger.core import arrays
 from merger.core.arrays import NumpyBackend, TorchBackend
 from merger.core.specs import TensorSpec
-from merger.engine.pipeline import Pipeline, chunk_elements
+from merger.engine.pieces import chunk_elements
+from merger.engine.pipeline import Pipeline
 from merger.ops.base import InputSpecs, Op
 from merger.ops.model_stock import ModelStock, ModelStockParams
 from merger.ops.slerp import Slerp, SlerpParams
@@ -45,7 +46,7 @@ KEY = "w"
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline_module, "PIECE_BYTES", 1024)  # the least chunk: 1024 elements
+    monkeypatch.setattr(pieces_module, "PIECE_BYTES", 1024)  # the least chunk: 1024 elements
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -303,7 +304,7 @@ def test_non_finite_inputs_are_counted_once_over_the_passes() -> None:
 
 
 def test_empty_and_single_chunk_tensors_stream(xp: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline_module, "PIECE_BYTES", 24 << 20)
+    monkeypatch.setattr(pieces_module, "PIECE_BYTES", 24 << 20)
     inputs = family(10, 2, shape=(40, 50))
     got, sources = run(Ties(), TiesParams(base="m0", density=0.3), inputs, xp)
     want = ref.task_vectors(

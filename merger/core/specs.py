@@ -7,6 +7,7 @@ whole merge before any tensor is read. Dtypes are safetensors' codes ("F32",
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,11 +46,11 @@ class TensorSpec:
     dtype: str
     shape: tuple[int, ...]
 
-    @property
-    def numel(self) -> int:
+    @functools.cached_property
+    def numel(self) -> int:  # cached: read per key by the planner, the pipeline and the writer
         return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * DTYPE_SIZES[self.dtype]
 

@@ -18,7 +18,7 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,9 +59,29 @@ class SafetensorsReader:
         Uses positioned reads, so several threads may share one reader.
         """
         begin, _ = self.header.offsets[key]
-        view = out[: stop - start]
+        return self._read(self.header.data_start + begin + start, out[: stop - start], key)
+
+    def read_tensors(self, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
+        """Whole tensors `keys` (of `sizes` bytes) one after another into `out`: one read when the
+        file holds them one after another (as merger writes them), else tensor by tensor."""
+        offsets = self.header.offsets
+        first, at = offsets[keys[0]][0], offsets[keys[0]][0]
+        for key in keys:
+            start, stop = offsets[key]
+            if start != at:
+                break
+            at = stop
+        else:
+            if at - first == len(out) == sum(sizes):
+                return self._read(self.header.data_start + first, out, keys[0])
+        offset = 0
+        for key, size in zip(keys, sizes, strict=True):
+            self.read_into(key, 0, size, out[offset : offset + size])
+            offset += size
+        return out
+
+    def _read(self, offset: int, view: memoryview, key: str) -> memoryview:
         fd = self._handle().fileno()
-        offset = self.header.data_start + begin + start
         if len(view) < SMALL_WRITE_BYTES:  # a small tensor: served from the block read ahead (one pread a MB)
             at, block = getattr(self._ahead, "block", (0, b""))
             if not at <= offset or offset + len(view) > at + len(block):
@@ -212,6 +232,20 @@ class SafetensorsWriter:
             raise RuntimeError(f"writer got {len(data)} bytes for {key!r}, {self._left} due for {self._key!r}")
         self._write(memoryview(data).cast("B") if len(data) else b"")
         self._left -= len(data)
+
+    def write_tensors(self, keys: Sequence[str], data: bytes | bytearray | memoryview) -> None:
+        """The whole next tensors `keys`, their bytes one after another in `data` (one write)."""
+        if self._left:
+            raise RuntimeError(f"writer got whole tensors while {self._left} bytes are due for {self._key!r}")
+        specs, total = self.specs, 0
+        for key in keys:
+            expected = next(self._keys, None)
+            if key != expected:
+                raise RuntimeError(f"writer expected tensor {expected!r}, got {key!r}")
+            total += specs[key].nbytes
+        if total != len(data):
+            raise RuntimeError(f"writer got {len(data)} bytes for {len(keys)} tensors of {total} bytes")
+        self._write(memoryview(data).cast("B") if len(data) else b"")
 
     def finish(self, metadata: Mapping[str, str] | None = None) -> str:
         """Flush, patch the metadata if given, fsync, close; returns the file's sha256."""

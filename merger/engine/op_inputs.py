@@ -1,0 +1,124 @@
+"""How ops read their inputs inside the pipeline (merger.engine.pipeline): whole tensors for
+"tensor" pieces (`PipelineTensorInputs`, merger.ops.base.TensorInputs) and passes over chunks for
+"stream" pieces (`PipelineChunkInputs`, merger.ops.base.ChunkInputs)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from merger.core.arrays import Array
+from merger.core.specs import DTYPE_SIZES, TensorSpec
+from merger.engine.pieces import Piece, chunk_elements
+
+if TYPE_CHECKING:
+    from merger.engine.pipeline import Fetched, Pipeline
+
+
+class PipelineTensorInputs:
+    """`TensorInputs` for whole-tensor ops: prefetched reads, others read on demand."""
+
+    def __init__(self, pipeline: Pipeline, fetched: Fetched) -> None:
+        self._pipeline = pipeline
+        self._fetched = fetched
+
+    @property
+    def specs(self) -> tuple[dict[str, TensorSpec], ...]:
+        return self._pipeline.specs
+
+    @property
+    def plan(self) -> Any:
+        return self._pipeline.plan
+
+    def read(self, index: int, key: str) -> Array:
+        spec = self._pipeline.specs[index][key]
+        data = self._fetched.data.get((index, key))
+        if data is None:
+            buffer = bytearray(spec.nbytes)
+            data = self._pipeline.sources[index].read_into(key, 0, spec.nbytes, memoryview(buffer))
+            if index in self._pipeline.watched:
+                self._pipeline.count(index, key, data, spec.dtype)
+        return self._pipeline.backend.load(data, spec.dtype, spec.shape)
+
+    def note(self, name: str, value: float) -> None:
+        self._pipeline.note(name, self._fetched.piece.key, value)
+
+
+class PipelineChunkInputs:
+    """`ChunkInputs` for streaming ops: passes over input chunks, the next chunk read (and converted
+    to the compute dtype) on another thread while one is computed; non-finite values of watched
+    inputs are counted in the first pass over each element range of a tensor only."""
+
+    def __init__(self, pipeline: Pipeline, piece: Piece) -> None:
+        self._pipeline = pipeline
+        self._piece = piece
+        self._counted: set[tuple[int, str, int, int]] = set()
+        self._ahead: concurrent.futures.ThreadPoolExecutor | None = None
+        self.step = chunk_elements(pipeline.specs)
+
+    def __enter__(self) -> PipelineChunkInputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def specs(self) -> tuple[dict[str, TensorSpec], ...]:
+        return self._pipeline.specs
+
+    @property
+    def plan(self) -> Any:
+        return self._pipeline.plan
+
+    def _read(
+        self, reads: Sequence[tuple[int, str]], specs: list[TensorSpec], start: int, stop: int, count: bool
+    ) -> list[Array]:
+        pipeline = self._pipeline
+        out = []
+        for (index, key), spec in zip(reads, specs, strict=True):
+            size = DTYPE_SIZES[spec.dtype]
+            buffer = memoryview(np.empty(max(1, (stop - start) * size), dtype=np.uint8).data)
+            data = pipeline.sources[index].read_into(key, start * size, stop * size, buffer)
+            if count and index in pipeline.watched:
+                pipeline.count(index, key, data, spec.dtype)
+            out.append(pipeline.backend.load(data, spec.dtype, (stop - start,)))
+        return out
+
+    def chunks(
+        self,
+        reads: Sequence[tuple[int, str]],
+        *,
+        multiple: int = 1,
+        span: tuple[int, int] | None = None,
+        peek: bool = False,
+    ) -> Iterator[list[Array]]:
+        pipeline = self._pipeline
+        specs = [pipeline.specs[index][key] for index, key in reads]
+        numel = specs[0].numel if specs else 0
+        if span is None and any(spec.numel != numel for spec in specs):
+            raise ValueError(f"chunks of tensors of different sizes: {[s.numel for s in specs]}")
+        first, last = span if span is not None else (0, numel)
+        if not 0 <= first <= last or any(spec.numel < last for spec in specs):
+            raise ValueError(f"elements {first}..{last} of tensors of {[s.numel for s in specs]}")
+        ranges = {(index, key, first, last) for index, key in reads}
+        count = not peek and not ranges <= self._counted
+        if self._ahead is None:
+            self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merger-stream")
+        step = max(multiple, self.step - self.step % max(multiple, 1))
+        bounds = [(start, min(start + step, last)) for start in range(first, last, step)]
+        pending = self._ahead.submit(self._read, reads, specs, *bounds[0], count) if bounds else None
+        for i in range(len(bounds)):
+            assert pending is not None
+            arrays = pending.result()
+            if i + 1 < len(bounds):
+                pending = self._ahead.submit(self._read, reads, specs, *bounds[i + 1], count)
+            yield arrays
+        if not peek:
+            self._counted.update(ranges)
+
+    def note(self, name: str, value: float) -> None:
+        self._pipeline.note(name, self._piece.key, value)
