@@ -10,8 +10,11 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from merger.archs import embeddings
 from tests.conftest import RunRecipe, expect_error, load
 from tests.test_vocab import EMBED, HEAD, cache_objects, llama, no_tensor_reads
 
@@ -132,3 +135,16 @@ def test_untied_models_without_config_merge_as_before(launch_dir: Path, run_reci
     }
     run_recipe(recipe)
     torch.testing.assert_close(load(launch_dir / "out" / "blend.safetensors")["w"], torch.full((2, 2), 0.5))
+
+
+_KEY_PARTS = st.sampled_from(["lm_head", "weight", "embed_tokens", "model", "wte", "output", "shared", "\n", ".", "x"])
+
+
+@given(st.lists(st.lists(_KEY_PARTS, max_size=6).map("".join), max_size=30))
+@example(["a.lm_head.weight", "b.embed_tokens.weight", "output.weight", "shared.weight"])
+@example(["x\n.lm_head.weight", ".lm_head.weight\ny", "lm_head.weightx", "model.wte.weight\n"])
+def test_the_joined_key_search_finds_what_a_key_by_key_test_finds(keys: list[str]) -> None:
+    """lm_heads / input_embeddings (a search over the joined keys first) against the per-key tests,
+    keys with newlines and dots in odd places included."""
+    assert embeddings.lm_heads(keys) == [k for k in keys if embeddings.is_lm_head(k)]
+    assert embeddings.input_embeddings(keys) == [k for k in keys if embeddings.is_input_embedding(k)]

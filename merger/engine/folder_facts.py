@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merger.archs.embeddings import config_ties, is_input_embedding, is_lm_head
+from merger.archs.embeddings import config_ties, is_input_embedding, lm_heads
 from merger.core.specs import TensorSpec
 from merger.engine.catalog import SourceHandle
 from merger.engine.folder_files import config_inside
@@ -131,7 +131,7 @@ def _check_config(plan: Plan, output: OutputDef, source: SourceHandle) -> None:
             " on the node with that model first",
         )
     ties = config_ties(config)
-    has_head = any(is_lm_head(k) for k in tensors)
+    has_head = bool(lm_heads(tensors))
     if embedding is not None and ties is not None and ties == has_head:
         said = "ties the LM head to the embedding" if ties else "has an LM head of its own"
         has = "has an lm_head.weight" if has_head else "has no lm_head.weight"
