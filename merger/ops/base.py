@@ -199,7 +199,9 @@ class Op(ABC, Generic[P, R, PlanT]):
         raise NotImplementedError(f"op {self.name} computes no whole tensors")
 
     def combine(self, values: list[Array], params: R, xp: Backend) -> Array:
-        """The merged chunk from the inputs' chunks (piece mode "merge")."""
+        """The merged chunk from the inputs' chunks (piece mode "merge"): elementwise, since a chunk
+        may be part of one tensor or several small tensors one after another (one computation for
+        a model's many biases and norms: merger.engine.pieces)."""
         raise NotImplementedError(f"op {self.name} has no per-element form")
 
     def stream(self, key: str, inputs: ChunkInputs[PlanT], params: R, xp: Backend) -> Iterator[Array]:
