@@ -1,8 +1,9 @@
-"""The one compiled part: merger.core._floatconv, float16/bfloat16 <-> float32 loops.
+"""The compiled parts, both optional: merger.core._floatconv (float16/bfloat16 <-> float32 loops,
+non-finite counts, TIES's histogram and election) and merger.core._fused (per-key linear maths in
+one pass over raw 16- and 32-bit inputs).
 
-Everything else is in pyproject.toml. The extension is optional: without a C
-compiler the install still succeeds and merger converts with numpy (slower for
-float16; see merger.core.arrays).
+Everything else is in pyproject.toml. Without a C compiler the install still succeeds and merger
+computes with numpy (slower for float16; see merger.core.arrays and merger.core.fused).
 """
 
 from setuptools import Extension, setup
@@ -14,6 +15,12 @@ setup(
             ["merger/core/_floatconv.c"],
             extra_compile_args=["-O3"],
             optional=True,
-        )
+        ),
+        Extension(
+            "merger.core._fused",
+            ["merger/core/_fused.c"],
+            extra_compile_args=["-O3", "-ffp-contract=off"],  # float32 rounding step by step, as numpy
+            optional=True,
+        ),
     ]
 )

@@ -395,6 +395,7 @@ def test_interrupted_computation_leaves_nothing_behind(
             return original_combine(self, values, params, xp)
 
         monkeypatch.setattr(Lerp, "combine", combine)
+        monkeypatch.setattr("merger.core.fused.FUSED", None)  # the array maths, not the fused loop
         monkeypatch.setattr("merger.engine.pieces.RUN_TENSORS", 1)  # a computation per tensor
     else:
         original_write = SafetensorsWriter._write  # where a tensor's chunk and a run of small ones go

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -85,6 +84,7 @@ def test_compute_error_stops_the_pipeline(monkeypatch: pytest.MonkeyPatch) -> No
         raise ValueError("maths failed")
 
     monkeypatch.setattr(Lerp, "combine", broken)
+    monkeypatch.setattr("merger.core.fused.FUSED", None)  # the array maths, not the fused loop
     with pytest.raises(ValueError, match="maths failed"):
         run([models(1), models(2)], Collector())
 
@@ -132,6 +132,7 @@ def test_a_failing_block_stops_the_two_compute_threads(monkeypatch: pytest.Monke
         return original(self, values, params, xp)
 
     monkeypatch.setattr(Lerp, "combine", combine)
+    monkeypatch.setattr("merger.core.fused.FUSED", None)  # the array maths, not the fused loop
     shapes = {"big": (50_000,)}
     (a, _), (b, _) = float16_sources(1, shapes), float16_sources(2, shapes)
     specs = tuple({"big": TensorSpec("F16", (50_000,))} for _ in range(2))
@@ -158,6 +159,7 @@ def test_many_small_tensors_are_computed_together_and_stay_in_order(monkeypatch:
         return original(self, values, params, xp)
 
     monkeypatch.setattr(Lerp, "combine", combine)
+    monkeypatch.setattr("merger.core.fused.FUSED", None)  # the array maths, not the fused loop
     monkeypatch.setattr(pieces_module, "RUN_TENSORS", 1000)
     monkeypatch.setattr(pieces_module, "PIECE_BYTES", 12 * 16384)  # chunks of 16384 float16 elements
     collector = Collector()

@@ -24,13 +24,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from merger.core import magnitudes
+from merger.core import fused, magnitudes
 from merger.core.magnitudes import Counting, Elected
 from merger.core.specs import FLOAT_DTYPES
 from merger.errors import MergerError
 
 if TYPE_CHECKING:
     import torch
+
+    from merger.ops.base import LinearForm
 
 try:  # built by setup.py when a C compiler is there; numpy does the same, slower, without it
     from merger.core import _floatconv
@@ -134,6 +136,14 @@ class Backend(Protocol):
         ties left."""
         ...
 
+    def combine_linear(
+        self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int
+    ) -> memoryview | None:
+        """`count` elements of a per-key op's `LinearForm` over raw inputs ((bytes, dtype code) each)
+        as `out_code` bytes, in one compiled pass (merger.core.fused), or None where the backend
+        cannot (then the op's `combine` runs)."""
+        ...
+
 
 def bf16_to_f32(raw: np.ndarray, *, compiled: bool = True) -> np.ndarray:
     """bfloat16 bits (uint16) widened to float32, exactly."""
@@ -187,34 +197,6 @@ def f32_to_f16(values: np.ndarray, *, compiled: bool = True) -> np.ndarray:
         return out
     with np.errstate(over="ignore"):
         return np.ascontiguousarray(values, dtype=np.float16)  # float64 rounds once, straight to float16
-
-
-def _float8_table(exponent_bits: int, mantissa_bits: int, *, ieee_specials: bool) -> np.ndarray:
-    """float32 values of every float8 byte (E4M3FN: no inf, S.1111.111 is NaN; E5M2: IEEE-style)."""
-    bias = (1 << (exponent_bits - 1)) - 1
-    top = (1 << exponent_bits) - 1
-    values = np.empty(256, dtype=np.float32)
-    for byte in range(256):
-        sign = -1.0 if byte & 0x80 else 1.0
-        exponent = (byte >> mantissa_bits) & top
-        fraction = (byte & ((1 << mantissa_bits) - 1)) / (1 << mantissa_bits)
-        if exponent == top and ieee_specials:
-            values[byte] = sign * np.inf if fraction == 0 else np.nan
-        elif exponent == top and fraction == 1 - 1 / (1 << mantissa_bits):
-            values[byte] = np.nan
-        elif exponent == 0:
-            values[byte] = sign * fraction * 2.0 ** (1 - bias)
-        else:
-            values[byte] = sign * (1 + fraction) * 2.0 ** (exponent - bias)
-    return values
-
-
-FLOAT8_TABLES = {"F8_E4M3": (4, 3, False), "F8_E5M2": (5, 2, True)}
-
-
-def float8_to_f32(raw: Any, code: str) -> np.ndarray:
-    """float8 bytes widened to float32 exactly (numpy has no float8): for reading, e.g. the family check."""
-    return _float8_table(*FLOAT8_TABLES[code][:2], ieee_specials=FLOAT8_TABLES[code][2])[np.frombuffer(raw, np.uint8)]
 
 
 class NumpyBackend:
@@ -301,6 +283,11 @@ class NumpyBackend:
         self, base: np.ndarray, models: Sequence[Elected], consensus: int, normalize: bool, scale: float
     ) -> tuple[Array, list[int]] | None:
         return magnitudes.numpy_elect(base, models, consensus, normalize, scale, FLOATCONV)
+
+    def combine_linear(
+        self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int
+    ) -> memoryview | None:
+        return fused.combine_linear(inputs, form.kind, form.weights, form.divisor, out_code, count)
 
 
 class TorchBackend:
@@ -391,6 +378,9 @@ class TorchBackend:
     def elect(
         self, base: torch.Tensor, models: Sequence[Elected], consensus: int, normalize: bool, scale: float
     ) -> None:
+        return None
+
+    def combine_linear(self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int) -> None:
         return None
 
 

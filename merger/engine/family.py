@@ -91,7 +91,8 @@ def compare(
     """Each model after the first, compared with the first on sampled weight tensors."""
     import numpy as np
 
-    from merger.core.arrays import FLOAT8_TABLES, NumpyBackend, float8_to_f32
+    from merger.core.arrays import NumpyBackend
+    from merger.core.float8 import FLOAT8_TABLES, float8_to_f32
 
     xp = NumpyBackend()
     keys = _candidates(specs, max_tensors)

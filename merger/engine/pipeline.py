@@ -302,9 +302,15 @@ class Pipeline:
     def _combined(
         self, inputs: list[tuple[memoryview, str]], params: OpParams, out_code: str, count: int
     ) -> memoryview:
-        """`op.combine` over `count` elements of each input (flat), in blocks of the backend's
+        """`op.combine` over `count` elements of each input (flat): in one compiled pass when the op
+        is a `LinearForm` the backend can run (merger.core.fused), else in blocks of the backend's
         `block_elements` into one output buffer (the temporaries stay in cache)."""
         xp = self.backend
+        form = self.op.linear_form(params, len(inputs))
+        if form is not None:
+            fused = xp.combine_linear(inputs, form, out_code, count)
+            if fused is not None:
+                return fused
         block = xp.block_elements
         if block is None or count <= block:
             values = [xp.load(data, code, (count,)) for data, code in inputs]

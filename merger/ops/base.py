@@ -154,6 +154,23 @@ class ChunkInputs(Protocol[PlanT_co]):
         ...
 
 
+@dataclass(frozen=True)
+class LinearForm:
+    """A per-key op's maths as float32 steps that a compiled loop can run in one pass over raw
+    16- or 32-bit inputs (merger.core.fused), with the same result, bit for bit, as `combine`:
+
+    - kind "sum": `out = x0 * w0; out += xi * wi` (i = 1..), then `out /= divisor` when given;
+    - kind "add_difference": `out = x1 - x2; out *= w0; out += x0`;
+
+    every product, sum and quotient rounded to float32 in that order (no fused multiply-add), a
+    weight of exactly 1 multiplying nothing (x * 1 is x). Each number is rounded to float32 first,
+    as numpy does with a Python float and a float32 array."""
+
+    kind: Literal["sum", "add_difference"]
+    weights: tuple[float, ...]
+    divisor: float | None = None
+
+
 class Op(ABC, Generic[P, R, PlanT]):
     """A merge operation. Subclasses set the class attributes and the functions."""
 
@@ -203,6 +220,11 @@ class Op(ABC, Generic[P, R, PlanT]):
         may be part of one tensor or several small tensors one after another (one computation for
         a model's many biases and norms: merger.engine.pieces)."""
         raise NotImplementedError(f"op {self.name} has no per-element form")
+
+    def linear_form(self, params: R, inputs: int) -> LinearForm | None:
+        """`combine` of `inputs` arrays as a `LinearForm`, when it is one (the executor may then run
+        it fused)."""
+        return None
 
     def stream(self, key: str, inputs: ChunkInputs[PlanT], params: R, xp: Backend) -> Iterator[Array]:
         """Output `key` as flat chunks in C order, from passes over the inputs' chunks (piece mode

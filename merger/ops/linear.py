@@ -11,7 +11,7 @@ import math
 from typing import TYPE_CHECKING, Generic
 
 from merger.errors import MergerError
-from merger.ops.base import Arity
+from merger.ops.base import Arity, LinearForm
 from merger.ops.elementwise import ElementwiseOp, MergeParams
 from merger.ops.params import N, Scheduled
 
@@ -38,6 +38,9 @@ class Lerp(ElementwiseOp[LerpParams[Scheduled], LerpParams[float]]):
         if not 0.0 <= params.alpha <= 1.0:
             return [f"alpha={params.alpha} is outside [0, 1]: this extrapolates past the inputs"]
         return []
+
+    def linear_form(self, params: LerpParams[float], inputs: int) -> LinearForm:
+        return LinearForm("sum", (1.0 - params.alpha, params.alpha))
 
     def combine(self, values: list[Array], params: LerpParams[float], xp: Backend) -> Array:
         a, b = values
@@ -75,6 +78,9 @@ class WeightedSum(ElementwiseOp[WeightedSumParams[Scheduled], WeightedSumParams[
             )
         return []
 
+    def linear_form(self, params: WeightedSumParams[float], inputs: int) -> LinearForm:
+        return LinearForm("sum", tuple(params.weights), sum(params.weights) if params.normalize else None)
+
     def combine(self, values: list[Array], params: WeightedSumParams[float], xp: Backend) -> Array:
         weights = params.weights
         out = values[0] * weights[0]
@@ -92,6 +98,9 @@ class Average(ElementwiseOp[MergeParams, MergeParams]):
     params_model = MergeParams
     arity = Arity(1, None)
     summary = "mean of N models (a list of inputs or one glob source)"
+
+    def linear_form(self, params: MergeParams, inputs: int) -> LinearForm:
+        return LinearForm("sum", (1.0,) * inputs, inputs)
 
     def combine(self, values: list[Array], params: MergeParams, xp: Backend) -> Array:
         out = xp.copy(values[0])
@@ -112,6 +121,9 @@ class AddDifference(ElementwiseOp[AddDifferenceParams[Scheduled], AddDifferenceP
     params_model = AddDifferenceParams[Scheduled]
     arity = Arity(3, 3)
     summary = "A + multiplier*(B - C)"
+
+    def linear_form(self, params: AddDifferenceParams[float], inputs: int) -> LinearForm:
+        return LinearForm("add_difference", (params.multiplier,))
 
     def combine(self, values: list[Array], params: AddDifferenceParams[float], xp: Backend) -> Array:
         a, b, c = values

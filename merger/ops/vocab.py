@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from merger.archs.embeddings import vocab_mismatches
 from merger.core.specs import TensorSpec
-from merger.ops.base import AnyOp, ChunkInputs, InputSpecs, NodeSpec, Noted, Op, PieceMode, TensorInputs
+from merger.ops.base import AnyOp, ChunkInputs, InputSpecs, LinearForm, NodeSpec, Noted, Op, PieceMode, TensorInputs
 
 if TYPE_CHECKING:
     from merger.core.arrays import Array, Backend
@@ -100,6 +100,9 @@ class VocabFirst(Op[Any, Any, VocabPlan]):
 
     def combine(self, values: list[Array], params: Any, xp: Backend) -> Array:
         return self.inner.combine(values, params, xp)
+
+    def linear_form(self, params: Any, inputs: int) -> LinearForm | None:
+        return self.inner.linear_form(params, inputs)
 
     def stream(self, key: str, inputs: ChunkInputs[VocabPlan], params: Any, xp: Backend) -> Iterator[Array]:
         plan = inputs.plan
