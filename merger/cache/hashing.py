@@ -34,6 +34,13 @@ def new_tensor_hasher() -> Any:
     return xxhash.xxh3_128()
 
 
+def tensor_digest(data: bytes | bytearray | memoryview) -> str:
+    """The hex digest of one whole tensor's bytes: what `new_tensor_hasher` fed them all gives."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(data)
+
+
 def source_content_hash(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:
     """The content hash of a model: its keys, dtypes, shapes and tensor digests.
 

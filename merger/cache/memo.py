@@ -25,6 +25,7 @@ from merger.cache.atomic import write_text_atomic
 from merger.cache.hashing import KEY_SCHEME, digest_json
 from merger.core.regular_file import open_regular
 from merger.core.specs import DTYPE_SIZES, TensorSpec
+from merger.io.safetensors_plain import shared_spec
 from merger.io.sources import SourceLocation
 
 #: bump when what a file is read as changes (e.g. the .pth unwrapping rules); 2: merger's own .pth reader
@@ -39,7 +40,7 @@ def _tensor_spec(row: Any) -> TensorSpec | None:
         return None
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         return None
-    return TensorSpec(dtype, tuple(shape))
+    return shared_spec(dtype, tuple(shape))
 
 
 def _spec_of(data: Any) -> dict[str, TensorSpec] | None:
@@ -119,7 +120,13 @@ class SourceMemo:
     def put(self, identity: str, entry: MemoEntry) -> None:
         """The spec as its distinct tensor specs and, per key, which one (a model of many keys has few)."""
         table: dict[TensorSpec, int] = {}
-        index = [table.setdefault(s, len(table)) for s in entry.spec.values()]
+        by_object: dict[int, int] = {}  # id(spec) -> its row: a model's equal specs are mostly one object
+        index = []
+        for spec in entry.spec.values():
+            row = by_object.get(id(spec))
+            if row is None:
+                row = by_object[id(spec)] = table.setdefault(spec, len(table))
+            index.append(row)
         data = {
             "hash": entry.content_hash,
             "keys": list(entry.spec),

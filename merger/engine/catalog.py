@@ -8,10 +8,11 @@ and remembered for the next run.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from merger.cache.hashing import digest_json, new_tensor_hasher, source_content_hash
+from merger.cache.hashing import digest_json, new_tensor_hasher, source_content_hash, tensor_digest
 from merger.cache.memo import MemoEntry, SourceMemo, source_identity
 from merger.core.specs import TensorSpec
 from merger.engine.globbing import bounded_glob
@@ -42,6 +43,7 @@ class SourceHandle:
         self.content_hash: str | None = entry.content_hash if entry else None
         self._spec: dict[str, TensorSpec] | None = entry.spec if entry else self._seen.get(self.identity)
         self._reader: TensorSource | None = None
+        self._sizes: dict[str, int] | None = None  # key -> bytes, once the spec is known
         self._digests: dict[str, str] = {}
         self._hashing: dict[str, tuple[Any, int]] = {}  # key -> (hasher, bytes fed so far)
         self._learnt = False  # a content hash computed in this run, not memoised yet
@@ -105,6 +107,12 @@ class SourceHandle:
         self._seen[self.identity] = self._spec
         return self._spec
 
+    def sizes(self) -> dict[str, int]:
+        """Each tensor's bytes (computed once per distinct spec: equal specs are mostly one object)."""
+        if self._sizes is None:
+            self._sizes = tensor_sizes(self.spec())
+        return self._sizes
+
     def peek_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
         """Bytes [start, stop) of tensor `key`, not digested (samples for the family check)."""
         return self._open().read_into(key, start, stop, out)
@@ -126,12 +134,48 @@ class SourceHandle:
             if fed == start:
                 hasher.update(view)
                 fed = stop
-                if fed == self.spec()[key].nbytes:
+                if fed == self.sizes()[key]:
                     self._digests[key] = hasher.hexdigest()
                     self._hashing.pop(key, None)
                 else:
                     self._hashing[key] = (hasher, fed)
         return view
+
+    def digest_whole(self, keys: Sequence[str], out: memoryview) -> memoryview:
+        """Read tensors `keys` whole, one after another into `out` (which fits them), digesting each
+        (the content hash is unknown, and none of them was read yet): what `read_into` of each key
+        from 0 to its end does, in one read where the file holds them one after another. Returns the
+        filled part of `out`."""
+        sizes = self.sizes()
+        lengths = [sizes[key] for key in keys]
+        total = sum(lengths)
+        view = self._read_whole(keys, lengths, out[:total])
+        digest, digests, at = tensor_digest, self._digests, 0
+        for key, size in zip(keys, lengths, strict=True):
+            digests[key] = digest(view[at : at + size])
+            at += size
+        return view
+
+    def read_tensors(self, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
+        """Whole tensors `keys` (of `sizes` bytes) one after another into `out` (of their bytes
+        together), as `read_into` of each gives them: in one read where the file holds them one after
+        another, once the content hash is known (until then, key by key, digested on the way)."""
+        if self.content_hash is None:
+            return _whole_by_key(self.read_into, keys, sizes, out)
+        return self._read_whole(keys, sizes, out)
+
+    def _read_whole(self, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
+        try:
+            reader = self._open()
+            read_many = getattr(reader, "read_tensors", None)
+            if read_many is not None:
+                view: memoryview = read_many(keys, sizes, out)
+                return view
+            return _whole_by_key(reader.read_into, keys, sizes, out)
+        except OSError as e:
+            raise self._located(os_error_block(e)) from None
+        except MergerError as e:
+            raise self._located(e) from None
 
     def refresh(self) -> None:
         """Pick up a content hash another process has memoised meanwhile."""
@@ -175,6 +219,37 @@ class SourceHandle:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def tensor_sizes(spec: Mapping[str, TensorSpec]) -> dict[str, int]:
+    """Each tensor's bytes, computed once per distinct spec object (a model's equal specs are mostly
+    one object: merger.io.safetensors_plain.shared_spec)."""
+    known: dict[int, int] = {}
+    sizes = {}
+    for key, tensor in spec.items():
+        size = known.get(id(tensor))
+        if size is None:
+            size = known[id(tensor)] = tensor.nbytes
+        sizes[key] = size
+    return sizes
+
+
+def _whole_by_key(
+    read_into: Callable[[str, int, int, memoryview], memoryview],
+    keys: Sequence[str],
+    sizes: Sequence[int],
+    out: memoryview,
+) -> memoryview:
+    """Whole tensors one after another into `out`, key by key (`read_into` may give a view of memory
+    its source holds: copied in)."""
+    offset = 0
+    for key, size in zip(keys, sizes, strict=True):
+        view = out[offset : offset + size]
+        got = read_into(key, 0, size, view)
+        if got.obj is not view.obj or len(got) != size:
+            view[:] = got
+        offset += size
+    return out
 
 
 class SourceCatalog:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from merger.cache.memo import source_identity
 from merger.core.nonfinite import count_nonfinite
+from merger.engine.catalog import tensor_sizes
 from merger.engine.memory import available_bytes
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 #: sources hashed at once (reads and hashing release the GIL)
 HASHING_THREADS = 2
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
+#: tensors of at most this many bytes are read and digested together, a block of them at a time
+SMALL_TENSOR_BYTES = 64 * 1024
 
 
 def unknown_sources(node: PlannedNode) -> dict[int, SourceHandle]:
@@ -48,7 +51,7 @@ def unknown_sources(node: PlannedNode) -> dict[int, SourceHandle]:
 def fit_in_memory(handles: dict[int, SourceHandle]) -> bool:
     """Whether the sources fit in half the memory available (so the merge finds them in the page cache)."""
     available = available_bytes()
-    need = sum(spec.nbytes for handle in handles.values() for spec in handle.spec().values())
+    need = sum(sum(tensor_sizes(handle.spec()).values()) for handle in handles.values())
     return available is not None and need <= available // 2
 
 
@@ -68,15 +71,52 @@ def hash_sources(handles: dict[int, SourceHandle], watch: NonFiniteWatch | None)
 
 
 def _hash_one(index: int, handle: SourceHandle, watch: NonFiniteWatch | None, stop: threading.Event) -> None:
+    """Digest every tensor of one source: a small one together with the small ones after it (one read,
+    a block of up to HASH_CHUNK_BYTES), a large one chunk by chunk."""
     scratch = memoryview(bytearray(HASH_CHUNK_BYTES))
-    for key, spec in handle.spec().items():
-        for begin in range(0, spec.nbytes, HASH_CHUNK_BYTES):
+    spec = handle.spec()
+    sizes = tensor_sizes(spec)
+    small = min(SMALL_TENSOR_BYTES, HASH_CHUNK_BYTES)
+    batch: list[str] = []
+    batch_bytes = 0
+
+    def digest_batch() -> None:
+        data = handle.digest_whole(batch, scratch)
+        if watch is not None:
+            at = 0
+            for key in batch:
+                size = sizes[key]
+                if found := count_nonfinite(data[at : at + size], spec[key].dtype):
+                    watch(index, key, found)
+                at += size
+        batch.clear()
+
+    for key, size in sizes.items():
+        if size <= small:
+            if batch and batch_bytes + size > HASH_CHUNK_BYTES:
+                if stop.is_set():
+                    return
+                digest_batch()
+                batch_bytes = 0
+            batch.append(key)
+            batch_bytes += size
+            continue
+        if batch:
             if stop.is_set():
                 return
-            data = handle.read_into(key, begin, min(begin + HASH_CHUNK_BYTES, spec.nbytes), scratch)  # digests it
-            if watch is not None and (found := count_nonfinite(data, spec.dtype)):
+            digest_batch()
+            batch_bytes = 0
+        for begin in range(0, size, HASH_CHUNK_BYTES):
+            if stop.is_set():
+                return
+            data = handle.read_into(key, begin, min(begin + HASH_CHUNK_BYTES, size), scratch)  # digests it
+            if watch is not None and (found := count_nonfinite(data, spec[key].dtype)):
                 watch(index, key, found)
-    handle.finish_hash()  # what is left (empty tensors), then the content hash
+    if batch:
+        if stop.is_set():
+            return
+        digest_batch()
+    handle.finish_hash()  # what is left, then the content hash
 
 
 def changed_sources(node: PlannedNode) -> list[SourceHandle]:

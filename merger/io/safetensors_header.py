@@ -9,9 +9,7 @@ gives every key, shape and dtype, so a plan can check a 10 GB merge by reading a
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +20,14 @@ from merger.core.regular_file import open_regular
 from merger.core.specs import DTYPE_SIZES, TensorSpec
 from merger.core.strict_json import JSONError, kind, loads_strict, measure, paused_gc, short
 from merger.errors import Location, MergerError
+from merger.io.safetensors_plain import MAX_BYTES, MAX_U64, overflows, shared
+from merger.io.safetensors_plain import plain_entries as _plain_entries
+from merger.io.safetensors_plain import plain_header as _plain_header
+from merger.io.safetensors_plain import tiled_rows as _tiled_rows
 
 if TYPE_CHECKING:
     pass
 
-MAX_U64 = 2**64 - 1
 #: every dtype the safetensors library knows (its `Dtype` enum); merger reads those in
 #: DTYPE_SIZES and refuses the others by name
 LIBRARY_DTYPES = frozenset(
@@ -56,8 +57,6 @@ LIBRARY_DTYPES = frozenset(
     }
 )
 _TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
-#: the largest tensor the library can size: it counts bits in a 64-bit integer
-_MAX_BYTES = MAX_U64 // 8
 
 
 @dataclass(frozen=True)
@@ -114,30 +113,21 @@ def read_header(path: Path) -> SafetensorsHeader:
     data_start = 8 + length
     with paused_gc():
         plain = _plain_header(raw)
-        if plain is not None:  # the usual header, read without building its JSON objects
-            metadata, entries = plain
-        else:
+        if plain is not None and len(plain[1]) > MAX_TENSORS:
+            plain = None  # too many: the strict reading says so
+        tiled = _tiled_rows(plain[1]) if plain is not None else None  # the usual header, in data order
+        entries = _plain_entries(plain[1]) if plain is not None and tiled is None else None
+        if plain is not None and (tiled is not None or entries is not None):
+            metadata = plain[0]
+        else:  # another form (or a refused one): the strict reading decides
             parsed = _parse_header_json(path, raw)
             metadata = _header_metadata(path, parsed.pop("__metadata__", None))
             entries = [_tensor_entry(path, key, info) for key, info in parsed.items()]
-    tensors: dict[str, TensorSpec] = {}
-    offsets: dict[str, tuple[int, int]] = {}
-    end = 0
-    #: (dtype, shape) -> (its spec, shared by every tensor of that dtype and shape; numel; bytes)
-    known: dict[tuple[str, tuple[int, ...]], tuple[TensorSpec, int, int]] = {}
-    with paused_gc():
-        entries.sort()
-        for begin, stop, key, dtype, shape in entries:
-            found = known.get((dtype, shape))
-            if found is None:
-                numel = math.prod(shape)
-                found = known[dtype, shape] = (TensorSpec(dtype, shape), numel, numel * DTYPE_SIZES[dtype])
-            spec, numel, nbytes = found
-            if begin != end or stop - begin != nbytes or nbytes > _MAX_BYTES or (numel == 0 and _overflows(shape)):
-                raise _bad_range(path, key, begin, stop, dtype, shape, end, offsets)
-            tensors[key] = spec
-            offsets[key] = (begin, stop)
-            end = stop
+        if tiled is None:
+            assert entries is not None
+            entries.sort()
+            tiled = _tiled(path, entries)
+    tensors, offsets, end = tiled
     data_size = file_size - data_start
     if end > data_size:
         key = next(k for k, (_, stop) in offsets.items() if stop > data_size)
@@ -153,71 +143,23 @@ def read_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path=path, data_start=data_start, tensors=tensors, offsets=offsets, metadata=metadata)
 
 
-#: an integer of at most 18 digits (every one is an integer in u64 for the library's JSON reader too)
-_SMALL_INT = r"(?:0|[1-9][0-9]{0,17})"
-#: one tensor's entry as safetensors writers write it (no whitespace, no escape in the key, the three
-#: fields in this order), and the comma after it
-_PLAIN_ENTRY = re.compile(
-    r'"([^"\\\x00-\x1f]*)":\{"dtype":"([A-Z0-9_]{1,16})","shape":\[((?:'
-    + _SMALL_INT
-    + r"(?:,"
-    + _SMALL_INT
-    + r')*)?)\],"data_offsets":\[('
-    + _SMALL_INT
-    + r"),("
-    + _SMALL_INT
-    + r")\]\},"
-)
-_METADATA_START = '{"__metadata__":'
-
-
-def _plain_header(raw: bytes) -> tuple[dict[str, str], list[tuple[int, int, str, str, tuple[int, ...]]]] | None:
-    """(metadata, entries as `_tensor_entry` gives them) of a header in the form writers write (a
-    `__metadata__` of strings first, if any, then entries as `_PLAIN_ENTRY` matches them), found
-    by regular expressions rather than by building a JSON object per tensor (a model of 200,000
-    tensors reads in a fraction of the time). None for any other header, even a valid one, and
-    for anything the strict reading would refuse or read otherwise: that reading then decides."""
-    try:
-        text = raw.decode("utf-8").rstrip(" ")
-    except UnicodeDecodeError:
-        return None
-    if not text.startswith("{") or not text.endswith("}"):
-        return None
-    metadata: dict[str, str] = {}
-    start = 1
-    if text.startswith(_METADATA_START):
-        try:
-            _, stop = json.JSONDecoder().raw_decode(text, len(_METADATA_START))
-            found = loads_strict(text[len(_METADATA_START) : stop].encode(), what="metadata")
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
-            return None
-        metadata = {str(k): str(v) for k, v in found.items()}
-        if stop >= len(text) - 1:
-            return (metadata, []) if stop == len(text) - 1 else None  # `{"__metadata__":{...}}`
-        if text[stop] != ",":
-            return None
-        start = stop + 1
-    body = text[start:-1] + ","
-    if not _PLAIN_ENTRY.match(body):
-        return None  # not the usual form: said at once, before any pass over the header
-    rows = _PLAIN_ENTRY.findall(body)
-    if not rows or len(rows) > MAX_TENSORS or _PLAIN_ENTRY.sub("", body):
-        return None  # something else than entries (or too many: the strict reading says so)
-    shapes: dict[str, tuple[int, ...]] = {}
-    entries = []
-    for key, dtype, shape, begin, end in rows:
-        dims = shapes.get(shape)
-        if dims is None:
-            dims = shapes[shape] = tuple(map(int, shape.split(","))) if shape else ()
-        if dtype not in DTYPE_SIZES or len(dims) > MAX_DIMS:
-            return None
-        entries.append((int(begin), int(end), key, dtype, dims))
-    keys = {row[0] for row in rows}
-    if len(keys) != len(rows) or "__metadata__" in keys:
-        return None
-    return metadata, entries
+def _tiled(
+    path: Path, entries: list[tuple[int, int, str, str, tuple[int, ...]]]
+) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]], int]:
+    """(specs, byte ranges, end of the data) of entries sorted by offsets, checked to tile the data from 0:
+    each range begins where the previous ends and is as long as its dtype and shape say; raises for the
+    first entry that does not."""
+    tensors: dict[str, TensorSpec] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    end = 0
+    for begin, stop, key, dtype, shape in entries:
+        spec, numel, nbytes = shared(dtype, shape)
+        if begin != end or stop - begin != nbytes or nbytes > MAX_BYTES or (numel == 0 and overflows(shape)):
+            raise _bad_range(path, key, begin, stop, dtype, shape, end, offsets)
+        tensors[key] = spec
+        offsets[key] = (begin, stop)
+        end = stop
+    return tensors, offsets, end
 
 
 def _parse_header_json(path: Path, raw: bytes) -> dict[str, object]:
@@ -315,16 +257,6 @@ def _checked_entry(path: Path, key: str, info: object) -> tuple[int, int, str, s
     return offsets[0], offsets[1], key, dtype, tuple(shape)
 
 
-def _overflows(shape: tuple[int, ...]) -> bool:
-    """Whether the library's running product of the dimensions passes 2**64 (a later 0 does not undo it)."""
-    numel = 1
-    for dim in shape:
-        numel *= dim
-        if numel > MAX_U64:
-            return True
-    return False
-
-
 def _bad_range(
     path: Path,
     key: str,
@@ -346,7 +278,7 @@ def _bad_range(
         before = f"'{short(previous)}' ({offsets[previous][0]}..{end})"
         return _bad_file(path, f"'{name}' has byte range {begin}..{stop}, which overlaps {before}")
     spec = TensorSpec(dtype, shape)
-    if spec.nbytes > _MAX_BYTES or _overflows(shape):
+    if spec.nbytes > MAX_BYTES or overflows(shape):
         return _bad_file(path, f"'{name}' has shape {list(shape)}, whose size overflows 64 bits")
     return _bad_file(
         path,

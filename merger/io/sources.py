@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -249,6 +250,10 @@ class SafetensorsSource:
         self._readers = [SafetensorsReader(h) for h in headers]
         self._spec: dict[str, TensorSpec] = {}
         self._owner: dict[str, int] = {}
+        if len(headers) == 1 and key_to_file is None:  # one file: every key of its header
+            self._spec = dict(headers[0].tensors)
+            self._owner = dict.fromkeys(self._spec, 0)
+            return
         for i, header in enumerate(headers):
             for key, spec in header.tensors.items():
                 if key_to_file is not None and key_to_file.get(key) != i:
@@ -261,6 +266,19 @@ class SafetensorsSource:
 
     def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
         return self._readers[self._owner[key]].read_into(key, start, stop, out)
+
+    def read_tensors(self, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
+        """Whole tensors `keys` (of `sizes` bytes) one after another into `out`: in one read where one
+        file holds them one after another, else tensor by tensor."""
+        owner = self._owner
+        first = owner[keys[0]]
+        if len(self._readers) == 1 or all(owner[key] == first for key in keys):
+            return self._readers[first].read_tensors(keys, sizes, out)
+        offset = 0
+        for key, size in zip(keys, sizes, strict=True):
+            self.read_into(key, 0, size, out[offset : offset + size])
+            offset += size
+        return out
 
     def close(self) -> None:
         for reader in self._readers:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from merger.core.patterns import compile_regex
-from merger.core.specs import TensorSpec, spec_differences
+from merger.core.specs import FLOAT_DTYPES, TensorSpec, spec_differences
 from merger.errors import MergerError
 from merger.ops.base import InputSpecs, NodeSpec, Op, P, PieceMode, R, TensorInputs
 from merger.ops.params import OpParams
@@ -65,12 +65,18 @@ def align(inputs: InputSpecs, params: MergeParams) -> NodeSpec[Merged]:
     """The output spec of a per-key merge: keys policy, include/exclude and rest applied.
 
     The plan is the set of keys to merge; every other key of the first input is
-    copied from it (or, with `rest: drop`, left out).
+    copied from it (or, with `rest: drop`, left out). Inputs with equal specs (the usual case, and
+    a dict comparison in C) skip the per-key comparisons.
     """
+    filtering = params.include is not None or params.exclude is not None
     selected = key_filter(params)
     first = inputs.specs[0]
-    if len(inputs) > 1 and params.keys == "strict":
-        chosen = [{k: v for k, v in spec.items() if selected(k)} for spec in inputs.specs]
+    same = all(spec == first for spec in inputs.specs[1:])  # same keys with equal specs: nothing differs
+    if len(inputs) > 1 and params.keys == "strict" and not same:
+        if filtering:
+            chosen = [{k: v for k, v in spec.items() if selected(k)} for spec in inputs.specs]
+        else:
+            chosen = list(inputs.specs)
         diffs = spec_differences(inputs.names, chosen)
         if diffs:
             shown_diffs = "\n".join(f"  {line}" for line in diffs[:MAX_LISTED])
@@ -80,8 +86,11 @@ def align(inputs: InputSpecs, params: MergeParams) -> NodeSpec[Merged]:
                 fix="merge models of one architecture, or set `keys: intersection` on the node"
                 " to merge the common keys and copy the rest from the first input",
             )
-    filtered = {k for k in first if not selected(k)}
-    merged = [k for k in first if k not in filtered and mergeable(k, inputs.specs)]
+    filtered = {k for k in first if not selected(k)} if filtering else set()
+    if same:  # every input has the key with this spec: mergeable when it is a float tensor
+        merged = [k for k, v in first.items() if v.dtype in FLOAT_DTYPES and k not in filtered]
+    else:
+        merged = [k for k in first if k not in filtered and mergeable(k, inputs.specs)]
     merged_set = set(merged)
     copied = [k for k in first if k not in merged_set and (params.rest == "copy" or k not in filtered)]
     not_float = sum(not first[k].is_float for k in copied if k not in filtered)
@@ -91,7 +100,11 @@ def align(inputs: InputSpecs, params: MergeParams) -> NodeSpec[Merged]:
         notes["filtered" if params.rest == "copy" else "dropped"] = len(filtered)
     if copied:
         notes["copied_keys"] = copied[:50]
-    tensors = {k: v for k, v in first.items() if k in merged_set or k in copied}
+    if len(merged) + len(copied) == len(first):  # every key is kept
+        tensors = dict(first)
+    else:
+        kept = merged_set.union(copied)
+        tensors = {k: v for k, v in first.items() if k in kept}
     return NodeSpec(tensors=tensors, notes=notes, plan=merged_set)
 
 

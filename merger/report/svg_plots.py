@@ -13,7 +13,6 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
-from xml.sax.saxutils import escape, quoteattr
 
 MAXIMIZE, MINIMIZE = "maximize", "minimize"
 #: the direction of a metric that no objective names one for (the part of the column after the output)
@@ -30,6 +29,22 @@ MAX_PLOT_JOBS = 2000
 #: one line per combination of the other swept variables when there are at most this many
 MAX_SERIES = 8
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+
+
+def escape(data: str) -> str:
+    """`&`, `<` and `>` as entities: xml.sax.saxutils.escape (whose module imports urllib, http and
+    ssl: not worth its start-up on a run's report)."""
+    return data.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;")
+
+
+def quoteattr(data: str) -> str:
+    """An attribute value escaped and quoted, as xml.sax.saxutils.quoteattr quotes it."""
+    data = escape(data).replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")
+    if '"' not in data:
+        return f'"{data}"'
+    if "'" not in data:
+        return f"'{data}'"
+    return '"{}"'.format(data.replace('"', "&quot;"))
 
 
 @dataclass(frozen=True)
