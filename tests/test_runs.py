@@ -17,9 +17,10 @@ import merger.engine.pieces as pieces_module
 from merger.core.arrays import NumpyBackend, TorchBackend
 from merger.core.specs import TensorSpec
 from merger.engine.pieces import Piece, Run, plan_pieces
-from merger.engine.pipeline import Pipeline, RenamedSource, read_tensors
+from merger.engine.pipeline import Pipeline, RenamedSource
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter
 from merger.io.safetensors_header import read_header
+from merger.io.sources import read_whole_tensors
 from merger.ops.base import InputSpecs
 from merger.ops.linear import AddDifference, AddDifferenceParams, Lerp, LerpParams
 from merger.ops.params import Rule, Rules
@@ -159,12 +160,12 @@ def test_a_reader_reads_tensors_in_one_span_or_one_by_one(tmp_path: Path, order:
     wanted = keys[10:150]
     sizes = [len(tensors[k]) for k in wanted]
     out = memoryview(bytearray(sum(sizes)))
-    assert bytes(read_tensors(reader, wanted, sizes, out)) == b"".join(tensors[k] for k in wanted)
+    assert bytes(read_whole_tensors(reader, wanted, sizes, out)) == b"".join(tensors[k] for k in wanted)
     reads: list[int] = []
     with pytest.MonkeyPatch.context() as patch:
         original = SafetensorsReader.read_into
         patch.setattr(SafetensorsReader, "read_into", lambda self, *a: reads.append(1) or original(self, *a))
-        read_tensors(reader, wanted, sizes, memoryview(bytearray(sum(sizes))))
+        read_whole_tensors(reader, wanted, sizes, memoryview(bytearray(sum(sizes))))
     assert len(reads) == (0 if order == "stored in order" else len(wanted))
     reader.close()
 

@@ -8,7 +8,7 @@ and remembered for the next run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,15 @@ from merger.core.specs import TensorSpec
 from merger.engine.globbing import bounded_glob
 from merger.errors import MergerError, Where, os_error_block
 from merger.io.folder_config import ADAPTER_CONFIG, read_config
-from merger.io.sources import SourceLocation, TensorSource, locate, open_source, resolve_path
+from merger.io.sources import (
+    SourceLocation,
+    TensorSource,
+    locate,
+    open_source,
+    read_whole_tensors,
+    resolve_path,
+    tensors_by_key,
+)
 from merger.recipe.model import Recipe, SourceDef
 
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
@@ -161,17 +169,12 @@ class SourceHandle:
         together), as `read_into` of each gives them: in one read where the file holds them one after
         another, once the content hash is known (until then, key by key, digested on the way)."""
         if self.content_hash is None:
-            return _whole_by_key(self.read_into, keys, sizes, out)
+            return tensors_by_key(self.read_into, keys, sizes, out)
         return self._read_whole(keys, sizes, out)
 
     def _read_whole(self, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
         try:
-            reader = self._open()
-            read_many = getattr(reader, "read_tensors", None)
-            if read_many is not None:
-                view: memoryview = read_many(keys, sizes, out)
-                return view
-            return _whole_by_key(reader.read_into, keys, sizes, out)
+            return read_whole_tensors(self._open(), keys, sizes, out)
         except OSError as e:
             raise self._located(os_error_block(e)) from None
         except MergerError as e:
@@ -232,24 +235,6 @@ def tensor_sizes(spec: Mapping[str, TensorSpec]) -> dict[str, int]:
             size = known[id(tensor)] = tensor.nbytes
         sizes[key] = size
     return sizes
-
-
-def _whole_by_key(
-    read_into: Callable[[str, int, int, memoryview], memoryview],
-    keys: Sequence[str],
-    sizes: Sequence[int],
-    out: memoryview,
-) -> memoryview:
-    """Whole tensors one after another into `out`, key by key (`read_into` may give a view of memory
-    its source holds: copied in)."""
-    offset = 0
-    for key, size in zip(keys, sizes, strict=True):
-        view = out[offset : offset + size]
-        got = read_into(key, 0, size, view)
-        if got.obj is not view.obj or len(got) != size:
-            view[:] = got
-        offset += size
-    return out
 
 
 class SourceCatalog:

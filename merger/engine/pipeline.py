@@ -38,6 +38,7 @@ from merger.engine.buffers import BufferPool, aliases, backend_allocator
 from merger.engine.memory import keep_freed_blocks
 from merger.engine.op_inputs import PipelineChunkInputs, PipelineTensorInputs
 from merger.engine.pieces import SMALL_PIECE_ELEMENTS, Piece, Run, plan_pieces
+from merger.io.sources import read_whole_tensors
 from merger.ops.base import AnyOp, NodeSpec
 from merger.ops.params import OpParams
 from merger.recipe.schedule import KeyedParams
@@ -75,24 +76,7 @@ class RenamedSource:
 
     def read_tensors(self, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
         back = self._back
-        return read_tensors(self._source, [back[key] for key in keys], sizes, out)
-
-
-def read_tensors(source: ByteSource, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
-    """The whole tensors `keys` (of `sizes` bytes) of `source`, one after another, into `out` (of
-    their bytes together): in one read when the source can (its `read_tensors`: tensors stored one
-    after another), else tensor by tensor."""
-    read_many = getattr(source, "read_tensors", None)
-    if read_many is not None:
-        return read_many(keys, sizes, out)  # type: ignore[no-any-return]
-    offset = 0
-    for key, size in zip(keys, sizes, strict=True):
-        view = out[offset : offset + size]
-        got = source.read_into(key, 0, size, view)
-        if got.obj is not view.obj or len(got) != size:  # a view of memory the source holds
-            view[:] = got
-        offset += size
-    return out
+        return read_whole_tensors(self._source, [back[key] for key in keys], sizes, out)
 
 
 @dataclass
@@ -189,7 +173,7 @@ class Pipeline:
             sizes = [count * size for count in run.counts]
             buffer = self._pool.get(run.elements * size)
             fetched.buffers.append(buffer)
-            data = read_tensors(self.sources[index], keys, sizes, memoryview(buffer)[: run.elements * size])
+            data = read_whole_tensors(self.sources[index], keys, sizes, memoryview(buffer)[: run.elements * size])
             fetched.data.append(data)
             if index in self.watched:
                 self._count_run(index, keys, run.counts, data, code)

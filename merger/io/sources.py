@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from merger.core.limits import MAX_INDEX_BYTES, MAX_TENSORS
 from merger.core.regular_file import read_bounded
@@ -274,11 +274,7 @@ class SafetensorsSource:
         first = owner[keys[0]]
         if len(self._readers) == 1 or all(owner[key] == first for key in keys):
             return self._readers[first].read_tensors(keys, sizes, out)
-        offset = 0
-        for key, size in zip(keys, sizes, strict=True):
-            self.read_into(key, 0, size, out[offset : offset + size])
-            offset += size
-        return out
+        return tensors_by_key(self.read_into, keys, sizes, out)
 
     def close(self) -> None:
         for reader in self._readers:
@@ -365,3 +361,32 @@ def _open_pickle(path: Path) -> TensorSource:
     from merger.io.pth import PthSource  # the unpickler: only for checkpoints
 
     return PthSource(path, None)
+
+
+def tensors_by_key(
+    read_into: Callable[[str, int, int, memoryview], memoryview],
+    keys: Sequence[str],
+    sizes: Sequence[int],
+    out: memoryview,
+) -> memoryview:
+    """Whole tensors `keys` (of `sizes` bytes) one after another into `out`, key by key (`read_into`
+    may give a view of memory its source holds: copied in)."""
+    offset = 0
+    for key, size in zip(keys, sizes, strict=True):
+        view = out[offset : offset + size]
+        got = read_into(key, 0, size, view)
+        if got.obj is not view.obj or len(got) != size:
+            view[:] = got
+        offset += size
+    return out
+
+
+def read_whole_tensors(source: Any, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
+    """Whole tensors `keys` (of `sizes` bytes) of `source` one after another into `out` (of their
+    bytes together): in one read where the source can (its `read_tensors`: a file that holds them
+    one after another), else key by key through its `read_into`."""
+    read_many = getattr(source, "read_tensors", None)
+    if read_many is not None:
+        view: memoryview = read_many(keys, sizes, out)
+        return view
+    return tensors_by_key(source.read_into, keys, sizes, out)
