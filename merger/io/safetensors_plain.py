@@ -20,6 +20,7 @@ MAX_U64 = 2**64 - 1
 #: the largest tensor the library can size: it counts bits in a 64-bit integer
 MAX_BYTES = MAX_U64 // 8
 
+
 @functools.lru_cache(maxsize=1 << 16)
 def shared(dtype: str, shape: tuple[int, ...]) -> tuple[TensorSpec, int, int]:
     """(spec, element count, bytes) of (dtype, shape): one spec object for all equal ones, shared by
