@@ -28,6 +28,8 @@ static uint32_t bits_of(float f) {
     return u;
 }
 
+#define INLINE static inline __attribute__((always_inline))
+
 static float float_of(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);
@@ -272,22 +274,131 @@ static PyObject *py_count_masked32(PyObject *self, PyObject *args) {
  * (float32 subtraction, as numpy's). With `fine` (high < 0 only), also the low halves of the elements whose
  * high half h is in [window, window + W), W = len(fine) / 65536: fine[(h - window) * 65536 + low] += 1, so
  * that a second pass is not needed when the cut falls there. Counts are int64, added to. */
-static void magnitude_hist16_loop(const float *src, const float *minus, Py_ssize_t n, int64_t *counts, long high,
-                                  int64_t *fine, uint32_t window, uint32_t width) {
-    const uint32_t want = (uint32_t)high;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const uint32_t bits = bits_of(minus != NULL ? src[i] - minus[i] : src[i]) & 0x7FFFFFFFu;
-        if (high >= 0) {
-            if ((bits >> 16) == want) {
-                counts[bits & 0xFFFFu]++;
-            }
-            continue;
+#define HIST_BLOCK 1024
+/* Sub-histograms for long calls: HIST_WAYS uint32 copies, so that consecutive elements of one bin do not wait
+ * on each other's increment; flushed into the int64 counts at least every HIST_FLUSH elements. */
+#define HIST_WAYS 4
+#define HIST_FLUSH ((Py_ssize_t)1 << 30)
+#define HIST_SUBS_FROM ((Py_ssize_t)1 << 18) /* elements: below, the subs' zeroing and flush cost more */
+
+/* |src - minus|'s (|src|'s) bit patterns of one block, in a loop compilers vectorise */
+INLINE void hist_bits(const float *src, const float *minus, Py_ssize_t n, uint32_t *bits) {
+    if (minus != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            bits[i] = bits_of(src[i] - minus[i]) & 0x7FFFFFFFu;
         }
-        counts[bits >> 16]++;
-        if ((bits >> 16) - window < width) { /* unsigned: below the window wraps around */
-            fine[(bits - (window << 16))]++;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            bits[i] = bits_of(src[i]) & 0x7FFFFFFFu;
         }
     }
+}
+
+/* The elements of the block whose high half is in [window, window + width) (a few): counted at their fine
+ * index. Flags first, in a loop compilers vectorise, then read eight at a time (most words are 0). */
+INLINE void hist_fine(const uint32_t *bits, Py_ssize_t n, int64_t *fine, uint32_t window, uint32_t width) {
+    uint8_t inside[HIST_BLOCK];
+    const uint32_t first = window << 16, span = width << 16;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        inside[i] = bits[i] - first < span; /* unsigned: below the window wraps around */
+    }
+    Py_ssize_t i = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (; i + 8 <= n; i += 8) {
+        uint64_t word;
+        memcpy(&word, inside + i, 8);
+        while (word != 0) {
+            const int at = __builtin_ctzll(word) >> 3; /* the byte's place in memory */
+            fine[bits[i + at] - first]++;
+            word &= word - 1;
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        if (inside[i]) {
+            fine[bits[i] - first]++;
+        }
+    }
+}
+
+INLINE void hist_loop(const float *src, const float *minus, Py_ssize_t n, int64_t *counts, long high, int64_t *fine,
+                      uint32_t window, uint32_t width, uint32_t *subs) {
+    uint32_t bits[HIST_BLOCK];
+    const uint32_t want = (uint32_t)high;
+    Py_ssize_t since_flush = 0;
+    if (high >= 0) { /* a later pass: few elements counted, in one loop */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const uint32_t one = bits_of(minus != NULL ? src[i] - minus[i] : src[i]) & 0x7FFFFFFFu;
+            if ((one >> 16) == want) {
+                counts[one & 0xFFFFu]++;
+            }
+        }
+        return;
+    }
+    for (Py_ssize_t start = 0; start < n; start += HIST_BLOCK) {
+        const Py_ssize_t size = n - start < HIST_BLOCK ? n - start : HIST_BLOCK;
+        hist_bits(src + start, minus != NULL ? minus + start : NULL, size, bits);
+        if (subs != NULL) {
+            Py_ssize_t i = 0;
+            for (; i + HIST_WAYS <= size; i += HIST_WAYS) {
+                for (int w = 0; w < HIST_WAYS; w++) {
+                    subs[(w << 16) + (bits[i + w] >> 16)]++;
+                }
+            }
+            for (; i < size; i++) {
+                subs[bits[i] >> 16]++;
+            }
+            since_flush += size;
+        } else {
+            for (Py_ssize_t i = 0; i < size; i++) {
+                counts[bits[i] >> 16]++;
+            }
+        }
+        if (fine != NULL) {
+            hist_fine(bits, size, fine, window, width);
+        }
+        if (subs != NULL && (since_flush >= HIST_FLUSH || start + size >= n)) {
+            for (Py_ssize_t j = 0; j < 65536; j++) {
+                int64_t total = 0;
+                for (int w = 0; w < HIST_WAYS; w++) {
+                    total += subs[(w << 16) + j];
+                    subs[(w << 16) + j] = 0;
+                }
+                counts[j] += total;
+            }
+            since_flush = 0;
+        }
+    }
+}
+
+#define HIST_LOOP(suffix, attribute)                                                                           \
+    attribute static void hist_loop_##suffix(const float *src, const float *minus, Py_ssize_t n, int64_t *counts, \
+                                             long high, int64_t *fine, uint32_t window, uint32_t width,          \
+                                             uint32_t *subs) {                                                 \
+        hist_loop(src, minus, n, counts, high, fine, window, width, subs);                                     \
+    }
+
+HIST_LOOP(portable, )
+#ifdef HAVE_X86_DISPATCH
+HIST_LOOP(avx2, __attribute__((target("avx2"))))
+#endif
+
+/* Histograms of float32 magnitudes' bit patterns (|x| orders as its bits, as uint32), for an exact top-k
+ * threshold (merger.ops.topk): counts[bits >> 16] += 1 for every element, or, given a high half `high` >= 0,
+ * counts[bits & 0xFFFF] += 1 for the elements whose high half is `high`. With `minus`, of x = src - minus
+ * (float32 subtraction, as numpy's). With `fine` (high < 0 only), also the low halves of the elements whose
+ * high half h is in [window, window + W), W = len(fine) / 65536: fine[(h - window) * 65536 + low] += 1, so
+ * that a second pass is not needed when the cut falls there. Counts are int64, added to. `subs`: NULL, or
+ * HIST_WAYS * 65536 zeroed uint32 of scratch (left zeroed). */
+static void magnitude_hist16_loop(const float *src, const float *minus, Py_ssize_t n, int64_t *counts, long high,
+                                  int64_t *fine, uint32_t window, uint32_t width, uint32_t *subs) {
+#ifdef HAVE_X86_DISPATCH
+    if (has_f16c()) {
+        hist_loop_avx2(src, minus, n, counts, high, fine, window, width, subs);
+        return;
+    }
+#endif
+    hist_loop_portable(src, minus, n, counts, high, fine, window, width, subs);
 }
 
 static int optional_buffer(PyObject *object, Py_buffer *view, int writable) {
@@ -315,10 +426,19 @@ static PyObject *py_magnitude_hist16(PyObject *self, PyObject *args) {
                                           " minus of src's size, fine of 65536 int64 rows within the bins");
         goto finish;
     }
+    uint32_t *subs = NULL;
+    if (high < 0 && src.len / 4 >= HIST_SUBS_FROM) {
+        subs = PyMem_RawCalloc((size_t)HIST_WAYS << 16, sizeof(uint32_t));
+        if (subs == NULL) {
+            PyErr_NoMemory();
+            goto finish;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
     magnitude_hist16_loop((const float *)src.buf, minus.buf, src.len / 4, (int64_t *)counts.buf, high, fine.buf,
-                          (uint32_t)window, (uint32_t)rows);
+                          (uint32_t)window, (uint32_t)rows, subs);
     Py_END_ALLOW_THREADS
+    PyMem_RawFree(subs);
     result = Py_None;
     Py_INCREF(result);
 finish:
@@ -354,13 +474,85 @@ typedef struct {
 } ElectModel;
 
 /* x where `keep` (0 or 1), else +0, without a branch (random masks mispredict a branch half the time) */
-#define INLINE static inline __attribute__((always_inline))
 INLINE float kept_or_zero(float x, uint32_t keep) { return float_of(bits_of(x) & (0u - keep)); }
+
+/* a where `pick` (0 or 1), else b, by their bits: compilers would keep a branch around a float operation that
+ * only one side uses (it might trap), which stops the loop from vectorising */
+INLINE float chosen(uint32_t pick, float a, float b) {
+    const uint32_t mask = 0u - pick;
+    return float_of((bits_of(a) & mask) | (bits_of(b) & ~mask));
+}
 
 /* numpy's sign: -1, 0 or 1, NaN for NaN */
 INLINE float sign_of(float x) {
     const float sign = (float)((x > 0.0f) - (x < 0.0f));
-    return x != x ? x : sign;
+    return chosen(x != x, x, sign);
+}
+
+/* Model k's sparsified, scaled deltas of one block into x (n <= ELECT_BLOCK): two loops over the block that
+ * compilers vectorise (and, for a CUT, a scalar look for the ties to keep while some remain). */
+INLINE void elect_deltas(const float *base, Py_ssize_t n, ElectModel *m, float *x) {
+    uint32_t keep[ELECT_BLOCK];
+    const float *model = m->model;
+    const uint32_t cut = m->cut;
+    if (m->kind == 3) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            x[i] = model[i] - base[i];
+            keep[i] = (bits_of(x[i]) & 0x7FFFFFFFu) > cut;
+        }
+        for (Py_ssize_t i = 0; i < n && m->ties > 0; i++) { /* the first ones equal to the cut, in order */
+            if ((bits_of(x[i]) & 0x7FFFFFFFu) == cut) {
+                keep[i] = 1;
+                m->ties--;
+            }
+        }
+    } else if (m->kind == 1) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            x[i] = model[i] - base[i];
+            keep[i] = m->mask[i] != 0;
+        }
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            x[i] = model[i] - base[i];
+            keep[i] = 1;
+        }
+    }
+    const int zeroed = m->kind == 2;
+    const float divide = m->divide, multiply = m->multiply, weight = m->weight;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float value = kept_or_zero(x[i], keep[i]);
+        if (zeroed) {
+            value = value * 0.0f;
+        }
+        if (divide != 0.0f) {
+            value = value / divide;
+        }
+        if (multiply != 0.0f) {
+            value = value * multiply;
+        }
+        x[i] = value * weight;
+    }
+}
+
+/* elect_block's votes and sums for two models (the usual TIES), in one loop over the block: the same
+ * operations in the same order, each made and the one wanted chosen (no branch: the loop vectorises). */
+INLINE void elect_two(const float *restrict base, float *restrict out, Py_ssize_t n, const ElectModel *models,
+                      int consensus, int normalize, float scale, const float *restrict d) {
+    const float *restrict x = d, *restrict y = d + ELECT_BLOCK;
+    const float wx = models[0].weight, wy = models[1].weight;
+    const uint32_t by_sum = consensus == 1, normalized = normalize != 0, scaled = scale != 1.0f;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float a = x[i], b = y[i];
+        const float vote = chosen(by_sum, (a + 0.0f) + b, sign_of(a) + sign_of(b));
+        const uint32_t positive = vote >= 0.0f;
+        const uint32_t agree_a = (positive & (a > 0.0f)) | ((positive ^ 1u) & (a < 0.0f));
+        const uint32_t agree_b = (positive & (b > 0.0f)) | ((positive ^ 1u) & (b < 0.0f));
+        const float zero = base[i] * 0.0f;
+        const float mixed = (zero + kept_or_zero(a, agree_a)) + kept_or_zero(b, agree_b);
+        const float divisor = (zero + kept_or_zero(wx, agree_a)) + kept_or_zero(wy, agree_b);
+        const float value = chosen(normalized, mixed / (divisor + (float)(divisor == 0.0f)), mixed); /* 1: none agrees */
+        out[i] = base[i] + chosen(scaled, value * scale, value);
+    }
 }
 
 /* One block of at most ELECT_BLOCK elements, in loops over the block that compilers vectorise;
@@ -369,50 +561,12 @@ INLINE float sign_of(float x) {
 INLINE void elect_block(const float *base, float *out, Py_ssize_t n, ElectModel *models, int count, int consensus,
                         int normalize, float scale, float *d) {
     float vote[ELECT_BLOCK], mixed[ELECT_BLOCK], divisor[ELECT_BLOCK];
-    uint32_t keep[ELECT_BLOCK];
     for (int k = 0; k < count; k++) {
-        ElectModel *m = &models[k];
-        const float *model = m->model;
-        float *x = d + (Py_ssize_t)k * ELECT_BLOCK;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            x[i] = model[i] - base[i];
-        }
-        if (m->kind == 1) {
-            for (Py_ssize_t i = 0; i < n; i++) {
-                x[i] = kept_or_zero(x[i], m->mask[i] != 0);
-            }
-        } else if (m->kind == 2) {
-            for (Py_ssize_t i = 0; i < n; i++) {
-                x[i] = x[i] * 0.0f;
-            }
-        } else if (m->kind == 3) {
-            const uint32_t cut = m->cut;
-            for (Py_ssize_t i = 0; i < n; i++) {
-                keep[i] = (bits_of(x[i]) & 0x7FFFFFFFu) > cut;
-            }
-            for (Py_ssize_t i = 0; i < n && m->ties > 0; i++) { /* the first ones equal to the cut, in order */
-                if ((bits_of(x[i]) & 0x7FFFFFFFu) == cut) {
-                    keep[i] = 1;
-                    m->ties--;
-                }
-            }
-            for (Py_ssize_t i = 0; i < n; i++) {
-                x[i] = kept_or_zero(x[i], keep[i]);
-            }
-        }
-        if (m->divide != 0.0f) {
-            for (Py_ssize_t i = 0; i < n; i++) {
-                x[i] = x[i] / m->divide;
-            }
-        }
-        if (m->multiply != 0.0f) {
-            for (Py_ssize_t i = 0; i < n; i++) {
-                x[i] = x[i] * m->multiply;
-            }
-        }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            x[i] = x[i] * m->weight;
-        }
+        elect_deltas(base, n, &models[k], d + (Py_ssize_t)k * ELECT_BLOCK);
+    }
+    if (count == 2) {
+        elect_two(base, out, n, models, consensus, normalize, scale, d);
+        return;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         vote[i] = consensus == 1 ? d[i] + 0.0f : sign_of(d[i]);
