@@ -11,7 +11,7 @@ import pytest
 
 from merger.core import fused
 from merger.core.arrays import NumpyBackend, f32_to_bf16
-from merger.ops.base import LinearForm
+from merger.core.fused import LinearForm
 from merger.ops.linear import (
     AddDifference,
     AddDifferenceParams,

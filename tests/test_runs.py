@@ -190,3 +190,27 @@ def test_a_writer_takes_whole_tensors_in_order_only(tmp_path: Path) -> None:
     reader.read_into("b", 0, 4, out[8:])
     assert np.frombuffer(out, np.float32).tolist() == [0.0, 1.0, 2.0]
     reader.close()
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["one alpha", "per-key alpha"])
+@pytest.mark.parametrize("layout", ["mixed dtypes", "one dtype"])
+def test_the_aligned_plan_is_the_key_by_key_plan(schedule: bool, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes = LAYOUT if layout == "mixed dtypes" else {k: ("F16", s) for k, (_, s) in LAYOUT.items()}
+    specs = (spec_of(shapes), spec_of(shapes))
+    alpha: Any = Rules(default=0.3, rules=[Rule(match=r"block\.1\d\.", value=0.9)]) if schedule else 0.3
+    op, params = Lerp(), LerpParams(alpha=alpha)
+    node = op.spec(InputSpecs(("a", "b"), specs), params)
+    keyed_params = keyed(op, params, node)
+    assert op.aligned(node.plan) is node.plan  # the fast path is taken
+    fast = list(plan_pieces(op, specs, node, keyed_params.for_key, varying=keyed_params.scheduled))
+    monkeypatch.setattr(Lerp, "aligned", lambda self, plan: None)
+    assert fast == list(plan_pieces(op, specs, node, keyed_params.for_key))
+    assert len(fast) < len(shapes) // 2
+
+
+def test_an_op_that_reads_otherwise_is_planned_key_by_key() -> None:
+    class Shifted(Lerp):
+        def needs(self, key: str, specs: Any, plan: Any) -> list[tuple[int, str]]:
+            return [(1, key), (0, key)] if key in plan else [(1, key)]
+
+    assert Shifted().aligned({"a"}) is None and Lerp().aligned({"a"}) == {"a"}

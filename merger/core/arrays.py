@@ -25,14 +25,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from merger.core import fused, magnitudes
+from merger.core.fused import LinearForm
 from merger.core.magnitudes import Counting, Elected
 from merger.core.specs import FLOAT_DTYPES
 from merger.errors import MergerError
 
 if TYPE_CHECKING:
     import torch
-
-    from merger.ops.base import LinearForm
 
 try:  # built by setup.py when a C compiler is there; numpy does the same, slower, without it
     from merger.core import _floatconv
@@ -287,7 +286,7 @@ class NumpyBackend:
     def combine_linear(
         self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int
     ) -> memoryview | None:
-        return fused.combine_linear(inputs, form.kind, form.weights, form.divisor, out_code, count)
+        return fused.combine_linear(inputs, form, out_code, count)
 
 
 class TorchBackend:

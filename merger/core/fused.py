@@ -1,4 +1,4 @@
-"""Per-key linear maths (merger.ops.base.LinearForm: lerp, weighted sums, averages, add difference)
+"""Per-key linear maths (`LinearForm`, which ops give: lerp, weighted sums, averages, add difference)
 in one compiled pass over the raw bytes of float16, bfloat16 and float32 inputs (merger.core._fused),
 bit for bit what numpy computes for the op's `combine`, without a float32 array per input, a
 temporary per step and a conversion of the result.
@@ -10,6 +10,7 @@ a float64 or float8 input or output): the caller then computes with numpy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
@@ -25,16 +26,27 @@ SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 KINDS = {"sum": 0, "add_difference": 1}
 
 
-def combine_linear(
-    inputs: Sequence[tuple[Any, str]],
-    kind: Literal["sum", "add_difference"],
-    weights: Sequence[float],
-    divisor: float | None,
-    out_code: str,
-    count: int,
-) -> memoryview | None:
-    """`count` elements of `kind` over the raw `inputs` ((bytes, dtype code) each), as `out_code`
+@dataclass(frozen=True)
+class LinearForm:
+    """A per-key op's maths as float32 steps that a compiled loop can run in one pass over raw
+    16- or 32-bit inputs (`combine_linear`), with the same result, bit for bit, as `combine`:
+
+    - kind "sum": `out = x0 * w0; out += xi * wi` (i = 1..), then `out /= divisor` when given;
+    - kind "add_difference": `out = x1 - x2; out *= w0; out += x0`;
+
+    every product, sum and quotient rounded to float32 in that order (no fused multiply-add), each
+    number rounded to float32 first, as numpy does with a Python float and a float32 array (an
+    average's `out = copy(x0); out += xi` is the sum with weights 1: x * 1 is x)."""
+
+    kind: Literal["sum", "add_difference"]
+    weights: tuple[float, ...]
+    divisor: float | None = None
+
+
+def combine_linear(inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int) -> memoryview | None:
+    """`count` elements of `form` over the raw `inputs` ((bytes, dtype code) each), as `out_code`
     bytes; None where the compiled loop cannot run."""
+    kind, weights, divisor = form.kind, form.weights, form.divisor
     if FUSED is None or out_code not in LETTERS or any(code not in LETTERS for _, code in inputs):
         return None
     import numpy as np  # loaded already when something is computed

@@ -114,6 +114,7 @@ class Pipeline:
         writes) and reported to `on_nonfinite`, which may raise to stop the node."""
         self.op = op
         self.params_for: Callable[[str], OpParams] = params.for_key
+        self._varying = params.scheduled  # whether the parameters differ between keys
         self.sources = sources
         self.specs = specs
         self.backend = backend
@@ -368,7 +369,7 @@ class Pipeline:
         read_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
         write_queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
         errors: list[BaseException] = []
-        pieces = plan_pieces(self.op, self.specs, node, self.params_for)
+        pieces = plan_pieces(self.op, self.specs, node, self.params_for, varying=self._varying)
         reader = threading.Thread(target=self._reader, args=(pieces, read_queue), daemon=True)
         writing = threading.Thread(target=self._writer, args=(writer, node, write_queue, errors), daemon=True)
         reader.start()

@@ -22,10 +22,11 @@ from __future__ import annotations
 import functools
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
+from merger.core.fused import LinearForm
 from merger.core.specs import TensorSpec
 from merger.ops.params import OpParams, resolved_model
 
@@ -154,23 +155,6 @@ class ChunkInputs(Protocol[PlanT_co]):
         ...
 
 
-@dataclass(frozen=True)
-class LinearForm:
-    """A per-key op's maths as float32 steps that a compiled loop can run in one pass over raw
-    16- or 32-bit inputs (merger.core.fused), with the same result, bit for bit, as `combine`:
-
-    - kind "sum": `out = x0 * w0; out += xi * wi` (i = 1..), then `out /= divisor` when given;
-    - kind "add_difference": `out = x1 - x2; out *= w0; out += x0`;
-
-    every product, sum and quotient rounded to float32 in that order (no fused multiply-add), a
-    weight of exactly 1 multiplying nothing (x * 1 is x). Each number is rounded to float32 first,
-    as numpy does with a Python float and a float32 array."""
-
-    kind: Literal["sum", "add_difference"]
-    weights: tuple[float, ...]
-    divisor: float | None = None
-
-
 class Op(ABC, Generic[P, R, PlanT]):
     """A merge operation. Subclasses set the class attributes and the functions."""
 
@@ -220,6 +204,13 @@ class Op(ABC, Generic[P, R, PlanT]):
         may be part of one tensor or several small tensors one after another (one computation for
         a model's many biases and norms: merger.engine.pieces)."""
         raise NotImplementedError(f"op {self.name} has no per-element form")
+
+    def aligned(self, plan: PlanT) -> Container[str] | None:
+        """The keys that read themselves from every input (piece mode "merge"), when every other
+        output key reads itself from the first input ("copy"): what `piece_mode` and `needs` say key
+        by key, given at once so that a model of many keys is planned without a call per key. None:
+        ask them key by key."""
+        return None
 
     def linear_form(self, params: R, inputs: int) -> LinearForm | None:
         """`combine` of `inputs` arrays as a `LinearForm`, when it is one (the executor may then run

@@ -134,6 +134,12 @@ class ElementwiseOp(AlignedOp[P, R]):
     def piece_mode(self, key: str, specs: tuple[dict[str, TensorSpec], ...], plan: Merged) -> PieceMode:
         return "merge" if key in plan else "copy"
 
+    def aligned(self, plan: Merged) -> Merged | None:
+        own = type(self)
+        if own.piece_mode is not ElementwiseOp.piece_mode or own.needs is not AlignedOp.needs:
+            return None  # a subclass that reads otherwise: asked key by key
+        return plan
+
     def tensor(self, key: str, inputs: TensorInputs[Merged], params: R, xp: Backend) -> Array:
         if key not in inputs.plan:
             return inputs.read(0, key)

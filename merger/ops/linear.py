@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Generic
 
+from merger.core.fused import LinearForm
 from merger.errors import MergerError
-from merger.ops.base import Arity, LinearForm
+from merger.ops.base import Arity
 from merger.ops.elementwise import ElementwiseOp, MergeParams
 from merger.ops.params import N, Scheduled
 

@@ -30,8 +30,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from merger.archs.embeddings import vocab_mismatches
+from merger.core.fused import LinearForm
 from merger.core.specs import TensorSpec
-from merger.ops.base import AnyOp, ChunkInputs, InputSpecs, LinearForm, NodeSpec, Noted, Op, PieceMode, TensorInputs
+from merger.ops.base import AnyOp, ChunkInputs, InputSpecs, NodeSpec, Noted, Op, PieceMode, TensorInputs
 
 if TYPE_CHECKING:
     from merger.core.arrays import Array, Backend
