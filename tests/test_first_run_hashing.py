@@ -164,6 +164,9 @@ class SlowSource:
     def spec(self) -> dict[str, TensorSpec]:
         return {"w": TensorSpec("F32", (64 * 100,))}
 
+    def sizes(self) -> dict[str, int]:
+        return {"w": 4 * 64 * 100}
+
     def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
         self.reads += 1
         if self.fail:

@@ -138,3 +138,24 @@ def test_nonfinite_count_of_float32_with_and_without_the_extension(monkeypatch: 
     assert want > 4 and count_nonfinite(values.tobytes(), "F32") == want
     monkeypatch.setattr(arrays, "FLOATCONV", None)
     assert count_nonfinite(values.tobytes(), "F32") == want
+
+
+@compiled
+@pytest.mark.parametrize("code", ["F16", "BF16", "F32"])
+def test_counts_over_many_blocks_are_exact(code: str) -> None:
+    """Counts add up in blocks (65,535 16-bit values, whose sum then fills a 16-bit lane): every value
+    non-finite, none, and a random share, over lengths around the block's."""
+    rng = np.random.default_rng(5)
+    size = {"F16": 2, "BF16": 2, "F32": 4}[code]
+    for n in (65_534, 65_535, 65_536, 200_001):
+        values = rng.standard_normal(n).astype(np.float32)
+        values[rng.random(n) < 0.3] = np.inf
+        for array in (values, np.full(n, np.nan, np.float32), np.zeros(n, np.float32)):
+            if code == "F16":
+                raw = array.astype(np.float16).tobytes()
+            elif code == "BF16":
+                raw = (array.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+            else:
+                raw = array.tobytes()
+            assert len(raw) == n * size
+            assert count_nonfinite(raw, code) == int((~np.isfinite(array)).sum()), (n, code)

@@ -186,12 +186,20 @@ CONVERTER(f32_to_f16, 4, 2, float, uint16_t, f32_to_f16_f16c, f32_to_f16_portabl
 CONVERTER(bf16_to_f32, 2, 4, uint16_t, uint32_t, bf16_to_f32_avx2, bf16_to_f32_portable)
 CONVERTER(f32_to_bf16, 4, 2, uint32_t, uint16_t, f32_to_bf16_avx2, f32_to_bf16_portable)
 
-/* How many 16-bit values have every bit of `mask` set (the exponent of float16 or bfloat16: NaN or inf). */
+/* How many 16-bit values have every bit of `mask` set (the exponent of float16 or bfloat16: NaN or inf),
+ * summed in blocks whose count fits the lanes' width (so the loop vectorises without widening). */
+#define COUNT16_BLOCK ((Py_ssize_t)65535)
+#define COUNT32_BLOCK ((Py_ssize_t)1 << 30)
 #define COUNT_LOOP(suffix, attribute)                                                                          \
     attribute static Py_ssize_t count_masked_##suffix(const uint16_t *src, Py_ssize_t n, uint16_t mask) {      \
         Py_ssize_t found = 0;                                                                                \
-        for (Py_ssize_t i = 0; i < n; i++) {                                                                 \
-            found += (src[i] & mask) == mask;                                                                \
+        for (Py_ssize_t start = 0; start < n; start += COUNT16_BLOCK) {                                      \
+            const Py_ssize_t stop = n - start < COUNT16_BLOCK ? n : start + COUNT16_BLOCK;                   \
+            uint16_t block = 0; /* a 16-bit sum the compiler keeps in 16-bit lanes: exact, <= 65535 */       \
+            for (Py_ssize_t i = start; i < stop; i++) {                                                      \
+                block += (uint16_t)((src[i] & mask) == mask);                                                \
+            }                                                                                                \
+            found += block;                                                                                  \
         }                                                                                                    \
         return found;                                                                                        \
     }
@@ -231,8 +239,13 @@ static PyObject *py_count_masked16(PyObject *self, PyObject *args) {
 #define COUNT32_LOOP(suffix, attribute)                                                                        \
     attribute static Py_ssize_t count_masked32_##suffix(const uint32_t *src, Py_ssize_t n, uint32_t mask) {    \
         Py_ssize_t found = 0;                                                                                \
-        for (Py_ssize_t i = 0; i < n; i++) {                                                                 \
-            found += (src[i] & mask) == mask;                                                                \
+        for (Py_ssize_t start = 0; start < n; start += COUNT32_BLOCK) {                                      \
+            const Py_ssize_t stop = n - start < COUNT32_BLOCK ? n : start + COUNT32_BLOCK;                   \
+            uint32_t block = 0; /* in 32-bit lanes, not widened to 64 bits an element */                     \
+            for (Py_ssize_t i = start; i < stop; i++) {                                                      \
+                block += (uint32_t)((src[i] & mask) == mask);                                                \
+            }                                                                                                \
+            found += block;                                                                                  \
         }                                                                                                    \
         return found;                                                                                        \
     }

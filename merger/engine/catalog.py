@@ -192,8 +192,9 @@ class SourceHandle:
         if self.content_hash is None:
             spec = self._open().spec()
             scratch = memoryview(bytearray(HASH_CHUNK_BYTES))
-            for key, tensor in spec.items():
-                if key in self._digests:
+            digested = self._digests
+            for key, tensor in spec.items() if len(digested) < len(spec) else ():
+                if key in digested:
                     continue
                 start = self._hashing[key][1] if key in self._hashing else 0
                 if start == 0 and tensor.nbytes == 0:
@@ -225,16 +226,9 @@ class SourceHandle:
 
 
 def tensor_sizes(spec: Mapping[str, TensorSpec]) -> dict[str, int]:
-    """Each tensor's bytes, computed once per distinct spec object (a model's equal specs are mostly
-    one object: merger.io.safetensors_plain.shared_spec)."""
-    known: dict[int, int] = {}
-    sizes = {}
-    for key, tensor in spec.items():
-        size = known.get(id(tensor))
-        if size is None:
-            size = known[id(tensor)] = tensor.nbytes
-        sizes[key] = size
-    return sizes
+    """Each tensor's bytes (TensorSpec.nbytes is computed once per spec object, and a model's equal
+    specs are mostly one object: merger.io.safetensors_plain.shared_spec)."""
+    return {key: tensor.nbytes for key, tensor in spec.items()}
 
 
 class SourceCatalog:

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 from merger.cache.memo import source_identity
 from merger.core.nonfinite import count_nonfinite
-from merger.engine.catalog import tensor_sizes
 from merger.engine.memory import available_bytes
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ def unknown_sources(node: PlannedNode) -> dict[int, SourceHandle]:
 def fit_in_memory(handles: dict[int, SourceHandle]) -> bool:
     """Whether the sources fit in half the memory available (so the merge finds them in the page cache)."""
     available = available_bytes()
-    need = sum(sum(tensor_sizes(handle.spec()).values()) for handle in handles.values())
+    need = sum(sum(handle.sizes().values()) for handle in handles.values())
     return available is not None and need <= available // 2
 
 
@@ -75,7 +74,7 @@ def _hash_one(index: int, handle: SourceHandle, watch: NonFiniteWatch | None, st
     a block of up to HASH_CHUNK_BYTES), a large one chunk by chunk."""
     scratch = memoryview(bytearray(HASH_CHUNK_BYTES))
     spec = handle.spec()
-    sizes = tensor_sizes(spec)
+    sizes = handle.sizes()
     small = min(SMALL_TENSOR_BYTES, HASH_CHUNK_BYTES)
     batch: list[str] = []
     batch_bytes = 0
