@@ -9,6 +9,7 @@ or one (DARE) where the sample aims well, three where it misleads.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -122,6 +123,44 @@ def test_ties_streamed_equals_whole_tensor_bit_for_bit(
     assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
     if 0 < density < 1:
         assert passes(sources[1]) in (2, 3)
+
+
+def first_chunk_reads(source: BytesSource, chunk: int = 1024) -> int:
+    """How many times the tensor's first chunk was read (a pass's, not a sample's: those are longer)."""
+    return sum(1 for key, start, stop in source.reads if key == KEY and start == 0 and stop == chunk * 4)
+
+
+@pytest.mark.parametrize("op", ["ties", "task_arithmetic"])
+def test_a_pass_starts_on_the_chunk_the_pass_before_read_ahead(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a pass's end the next pass's first chunk is read ahead and taken by that pass (so a tensor's
+    first chunk is read once a pass, and at most once more after the last: dropped); the results are
+    the reference's, and the sample's reads are made without the reading thread."""
+    monkeypatch.setattr(task_vectors, "AIMED", 0)
+    monkeypatch.setattr(task_vectors, "SAMPLE_RUN", 512)
+    inputs = family(3, 2)
+    threads: set[str] = set()
+    original = BytesSource.read_into
+
+    def read_into(self: BytesSource, key: str, start: int, stop: int, out: memoryview) -> memoryview:
+        if stop - start == 512 * 4:  # a sample's run
+            threads.add(threading.current_thread().name)
+        return original(self, key, start, stop, out)
+
+    monkeypatch.setattr(BytesSource, "read_into", read_into)
+    if op == "ties":
+        params: Any = TiesParams(base="m0", density=0.3)
+        how, elects, densities = "magnitude", True, [0.3, 0.3]
+    else:
+        params, how, elects, densities = TaskArithmeticParams(base="m0"), None, False, [1.0, 1.0]
+    got, sources = run(Ties() if op == "ties" else TaskArithmetic(), params, inputs, NumpyBackend())
+    want = ref.task_vectors(
+        KEY, inputs[0], inputs[1:], how=how, elects=elects, weights=[1.0, 1.0], densities=densities,
+        normalize=op == "ties",
+    )  # fmt: skip
+    assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+    for source in sources:  # read once a pass (the last pass's read ahead may be dropped before it is made)
+        assert passes(source) <= first_chunk_reads(source) <= passes(source) + 1
+    assert threads == ({threading.current_thread().name} if op == "ties" else set())
 
 
 def test_ties_of_float64_tensors_select_over_64_bits(xp: Any) -> None:
@@ -383,3 +422,28 @@ def test_ties_end_to_end_on_tensors_of_many_chunks(launch_dir: Any, run_recipe: 
     assert np.array_equal(got, want.astype(np.float16))
     assert report["nodes"]["m"]["status"] == "computed"
     assert run_recipe(data)["nodes"]["m"]["status"] == "cached"
+
+
+def test_the_chunk_read_ahead_at_a_pass_end_is_the_next_pass_s_first() -> None:
+    from merger.engine.op_inputs import PipelineChunkInputs
+    from merger.engine.pieces import Piece
+
+    inputs = family(4, 1)
+    sources = [BytesSource({KEY: a.tobytes()}) for a in inputs]
+    specs = tuple({KEY: TensorSpec("F32", a.shape)} for a in inputs)
+    op, params = TaskArithmetic(), TaskArithmeticParams(base="m0")
+    node = op.spec(InputSpecs(("m0", "m1"), specs), params)
+    pipeline = Pipeline(op, keyed(op, params, node), list(sources), specs, NumpyBackend())
+    reads = [(0, KEY), (1, KEY)]
+    with PipelineChunkInputs(pipeline, Piece(KEY, 0, inputs[0].size, "stream", ())) as chunks:
+        first = [np.concatenate(c) for c in zip(*chunks.chunks(reads), strict=True)]
+        assert chunks._spare is not None
+        chunks._spare[1].result()  # read by now
+        assert first_chunk_reads(sources[0]) == 2
+        passing = chunks.chunks(reads)
+        started = next(passing)
+        assert first_chunk_reads(sources[0]) == 2  # the second pass took it
+        second = [np.concatenate(c) for c in zip(started, *passing, strict=True)]
+        assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+        chunks.chunks([(1, KEY)]).__next__()  # another pass's reads: the one read ahead is dropped
+    assert [np.array_equal(a.reshape(-1), b) for a, b in zip(inputs, first, strict=True)] == [True, True]

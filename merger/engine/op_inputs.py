@@ -49,15 +49,19 @@ class PipelineTensorInputs:
 
 class PipelineChunkInputs:
     """`ChunkInputs` for streaming ops: passes over input chunks, the next chunk read (and converted
-    to the compute dtype) on another thread while one is computed; non-finite values of watched
-    inputs are counted in the first pass over each element range of a tensor only."""
+    to the compute dtype) on another thread while one is computed, and at a pass's end the first
+    chunk of the next (most streaming ops make several passes: it is dropped when none follows);
+    non-finite values of watched inputs are counted in the first pass over each element range of a
+    tensor only."""
 
     def __init__(self, pipeline: Pipeline, piece: Piece) -> None:
         self._pipeline = pipeline
         self._piece = piece
         self._counted: set[tuple[int, str, int, int]] = set()
         self._ahead: concurrent.futures.ThreadPoolExecutor | None = None
-        self.step = chunk_elements(pipeline.specs)
+        #: the first chunk of a pass, read at the end of the pass before (reads, first bounds; its read)
+        self._spare: tuple[tuple[object, ...], concurrent.futures.Future[list[Array]]] | None = None
+        self.step = chunk_elements(pipeline.specs, stream=True)
 
     def __enter__(self) -> PipelineChunkInputs:
         return self
@@ -106,19 +110,32 @@ class PipelineChunkInputs:
             raise ValueError(f"elements {first}..{last} of tensors of {[s.numel for s in specs]}")
         ranges = {(index, key, first, last) for index, key in reads}
         count = not peek and not ranges <= self._counted
-        if self._ahead is None:
-            self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merger-stream")
         step = max(multiple, self.step - self.step % max(multiple, 1))
         bounds = [(start, min(start + step, last)) for start in range(first, last, step)]
-        pending = self._ahead.submit(self._read, reads, specs, *bounds[0], count) if bounds else None
+        if peek:  # a few small spans: read here, without a hand-off to the reading thread
+            for start, stop in bounds:
+                yield self._read(reads, specs, start, stop, False)
+            return
+        if self._ahead is None:
+            self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merger-stream")
+        what = (tuple(reads), bounds[0] if bounds else None)
+        spare, self._spare = self._spare, None
+        pending: concurrent.futures.Future[list[Array]] | None = None
+        if spare is not None and spare[0] == what and not count:
+            pending = spare[1]  # the first chunk, read ahead at the end of the pass before
+        elif spare is not None:
+            spare[1].cancel()
+        if pending is None and bounds:
+            pending = self._ahead.submit(self._read, reads, specs, *bounds[0], count)
         for i in range(len(bounds)):
             assert pending is not None
             arrays = pending.result()
             if i + 1 < len(bounds):
                 pending = self._ahead.submit(self._read, reads, specs, *bounds[i + 1], count)
+            elif len(bounds) > 1:  # another pass over the same chunks may follow: its first, read ahead
+                self._spare = (what, self._ahead.submit(self._read, reads, specs, *bounds[0], False))
             yield arrays
-        if not peek:
-            self._counted.update(ranges)
+        self._counted.update(ranges)
 
     def note(self, name: str, value: float) -> None:
         self._pipeline.note(name, self._piece.key, value)

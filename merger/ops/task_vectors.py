@@ -97,17 +97,21 @@ T = TypeVar("T", bound=TaskArithmeticParams[Scheduled])
 F = TypeVar("F", bound=TaskArithmeticParams[float])
 
 
-def _sample_counts(passes: Passes, index: int, xp: Backend) -> np.ndarray:
-    """The high-bin counts of a sample of input `index`'s deltas from input 0 (spread evenly)."""
+def _sample(passes: Passes) -> list[list[Array]]:
+    """A sample of every input's chunk arrays (spread evenly over the tensor), read once for every
+    model's aim."""
+    whole = passes.whole()
+    if whole is None:
+        return passes.peek(SAMPLE_RUN)
+    step = max(1, len(whole[0]) // (16 * SAMPLE_RUN))
+    return [[array[::step] for array in whole]]
+
+
+def _sample_counts(sample: list[list[Array]], index: int, xp: Backend) -> np.ndarray:
+    """The high-bin counts of the sample of input `index`'s deltas from input 0."""
     import numpy as np
 
     counts = np.zeros(BINS, dtype=np.int64)
-    whole = passes.whole()
-    if whole is None:
-        sample = passes.peek(SAMPLE_RUN)
-    else:
-        step = max(1, len(whole[0]) // (16 * SAMPLE_RUN))
-        sample = [[array[::step] for array in whole]]
     for arrays in sample:
         xp.magnitude_histogram(arrays[index], counts, (0, 0, arrays[0], None, 0))
     return counts
@@ -158,9 +162,10 @@ class TaskVectorOp(StreamingOp[T, F]):
         """What the sparsifiers need of whole tensors: TIES's cuts, DARE's L1 norms (rescale: l1)."""
         trims = [(i, p) for i, p in enumerate(parts) if isinstance(p, Trim)]
         if trims and count >= AIMED:  # aim each first pass's window by a sample
+            sample = _sample(passes)
             for i, part in trims:
                 most = WINDOW_BINS if len(trims) <= 4 else 2
-                part.top.aim(_sample_counts(passes, i + 1, xp), part.top.need / count, most)
+                part.top.aim(_sample_counts(sample, i + 1, xp), part.top.need / count, most)
         while any(p.top.cut is None for _, p in trims):
             pending = [(i, p) for i, p in trims if p.top.cut is None]
             for chunk in passes():
