@@ -214,3 +214,31 @@ def test_an_op_that_reads_otherwise_is_planned_key_by_key() -> None:
             return [(1, key), (0, key)] if key in plan else [(1, key)]
 
     assert Shifted().aligned({"a"}) is None and Lerp().aligned({"a"}) == {"a"}
+
+
+def test_a_writer_hashes_large_writes_on_its_hashing_thread_to_the_file_s_sha256(tmp_path: Path) -> None:
+    import threading
+
+    from merger.io import safetensors_file
+    from merger.io.safetensors_file import file_sha256
+
+    rng = np.random.default_rng(9)
+    specs = {"big": TensorSpec("U8", (3 << 20,)), "small": TensorSpec("U8", (1000,)), "tail": TensorSpec("U8", (5,))}
+    data = {k: rng.integers(0, 255, s.numel, dtype=np.uint8).tobytes() for k, s in specs.items()}
+    threads: set[str] = set()
+    original = safetensors_file.SafetensorsWriter._write_now
+
+    def write_now(self: SafetensorsWriter, chunk: Any) -> None:
+        original(self, chunk)
+        threads.update(t.name for t in threading.enumerate() if t.name.startswith("merger-sha"))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(safetensors_file.SafetensorsWriter, "_write_now", write_now)
+        writer = SafetensorsWriter(tmp_path / "h.safetensors", specs, {"a": "b"})
+        writer.write_chunk("big", data["big"][: 2 << 20])
+        writer.write_chunk("big", data["big"][2 << 20 :])
+        writer.write_tensors(["small", "tail"], data["small"] + data["tail"])
+        sha = writer.finish()
+    assert threads  # the large writes were hashed on the hashing thread
+    assert not [t for t in threading.enumerate() if t.name.startswith("merger-sha")]  # and it is gone
+    assert sha == file_sha256(tmp_path / "h.safetensors")

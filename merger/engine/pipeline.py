@@ -94,6 +94,8 @@ class FetchedRun:
 
 
 Item = Fetched | FetchedRun
+#: an item's result, and (key, how many) of its tensors that hold non-finite values
+Computed = tuple[memoryview, list[tuple[str, int]]]
 
 
 class Pipeline:
@@ -132,22 +134,34 @@ class Pipeline:
             self.noted.setdefault(name, {})[key] = number if math.isfinite(number) else None
 
     def count(self, index: int | None, key: str, data: memoryview, code: str) -> None:
-        if self._on_nonfinite is not None:
-            found = count_nonfinite(data, code)
-            if found:
-                self._on_nonfinite(index, key, found)
+        self._report(index, self._found((key,), (), data, code))
 
     def _count_run(
         self, index: int | None, keys: Sequence[str], counts: Sequence[int], data: memoryview, code: str
     ) -> None:
-        """Non-finite values of a run's tensors: counted together, and tensor by tensor (to name
-        them) only when there are some."""
-        if self._on_nonfinite is None or not count_nonfinite(data, code):
-            return
-        size, offset = DTYPE_SIZES[code], 0
+        self._report(index, self._found(keys, counts, data, code))
+
+    def _found(self, keys: Sequence[str], counts: Sequence[int], data: memoryview, code: str) -> list[tuple[str, int]]:
+        """(key, how many) of the tensors in `data` (one, or a run's of `counts` elements one after another)
+        that hold non-finite values: counted together, and tensor by tensor (to name them) only when there
+        are some."""
+        if self._on_nonfinite is None:
+            return []
+        total = count_nonfinite(data, code)
+        if not total or len(keys) == 1:
+            return [(keys[0], total)] if total else []
+        found, size, offset = [], DTYPE_SIZES[code], 0
         for key, count in zip(keys, counts, strict=True):
-            self.count(index, key, data[offset : offset + count * size], code)
+            if here := count_nonfinite(data[offset : offset + count * size], code):
+                found.append((key, here))
             offset += count * size
+        return found
+
+    def _report(self, index: int | None, found: list[tuple[str, int]]) -> None:
+        sink = self._on_nonfinite
+        if sink is not None:
+            for key, count in found:
+                sink(index, key, count)
 
     # --- stage 1: read -----------------------------------------------------------------------
 
@@ -224,16 +238,16 @@ class Pipeline:
             job = jobs.get()
             if job is _DONE:
                 return
-            for what, data, buffers in job:  # a piece's chunk (its key), or a run's tensors
+            for what, data, buffers, counted in job:  # a piece's chunk (its key), or a run's tensors
                 if errors or self._stop.is_set():
                     self._pool.put(buffers)
                     continue
                 try:
                     if isinstance(what, Run):
-                        self._count_run(None, what.keys, what.counts, data, what.dtype)
                         self._write_run(writer, write_tensors, what, data)
                     else:
-                        self.count(None, what, data, node.tensors[what].dtype)
+                        if not counted:  # a stream's chunk (others were counted where they were computed)
+                            self.count(None, what, data, node.tensors[what].dtype)
                         writer.write_chunk(what, data)
                 except BaseException as e:
                     errors.append(e)
@@ -312,8 +326,18 @@ class Pipeline:
             xp.store_into(self.op.combine(values, params, xp), out_code, out[start * out_size : stop * out_size])
         return out
 
-    def _compute_all(self, items: list[Item], node: NodeSpec[Any]) -> list[memoryview]:
-        return [self._compute(item, node) for item in items]
+    def _compute_all(self, items: list[Item], node: NodeSpec[Any]) -> list[Computed]:
+        """Each item's result, and its non-finite values by tensor (counted here, on a compute thread,
+        while the result is in the CPU's cache, rather than on the writer's)."""
+        results = []
+        for item in items:
+            data = self._compute(item, node)
+            if isinstance(item, FetchedRun):
+                found = self._found(item.run.keys, item.run.counts, data, item.run.dtype)
+            else:
+                found = self._found((item.piece.key,), (), data, node.tensors[item.piece.key].dtype)
+            results.append((data, found))
+        return results
 
     def _compute_workers(self) -> concurrent.futures.ThreadPoolExecutor | None:
         """Two threads for chunk maths on a CPU of several cores (numpy and the conversion loops
@@ -339,7 +363,7 @@ class Pipeline:
         buffer, used, written = np.empty(capacity, dtype=np.uint8), 0, 0
 
         def put(data: memoryview) -> None:
-            write_queue.put([(piece.key, data, [])])  # the writer takes lists of chunks
+            write_queue.put([(piece.key, data, [], False)])  # the writer takes lists of chunks
             advance(piece.key, len(data))
 
         with inputs:
@@ -375,19 +399,20 @@ class Pipeline:
         reader.start()
         writing.start()
         finished = False
-        computing: collections.deque[tuple[list[Item], concurrent.futures.Future[list[memoryview]]]]
+        computing: collections.deque[tuple[list[Item], concurrent.futures.Future[list[Computed]]]]
         computing = collections.deque()
         workers = self._compute_workers()
 
-        def hand_on(items: list[Item], results: list[memoryview]) -> None:
-            jobs: list[tuple[str | Run, memoryview, list[Any]]] = []
-            for item, data in zip(items, results, strict=True):
+        def hand_on(items: list[Item], results: list[Computed]) -> None:
+            jobs: list[tuple[str | Run, memoryview, list[Any], bool]] = []
+            for item, (data, found) in zip(items, results, strict=True):
+                self._report(None, found)  # in output order (under `nonfinite: error`, it raises)
                 keep = item.buffers if aliases(data, item.buffers) else []
                 if not keep:  # the result is new memory: the inputs' buffers can be reused now
                     self._pool.put(item.buffers)
-                jobs.append((item.run if isinstance(item, FetchedRun) else item.piece.key, data, keep))
+                jobs.append((item.run if isinstance(item, FetchedRun) else item.piece.key, data, keep, True))
             write_queue.put(jobs)
-            for item, data in zip(items, results, strict=True):
+            for item, (data, _) in zip(items, results, strict=True):
                 if isinstance(item, FetchedRun):
                     size = DTYPE_SIZES[item.run.dtype]
                     for key, count in zip(item.run.keys, item.run.counts, strict=True):

@@ -10,6 +10,7 @@ header first and streams tensors after it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import hashlib
 import io
@@ -37,6 +38,7 @@ ALIGNMENT = 8
 WRITEBACK_BYTES = 64 * 1024 * 1024
 SMALL_WRITE_BYTES = 64 * 1024  # writes smaller than this are gathered ...
 PENDING_BYTES = 1024 * 1024  # ... into writes of about this size
+PARALLEL_HASH_BYTES = 1024 * 1024  # writes at least this large are hashed while the kernel copies them
 READ_AHEAD_BYTES = 1024 * 1024  # a small read fetches this much of the file, for the small reads that follow
 
 
@@ -180,6 +182,7 @@ class SafetensorsWriter:
         self._entries = header_entries(self.specs) if METADATA_KEY not in self.specs else None
         self._header = self._build(metadata)
         self._sha = hashlib.sha256() if final_header else None
+        self._hashing: concurrent.futures.ThreadPoolExecutor | None = None  # hashes large writes
         self._file = io.FileIO(path, "wb")
         self._flushed = 0
         self.bytes_written = 0
@@ -210,12 +213,23 @@ class SafetensorsWriter:
             self._write_now(pending)
 
     def _write_now(self, data: bytes | bytearray | memoryview) -> None:
+        """Write `data`; a large write is hashed on the hashing thread while the kernel copies it (the
+        two run side by side, and both are done before the caller may reuse `data`)."""
         view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += self._file.write(view[done:]) or 0
-        if self._sha is not None:
+        hashing: concurrent.futures.Future[None] | None = None
+        if self._sha is not None and len(view) >= PARALLEL_HASH_BYTES:
+            if self._hashing is None:
+                self._hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merger-sha")
+            hashing = self._hashing.submit(self._sha.update, view)
+        elif self._sha is not None:
             self._sha.update(view)
+        try:
+            done = 0
+            while done < len(view):
+                done += self._file.write(view[done:]) or 0
+        finally:
+            if hashing is not None:
+                hashing.result()
         self.bytes_written += len(view)
         if self.bytes_written - self._flushed >= WRITEBACK_BYTES:
             start_writeback(self._file.fileno(), self._flushed, self.bytes_written - self._flushed)
@@ -253,7 +267,7 @@ class SafetensorsWriter:
         if leftover is not None or self._left:
             raise RuntimeError(f"writer finished before tensor {leftover or self._key!r}")
         self._flush()
-        sha = self._sha.hexdigest() if self._sha is not None else ""
+        sha = self._sha.hexdigest() if self._sha is not None else ""  # every update is done: see _write_now
         if metadata is not None:
             header = self._build(metadata, min_length=len(self._header) - 8)
             if len(header) != len(self._header):
@@ -262,12 +276,18 @@ class SafetensorsWriter:
                 os.pwrite(self._file.fileno(), header, 0)
                 sha = ""
         os.fsync(self._file.fileno())
-        self._file.close()
+        self._close()
         return sha or file_sha256(self.path)
 
     def abort(self) -> None:
-        self._file.close()
+        self._close()
         self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        self._file.close()
+        if self._hashing is not None:
+            self._hashing.shutdown(wait=True)
+            self._hashing = None
 
 
 def _sync_file_range() -> Callable[[int, int, int], None] | None:
