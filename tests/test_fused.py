@@ -112,3 +112,39 @@ def test_without_the_loop_the_pipeline_computes_with_numpy(monkeypatch: pytest.M
     monkeypatch.setattr(fused, "FUSED", None)
     form = Lerp().linear_form(LerpParams(alpha=0.5), 2)
     assert NumpyBackend().combine_linear([(bytes(2), "F16"), (bytes(2), "F16")], form, "F16", 1) is None
+
+
+def test_more_inputs_than_the_loop_takes_are_averaged_by_numpy() -> None:
+    assert fused.FUSED is not None
+    n = fused.MAX_INPUTS + 1
+    data = inputs(7, 100, ("F16",) * n)
+    op, params = Average(), Average.params_model()
+    form = op.linear_form(params, n)
+    assert NumpyBackend().combine_linear(data, form, "F16", 100) is None
+    with pytest.raises(ValueError, match="bad inputs"):  # what the loop itself says (never asked)
+        fused.FUSED.linear([d for d, _ in data], "h" * n, 0, [1.0] * n, float(n), bytearray(200), "h")
+    few = data[: fused.MAX_INPUTS]
+    assert fused_combine(op, params, few, "F16", 100) == numpy_combine(op, params, few, "F16", 100)
+
+
+def test_an_average_of_65_models_runs_end_to_end(launch_dir: Any, run_recipe: Any) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = launch_dir / "many"
+    folder.mkdir()
+    models = []
+    for i in range(65):
+        model = {"w": torch.randn(3, 4, generator=torch.Generator().manual_seed(i)).half(), "b": torch.full((2,), i)}
+        save_file(model, folder / f"m{i:02d}.safetensors")
+        models.append(model)
+    run_recipe(
+        {
+            "sources": {"all": {"glob": "many/*.safetensors"}},
+            "nodes": {"mean": {"op": "average", "inputs": ["all"]}},
+            "outputs": {"mean": {"path": "mean.safetensors"}},
+        }
+    )
+    got = load_file(launch_dir / "out" / "mean.safetensors")
+    want = sum(m["w"].float() for m in models[1:]) + models[0]["w"].float()  # numpy's order: copy, then +=
+    assert torch.equal(got["w"], (want / 65).half()) and torch.equal(got["b"], models[0]["b"])

@@ -193,13 +193,15 @@ def test_a_writer_takes_whole_tensors_in_order_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("schedule", [False, True], ids=["one alpha", "per-key alpha"])
-@pytest.mark.parametrize("layout", ["mixed dtypes", "one dtype"])
+@pytest.mark.parametrize("layout", ["mixed dtypes", "one dtype", "a float32 entry in"])
 def test_the_aligned_plan_is_the_key_by_key_plan(schedule: bool, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    shapes = LAYOUT if layout == "mixed dtypes" else {k: ("F16", s) for k, (_, s) in LAYOUT.items()}
+    shapes = LAYOUT if layout != "one dtype" else {k: ("F16", s) for k, (_, s) in LAYOUT.items()}
     specs = (spec_of(shapes), spec_of(shapes))
     alpha: Any = Rules(default=0.3, rules=[Rule(match=r"block\.1\d\.", value=0.9)]) if schedule else 0.3
-    op, params = Lerp(), LerpParams(alpha=alpha)
+    op, params = Lerp(), LerpParams(alpha=alpha, exclude=r"block\.3" if layout == "a float32 entry in" else None)
     node = op.spec(InputSpecs(("a", "b"), specs), params)
+    if layout == "a float32 entry in":  # an upstream node's entry: float32 where the output is 16-bit
+        specs = ({k: TensorSpec("F32", t.shape) if t.is_float else t for k, t in specs[0].items()}, specs[1])
     keyed_params = keyed(op, params, node)
     assert op.aligned(node.plan) is node.plan  # the fast path is taken
     fast = list(plan_pieces(op, specs, node, keyed_params.for_key, varying=keyed_params.scheduled))
@@ -242,3 +244,37 @@ def test_a_writer_hashes_large_writes_on_its_hashing_thread_to_the_file_s_sha256
     assert threads  # the large writes were hashed on the hashing thread
     assert not [t for t in threading.enumerate() if t.name.startswith("merger-sha")]  # and it is gone
     assert sha == file_sha256(tmp_path / "h.safetensors")
+
+
+def test_copies_from_a_float32_entry_into_float16_and_bfloat16_stay_apart(run_recipe: Any, launch_dir: Path) -> None:
+    """A node fed by an upstream node (kept at float32) copies tensors that are float16 and bfloat16
+    in turn: the runs must not cast them all to the first one's dtype (found by an attack round)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def make(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {
+            f"layer.{i:02d}.w": torch.randn(5, generator=g).to((torch.float16, torch.bfloat16)[i % 2])
+            for i in range(12)
+        }
+
+    (launch_dir / "m").mkdir()
+    a, b = make(1), make(2)
+    save_file(a, launch_dir / "m" / "a.safetensors")
+    save_file(b, launch_dir / "m" / "b.safetensors")
+    run_recipe(
+        {
+            "sources": {"a": "m/a.safetensors", "b": "m/b.safetensors"},
+            "nodes": {
+                "first": {"op": "lerp", "inputs": ["a", "b"], "alpha": 0.5},
+                "second": {"op": "lerp", "inputs": ["first", "b"], "alpha": 0.25, "exclude": "layer"},
+            },
+            "outputs": {"o": {"node": "second", "path": "o.safetensors"}},
+        }
+    )
+    out = load_file(launch_dir / "out" / "o.safetensors")
+    for key, value in a.items():
+        assert out[key].dtype == value.dtype and torch.equal(
+            out[key], (value.float() * 0.5 + b[key].float() * 0.5).to(value.dtype)
+        ), key

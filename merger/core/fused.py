@@ -4,7 +4,8 @@ bit for bit what numpy computes for the op's `combine`, without a float32 array 
 temporary per step and a conversion of the result.
 
 `combine_linear` returns None where it cannot (no compiled module, a CPU without AVX2 and F16C,
-a float64 or float8 input or output): the caller then computes with numpy.
+a float64 or float8 input or output, more than MAX_INPUTS inputs): the caller then computes with
+numpy.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ FUSED: ModuleType | None = _fused
 LETTERS = {"F32": "f", "F16": "h", "BF16": "b"}
 SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 KINDS = {"sum": 0, "add_difference": 1}
+MAX_INPUTS = 64  # the compiled loop's (_fused.c's MAX_INPUTS): an average of more is numpy's
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ def combine_linear(inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code
     """`count` elements of `form` over the raw `inputs` ((bytes, dtype code) each), as `out_code`
     bytes; None where the compiled loop cannot run."""
     kind, weights, divisor = form.kind, form.weights, form.divisor
-    if FUSED is None or out_code not in LETTERS or any(code not in LETTERS for _, code in inputs):
+    if FUSED is None or not inputs or len(inputs) > MAX_INPUTS or out_code not in LETTERS:
+        return None
+    if any(code not in LETTERS for _, code in inputs):
         return None
     import numpy as np  # loaded already when something is computed
 

@@ -156,7 +156,7 @@ def _aligned_pieces(
             continue
         here: object = is_merged
         if not uniform:
-            here = (is_merged, spec.dtype, *[s[key].dtype for s in specs]) if is_merged else (0, first[key].dtype)
+            here = (is_merged, spec.dtype, *([s[key].dtype for s in specs] if is_merged else [first[key].dtype]))
         if params_for is not None:
             here = (here, id(params_for(key)))
         if here != signature or len(keys) >= RUN_TENSORS or elements + numel > chunk:
