@@ -149,7 +149,8 @@ def outputs_of(
 ) -> tuple[NodeSpec[Any], StateDict]:
     """conftest.pipeline_outputs, with the inputs' adapter configs (CONFIGS) in the op's InputSpecs."""
     from merger.core.tensor_bytes import tensor_from_buffer
-    from merger.engine.pipeline import ByteSource, Pipeline
+    from merger.engine.byte_io import ByteSource
+    from merger.engine.pipeline import Pipeline
 
     specs = tuple(spec_of(m) for m in models)
     configs = tuple(CONFIGS.get(op.name, {}).get(i) for i in range(len(models)))

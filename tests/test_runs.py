@@ -16,8 +16,9 @@ import pytest
 import merger.engine.pieces as pieces_module
 from merger.core.arrays import NumpyBackend, TorchBackend
 from merger.core.specs import TensorSpec
+from merger.engine.byte_io import RenamedSource
 from merger.engine.pieces import Piece, Run, plan_pieces
-from merger.engine.pipeline import Pipeline, RenamedSource
+from merger.engine.pipeline import Pipeline
 from merger.io.safetensors_file import SafetensorsReader, SafetensorsWriter
 from merger.io.safetensors_header import read_header
 from merger.io.sources import read_whole_tensors

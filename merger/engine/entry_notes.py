@@ -14,7 +14,7 @@ from merger.errors import Where
 
 if TYPE_CHECKING:
     from merger.cache.store import EntryInfo
-    from merger.engine.pipeline import Noted
+    from merger.engine.byte_io import Noted
     from merger.engine.plan import PlannedNode
     from merger.ops.base import AnyOp
 

@@ -44,8 +44,8 @@ from merger.io.safetensors_header import read_header
 
 if TYPE_CHECKING:
     from merger.core.arrays import Backend
+    from merger.engine.byte_io import ByteSource
     from merger.engine.catalog import SourceHandle
-    from merger.engine.pipeline import ByteSource
 
 log = logging.getLogger("merger")
 
@@ -278,7 +278,7 @@ class Executor:
     ) -> tuple[list[ByteSource], list[dict[str, TensorSpec]]]:
         """The node's inputs as it reads them (sources lazily; upstream nodes' entries, whose readers
         join `entry_readers` for the caller to close), with their specs as the node sees them."""
-        from merger.engine.pipeline import RenamedSource
+        from merger.engine.byte_io import RenamedSource
 
         sources: list[ByteSource] = []
         specs: list[dict[str, TensorSpec]] = []

@@ -15,7 +15,8 @@ from merger.core.specs import DTYPE_SIZES, TensorSpec
 from merger.engine.pieces import Piece, chunk_elements
 
 if TYPE_CHECKING:
-    from merger.engine.pipeline import Fetched, Pipeline
+    from merger.engine.pieces import Fetched
+    from merger.engine.pipeline import Pipeline
 
 
 class PipelineTensorInputs:

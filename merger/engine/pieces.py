@@ -14,7 +14,7 @@ not 200,000.
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from merger.core.specs import DTYPE_SIZES, TensorSpec
@@ -201,3 +201,22 @@ class _Gathered:
         done = Run(tuple(self.keys), tuple(self.counts), mode, reads, dtype)
         self.keys, self.counts, self.read_keys, self.elements, self.signature = [], [], [], 0, None
         return done
+
+
+@dataclass
+class Fetched:
+    piece: Piece
+    data: dict[tuple[int, str], memoryview]
+    buffers: list[bytearray] = field(default_factory=list)
+
+
+@dataclass
+class FetchedRun:
+    run: Run
+    data: list[memoryview]  # per operand of the run: its tensors' bytes, one after another
+    buffers: list[bytearray] = field(default_factory=list)
+
+
+Item = Fetched | FetchedRun
+#: an item's result, and (key, how many) of its tensors that hold non-finite values
+Computed = tuple[memoryview, list[tuple[str, int]]]

@@ -25,9 +25,8 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +34,10 @@ from merger.core.arrays import Backend
 from merger.core.nonfinite import count_nonfinite
 from merger.core.specs import DTYPE_SIZES, TensorSpec
 from merger.engine.buffers import BufferPool, aliases, backend_allocator
+from merger.engine.byte_io import ByteSource, ChunkWriter, NonFiniteSink, Noted
 from merger.engine.memory import keep_freed_blocks
 from merger.engine.op_inputs import PipelineChunkInputs, PipelineTensorInputs
-from merger.engine.pieces import SMALL_PIECE_ELEMENTS, Piece, Run, plan_pieces
+from merger.engine.pieces import SMALL_PIECE_ELEMENTS, Computed, Fetched, FetchedRun, Item, Piece, Run, plan_pieces
 from merger.io.sources import read_whole_tensors
 from merger.ops.base import AnyOp, NodeSpec
 from merger.ops.params import OpParams
@@ -48,54 +48,6 @@ COMPUTE_WORKERS = 2  # chunks computed at once on the CPU (see Pipeline._compute
 BATCH_PIECES = 64  # small pieces and runs handed on together at most
 BATCH_BYTES = 12 * 1024 * 1024  # and bytes of their reads
 _DONE = object()
-
-
-class ByteSource(Protocol):
-    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview: ...
-
-
-class ChunkWriter(Protocol):
-    def write_chunk(self, key: str, data: memoryview) -> None: ...
-
-
-#: called with (input index, or None for the output; tensor key; how many non-finite values a chunk held)
-NonFiniteSink = Callable[[int | None, str, int], None]
-#: what an op noted while computing: name -> output key -> value (None: it was not finite)
-Noted = dict[str, dict[str, float | None]]  # as merger.ops.base.Noted, filled in while computing
-
-
-class RenamedSource:
-    """A source read under other key names (`rename`: source key -> presented key)."""
-
-    def __init__(self, source: ByteSource, rename: Mapping[str, str]) -> None:
-        self._source = source
-        self._back = {presented: stored for stored, presented in rename.items()}
-
-    def read_into(self, key: str, start: int, stop: int, out: memoryview) -> memoryview:
-        return self._source.read_into(self._back[key], start, stop, out)
-
-    def read_tensors(self, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
-        back = self._back
-        return read_whole_tensors(self._source, [back[key] for key in keys], sizes, out)
-
-
-@dataclass
-class Fetched:
-    piece: Piece
-    data: dict[tuple[int, str], memoryview]
-    buffers: list[bytearray] = field(default_factory=list)
-
-
-@dataclass
-class FetchedRun:
-    run: Run
-    data: list[memoryview]  # per operand of the run: its tensors' bytes, one after another
-    buffers: list[bytearray] = field(default_factory=list)
-
-
-Item = Fetched | FetchedRun
-#: an item's result, and (key, how many) of its tensors that hold non-finite values
-Computed = tuple[memoryview, list[tuple[str, int]]]
 
 
 class Pipeline:
