@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,9 @@ import numpy as np
 from merger.core.arrays import Array
 from merger.core.specs import DTYPE_SIZES, TensorSpec
 from merger.engine.pieces import Piece, chunk_elements
+
+#: chunks a pass reads ahead of the one computed (each a few MB: a streaming op's chunks are small)
+READ_AHEAD = 2
 
 if TYPE_CHECKING:
     from merger.engine.pieces import Fetched
@@ -128,13 +132,14 @@ class PipelineChunkInputs:
             spare[1].cancel()
         if pending is None and bounds:
             pending = self._ahead.submit(self._read, reads, specs, *bounds[0], count)
+        ahead = collections.deque([pending] if pending is not None else [])
         for i in range(len(bounds)):
-            assert pending is not None
-            arrays = pending.result()
-            if i + 1 < len(bounds):
-                pending = self._ahead.submit(self._read, reads, specs, *bounds[i + 1], count)
-            elif len(bounds) > 1:  # another pass over the same chunks may follow: its first, read ahead
+            while len(ahead) < READ_AHEAD and i + len(ahead) < len(bounds):  # the next chunks, being read
+                ahead.append(self._ahead.submit(self._read, reads, specs, *bounds[i + len(ahead)], count))
+            if i + len(ahead) == len(bounds) and len(bounds) > 1 and self._spare is None:
+                # another pass over the same chunks may follow: its first, read ahead too
                 self._spare = (what, self._ahead.submit(self._read, reads, specs, *bounds[0], False))
+            arrays = ahead.popleft().result()
             yield arrays
         self._counted.update(ranges)
 
