@@ -52,14 +52,19 @@ def source_content_hash(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]
     its canonical JSON written row by row (each distinct shape once): a model of 200,000 tensors
     is hashed in a fraction of a second.
     """
-    rows = sorted((key, dtype, tuple(shape), digest) for key, dtype, shape, digest in tensors)
-    shapes: dict[tuple[int, ...], str] = {}
-    parts = []
+    rows = sorted(tensors)  # by key (keys are unique, so the rest is never compared)
+    shapes: dict[object, str] = {}  # each distinct shape (and dtype) written once
+    dtypes: dict[str, str] = {}
+    parts: list[str] = []
+    append = parts.append
     for key, dtype, shape, digest in rows:
         written = shapes.get(shape)
         if written is None:
             written = shapes[shape] = canonical_json(list(shape))
-        parts.append(f"[{_string(key)},{_string(dtype)},{written},{_string(digest)}]")
+        code = dtypes.get(dtype)
+        if code is None:
+            code = dtypes[dtype] = _string(dtype)
+        append(f"[{_string(key)},{code},{written},{_string(digest)}]")
     head = canonical_json({"kind": "tensors", "scheme": KEY_SCHEME})[:-1]
     text = f'{head},"tensors":[{",".join(parts)}]}}'
     return hashlib.sha256(text.encode()).hexdigest()
