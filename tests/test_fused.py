@@ -12,6 +12,7 @@ import pytest
 from merger.core import fused
 from merger.core.arrays import NumpyBackend, f32_to_bf16
 from merger.core.fused import LinearForm
+from merger.core.nonfinite import count_nonfinite
 from merger.ops.linear import (
     AddDifference,
     AddDifferenceParams,
@@ -59,9 +60,11 @@ def numpy_combine(op: Any, params: OpParams, data: list[tuple[bytes, str]], out_
 def fused_combine(op: Any, params: OpParams, data: list[tuple[bytes, str]], out_code: str, n: int) -> bytes:
     form = op.linear_form(params, len(data))
     assert isinstance(form, LinearForm)
-    got = NumpyBackend().combine_linear(data, form, out_code, n)
+    got = NumpyBackend().combine_linear(data, form, out_code, n, nonfinite=True)
     assert got is not None
-    return bytes(got)
+    out, counts = got
+    assert counts == [count_nonfinite(raw, code) for raw, code in data]  # counted in the same pass
+    return bytes(out)
 
 
 CASES = [

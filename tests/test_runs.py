@@ -101,7 +101,10 @@ def test_a_run_of_three_inputs_reads_renamed_keys_and_equals_numpy() -> None:
         assert np.frombuffer(got, np.float32).tobytes() == want.astype(np.float32).tobytes(), key
 
 
-def test_nonfinite_values_in_a_run_are_named_by_tensor() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused loop", "numpy maths"])
+def test_nonfinite_values_in_a_run_are_named_by_tensor(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not fused:
+        monkeypatch.setattr("merger.core.fused.FUSED", None)
     layout = {f"t.{i}": ("F16", (4,)) for i in range(100)}
     (a, xa), (b, _) = model(1, layout), model(2, layout)
     xa["t.37"][2] = np.inf

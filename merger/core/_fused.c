@@ -131,21 +131,46 @@ FUSED static void add_difference(float *acc, float *x, float w0, const char **sr
         acc[j] = acc[j] + x[j];
     }
 }
+
+/* How many of a block's n raw values are NaN or infinite (every exponent bit set), as
+ * merger.core.nonfinite counts them: the block is in the cache, read for the maths anyway. */
+FUSED static Py_ssize_t nonfinite_block(const char *src, int code, Py_ssize_t n) {
+    uint32_t found = 0;
+    if (code == CODE_F32) {
+        const uint32_t *bits = (const uint32_t *)src;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            found += (bits[i] & 0x7F800000u) == 0x7F800000u;
+        }
+        return found;
+    }
+    const uint16_t *half = (const uint16_t *)src;
+    const uint16_t mask = code == CODE_F16 ? 0x7C00u : 0x7F80u;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        found += (uint16_t)((half[i] & mask) == mask);
+    }
+    return found;
+}
 #endif
 
-/* linear(inputs, codes, kind, weights, divisor, out, out_code) -> bool
+/* linear(inputs, codes, kind, weights, divisor, out, out_code[, counts]) -> bool
  * inputs: a sequence of buffers, each `count` elements of its code ("f": float32, "h": float16,
  * "b": bfloat16; `codes` is one letter an input); kind 0: a weighted sum, 1: add difference (three
  * inputs, one weight); divisor: None or a number; out: a writable buffer of `count` elements of
- * out_code. False, with nothing written, where the CPU lacks AVX2 or F16C. */
+ * out_code; counts: None or a writable buffer of one int64 an input, to which each input's count of NaN
+ * and infinite values is added. False, with nothing written, where the CPU lacks AVX2 or F16C. */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
-    PyObject *inputs, *weights, *divisor_object;
+    PyObject *inputs, *weights, *divisor_object, *counts_object = Py_None;
     const char *codes_text, *out_text;
     Py_ssize_t codes_length, out_length;
     int kind;
-    Py_buffer out;
-    if (!PyArg_ParseTuple(args, "Os#iOOw*s#", &inputs, &codes_text, &codes_length, &kind, &weights, &divisor_object,
-                          &out, &out_text, &out_length)) {
+    Py_buffer out, counts = {0};
+    if (!PyArg_ParseTuple(args, "Os#iOOw*s#|O", &inputs, &codes_text, &codes_length, &kind, &weights, &divisor_object,
+                          &out, &out_text, &out_length, &counts_object)) {
+        return NULL;
+    }
+    const int counting = counts_object != Py_None;
+    if (counting && PyObject_GetBuffer(counts_object, &counts, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&out);
         return NULL;
     }
     Py_buffer views[MAX_INPUTS];
@@ -156,6 +181,9 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     PyObject *sequence = PySequence_Fast(inputs, "inputs must be a sequence of buffers");
     if (sequence == NULL) {
         PyBuffer_Release(&out);
+        if (counting) {
+            PyBuffer_Release(&counts);
+        }
         return NULL;
     }
     const Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
@@ -163,6 +191,10 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     if (count < 1 || count > MAX_INPUTS || codes_length != count || out_code < 0 || (kind != 0 && kind != 1) ||
         (kind == 1 && count != 3)) {
         PyErr_SetString(PyExc_ValueError, "linear: bad inputs, codes, kind or output code");
+        goto finally;
+    }
+    if (counting && counts.len != count * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "linear: counts holds one int64 an input");
         goto finally;
     }
     const Py_ssize_t elements = out.len / size_of(out_code);
@@ -221,6 +253,11 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
             } else {
                 add_difference(acc, x, w[0], src, codes, at, n);
             }
+            if (counting) {
+                for (Py_ssize_t k = 0; k < count; k++) {
+                    ((int64_t *)counts.buf)[k] += nonfinite_block(src[k] + at * size_of(codes[k]), codes[k], n);
+                }
+            }
             store(acc, out_code, n, dst + at * size_of(out_code));
         }
         Py_END_ALLOW_THREADS;
@@ -231,6 +268,9 @@ finally:
         PyBuffer_Release(&views[k]);
     }
     PyBuffer_Release(&out);
+    if (counting) {
+        PyBuffer_Release(&counts);
+    }
     Py_DECREF(sequence);
     if (!ok) {
         return NULL;
@@ -240,8 +280,9 @@ finally:
 
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS,
-     "linear(inputs, codes, kind, weights, divisor, out, out_code) -> bool: a weighted sum (kind 0) or an add "
-     "difference (kind 1) of float16/bfloat16/float32 inputs in one pass; False where the CPU cannot"},
+     "linear(inputs, codes, kind, weights, divisor, out, out_code[, counts]) -> bool: a weighted sum (kind 0) or "
+     "an add difference (kind 1) of float16/bfloat16/float32 inputs in one pass (counting each input's non-finite "
+     "values into counts); False where the CPU cannot"},
     {NULL, NULL, 0, NULL},
 };
 

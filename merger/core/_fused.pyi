@@ -11,5 +11,6 @@ def linear(
     divisor: float | None,
     out: object,
     out_code: str,
+    counts: object = None,
     /,
 ) -> bool: ...

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from merger.core import fused, magnitudes
-from merger.core.fused import LinearForm
+from merger.core.fused import Fused, LinearForm
 from merger.core.magnitudes import Counting, Elected
 from merger.core.specs import FLOAT_DTYPES
 from merger.errors import MergerError
@@ -136,11 +136,11 @@ class Backend(Protocol):
         ...
 
     def combine_linear(
-        self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int
-    ) -> memoryview | None:
+        self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int, *, nonfinite: bool = False
+    ) -> Fused | None:
         """`count` elements of a per-key op's `LinearForm` over raw inputs ((bytes, dtype code) each)
-        as `out_code` bytes, in one compiled pass (merger.core.fused), or None where the backend
-        cannot (then the op's `combine` runs)."""
+        as `out_code` bytes, in one compiled pass (merger.core.fused), with each input's count of
+        non-finite values when `nonfinite`; None where the backend cannot (then `combine` runs)."""
         ...
 
 
@@ -284,9 +284,9 @@ class NumpyBackend:
         return magnitudes.numpy_elect(base, models, consensus, normalize, scale, FLOATCONV)
 
     def combine_linear(
-        self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int
-    ) -> memoryview | None:
-        return fused.combine_linear(inputs, form, out_code, count)
+        self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int, *, nonfinite: bool = False
+    ) -> Fused | None:
+        return fused.combine_linear(inputs, form, out_code, count, nonfinite=nonfinite)
 
 
 class TorchBackend:
@@ -379,7 +379,9 @@ class TorchBackend:
     ) -> None:
         return None
 
-    def combine_linear(self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int) -> None:
+    def combine_linear(
+        self, inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int, *, nonfinite: bool = False
+    ) -> None:
         return None
 
 

@@ -45,9 +45,16 @@ class LinearForm:
     divisor: float | None = None
 
 
-def combine_linear(inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int) -> memoryview | None:
+#: a fused result: the output's bytes, and each input's count of non-finite values (when asked)
+Fused = tuple[memoryview, list[int] | None]
+
+
+def combine_linear(
+    inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code: str, count: int, *, nonfinite: bool = False
+) -> Fused | None:
     """`count` elements of `form` over the raw `inputs` ((bytes, dtype code) each), as `out_code`
-    bytes; None where the compiled loop cannot run."""
+    bytes, with (`nonfinite`) how many NaN or infinite values each input holds, counted in the same
+    pass; None where the compiled loop cannot run."""
     kind, weights, divisor = form.kind, form.weights, form.divisor
     if FUSED is None or not inputs or len(inputs) > MAX_INPUTS or out_code not in LETTERS:
         return None
@@ -56,8 +63,9 @@ def combine_linear(inputs: Sequence[tuple[Any, str]], form: LinearForm, out_code
     import numpy as np  # loaded already when something is computed
 
     out = np.empty(count * SIZES[out_code], dtype=np.uint8)
+    counts = np.zeros(len(inputs), dtype=np.int64) if nonfinite else None
     letters = "".join(LETTERS[code] for _, code in inputs)
     buffers = [data for data, _ in inputs]
-    if not FUSED.linear(buffers, letters, KINDS[kind], list(weights), divisor, out, LETTERS[out_code]):
+    if not FUSED.linear(buffers, letters, KINDS[kind], list(weights), divisor, out, LETTERS[out_code], counts):
         return None
-    return memoryview(out.data)
+    return memoryview(out.data), (counts.tolist() if counts is not None else None)

@@ -218,5 +218,6 @@ class FetchedRun:
 
 
 Item = Fetched | FetchedRun
-#: an item's result, and (key, how many) of its tensors that hold non-finite values
-Computed = tuple[memoryview, list[tuple[str, int]]]
+#: an item's result, (key, how many) of its tensors that hold non-finite values, and (input index, key,
+#: how many) of the inputs' that were counted where it was computed
+Computed = tuple[memoryview, list[tuple[str, int]], list[tuple[int, str, int]]]

@@ -76,6 +76,9 @@ class Pipeline:
         self._pool = BufferPool(backend_allocator(backend))
         self._stop = threading.Event()
         self.watched = watched if on_nonfinite else frozenset()
+        #: a "merge" item's watched inputs are counted where it is computed (on the CPU's compute
+        #: threads; the fused loop counts them in the pass it reads them in), not by the reader
+        self._late_inputs = backend.name == "numpy"
         self._on_nonfinite = on_nonfinite
         self.noted: Noted = {}
         self._noted_lock = threading.Lock()
@@ -128,7 +131,7 @@ class Pipeline:
             buffer = self._pool.get(stop - start)
             fetched.buffers.append(buffer)
             fetched.data[(index, key)] = data = self.sources[index].read_into(key, start, stop, memoryview(buffer))
-            if index in self.watched:
+            if index in self.watched and not (self._late_inputs and piece.mode == "merge"):
                 self.count(index, key, data, spec.dtype)
         return fetched
 
@@ -142,7 +145,7 @@ class Pipeline:
             fetched.buffers.append(buffer)
             data = read_whole_tensors(self.sources[index], keys, sizes, memoryview(buffer)[: run.elements * size])
             fetched.data.append(data)
-            if index in self.watched:
+            if index in self.watched and not (self._late_inputs and run.mode == "merge"):
                 self._count_run(index, keys, run.counts, data, code)
         return fetched
 
@@ -218,7 +221,9 @@ class Pipeline:
 
     # --- stage 2: compute --------------------------------------------------------------------
 
-    def _compute(self, fetched: Item, node: NodeSpec[Any]) -> memoryview:
+    def _compute(self, fetched: Item, node: NodeSpec[Any]) -> tuple[memoryview, list[tuple[int, str, int]]]:
+        """The item's result, and (input index, key, how many) of the non-finite values of the inputs
+        counted here (a "merge" item's watched inputs on the numpy backend: see `_late_inputs`)."""
         if isinstance(fetched, FetchedRun):
             return self._compute_run(fetched)
         piece = fetched.piece
@@ -227,20 +232,29 @@ class Pipeline:
         count = piece.stop - piece.start
         if piece.mode == "copy":  # the bytes of the one input tensor the op named
             index, key = piece.reads[0]
-            return self._copied(fetched.data[piece.reads[0]], self.specs[index][key].dtype, out_spec.dtype, count)
+            code = self.specs[index][key].dtype
+            return self._copied(fetched.data[piece.reads[0]], code, out_spec.dtype, count), []
         if piece.mode == "merge":
             inputs = [(fetched.data[(i, k)], self.specs[i][k].dtype) for i, k in piece.reads]
-            return self._combined(inputs, self.params_for(piece.key), out_spec.dtype, count)
+            late = [self._late_inputs and i in self.watched for i, _ in piece.reads]
+            data, counts = self._combined(inputs, self.params_for(piece.key), out_spec.dtype, count, late)
+            return data, [(i, k, n) for (i, k), n in zip(piece.reads, counts, strict=True) if n]
         result = self.op.tensor(piece.key, PipelineTensorInputs(self, fetched), self.params_for(piece.key), xp)
-        return xp.store(result, out_spec.dtype)
+        return xp.store(result, out_spec.dtype), []
 
-    def _compute_run(self, fetched: FetchedRun) -> memoryview:
+    def _compute_run(self, fetched: FetchedRun) -> tuple[memoryview, list[tuple[int, str, int]]]:
         run = fetched.run
         codes = [self.specs[index][keys[0]].dtype for index, keys in run.reads]
         if run.mode == "copy":
-            return self._copied(fetched.data[0], codes[0], run.dtype, run.elements)
+            return self._copied(fetched.data[0], codes[0], run.dtype, run.elements), []
         inputs = list(zip(fetched.data, codes, strict=True))
-        return self._combined(inputs, self.params_for(run.keys[0]), run.dtype, run.elements)
+        late = [self._late_inputs and index in self.watched for index, _ in run.reads]
+        data, counts = self._combined(inputs, self.params_for(run.keys[0]), run.dtype, run.elements, late)
+        found: list[tuple[int, str, int]] = []
+        for (index, keys), (raw, code), total in zip(run.reads, inputs, counts, strict=True):
+            if total:  # named tensor by tensor
+                found.extend((index, key, n) for key, n in self._found(keys, run.counts, raw, code))
+        return data, found
 
     def _copied(self, data: memoryview, code: str, out_code: str, count: int) -> memoryview:
         if code == out_code:
@@ -251,17 +265,26 @@ class Pipeline:
         return xp.store(xp.load(data, code, (count,)), out_code)
 
     def _combined(
-        self, inputs: list[tuple[memoryview, str]], params: OpParams, out_code: str, count: int
-    ) -> memoryview:
-        """`op.combine` over `count` elements of each input (flat): in one compiled pass when the op
-        is a `LinearForm` the backend can run (merger.core.fused), else in blocks of the backend's
-        `block_elements` into one output buffer (the temporaries stay in cache)."""
-        xp = self.backend
+        self, inputs: list[tuple[memoryview, str]], params: OpParams, out_code: str, count: int, late: list[bool]
+    ) -> tuple[memoryview, list[int]]:
+        """`op.combine` over `count` elements of each input (flat), and how many non-finite values the
+        inputs marked in `late` hold (0 for the others): in one compiled pass when the op is a
+        `LinearForm` the backend can run (merger.core.fused; it counts in the same pass), else in
+        blocks of the backend's `block_elements` into one output buffer (the temporaries stay in
+        cache)."""
         form = self.op.linear_form(params, len(inputs))
         if form is not None:
-            fused = xp.combine_linear(inputs, form, out_code, count)
+            fused = self.backend.combine_linear(inputs, form, out_code, count, nonfinite=any(late))
             if fused is not None:
-                return fused
+                data, counts = fused
+                return data, [n if wanted else 0 for n, wanted in zip(counts or late, late, strict=True)]
+        found = [
+            count_nonfinite(data, code) if wanted else 0 for (data, code), wanted in zip(inputs, late, strict=True)
+        ]
+        return self._blocks(inputs, params, out_code, count), found
+
+    def _blocks(self, inputs: list[tuple[memoryview, str]], params: OpParams, out_code: str, count: int) -> memoryview:
+        xp = self.backend
         block = xp.block_elements
         if block is None or count <= block:
             values = [xp.load(data, code, (count,)) for data, code in inputs]
@@ -283,12 +306,12 @@ class Pipeline:
         while the result is in the CPU's cache, rather than on the writer's)."""
         results = []
         for item in items:
-            data = self._compute(item, node)
+            data, inputs_found = self._compute(item, node)
             if isinstance(item, FetchedRun):
                 found = self._found(item.run.keys, item.run.counts, data, item.run.dtype)
             else:
                 found = self._found((item.piece.key,), (), data, node.tensors[item.piece.key].dtype)
-            results.append((data, found))
+            results.append((data, found, inputs_found))
         return results
 
     def _compute_workers(self) -> concurrent.futures.ThreadPoolExecutor | None:
@@ -357,14 +380,16 @@ class Pipeline:
 
         def hand_on(items: list[Item], results: list[Computed]) -> None:
             jobs: list[tuple[str | Run, memoryview, list[Any], bool]] = []
-            for item, (data, found) in zip(items, results, strict=True):
-                self._report(None, found)  # in output order (under `nonfinite: error`, it raises)
+            for item, (data, found, inputs_found) in zip(items, results, strict=True):
+                for index, key, count in inputs_found:  # in output order (under `nonfinite: error`, they raise)
+                    self._report(index, [(key, count)])
+                self._report(None, found)
                 keep = item.buffers if aliases(data, item.buffers) else []
                 if not keep:  # the result is new memory: the inputs' buffers can be reused now
                     self._pool.put(item.buffers)
                 jobs.append((item.run if isinstance(item, FetchedRun) else item.piece.key, data, keep, True))
             write_queue.put(jobs)
-            for item, (data, _) in zip(items, results, strict=True):
+            for item, (data, _, _) in zip(items, results, strict=True):
                 if isinstance(item, FetchedRun):
                     size = DTYPE_SIZES[item.run.dtype]
                     for key, count in zip(item.run.keys, item.run.counts, strict=True):
