@@ -1,12 +1,14 @@
 """How ops read their inputs inside the pipeline (merger.engine.pipeline): whole tensors for
 "tensor" pieces (`PipelineTensorInputs`, merger.ops.base.TensorInputs) and passes over chunks for
-"stream" pieces (`PipelineChunkInputs`, merger.ops.base.ChunkInputs)."""
+"stream" pieces (`PipelineChunkInputs`, merger.ops.base.ChunkInputs), whose output `stream_piece`
+gathers into writes."""
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -145,3 +147,36 @@ class PipelineChunkInputs:
 
     def note(self, name: str, value: float) -> None:
         self._pipeline.note(name, self._piece.key, value)
+
+
+def stream_piece(
+    pipeline: Pipeline,
+    piece: Piece,
+    out_spec: TensorSpec,
+    put: Callable[[memoryview], None],
+    errors: list[BaseException],
+) -> None:
+    """A "stream" piece: the op's output chunks (of any size: blocks of `block_elements` too), stored
+    into writes of about a chunk each and handed to `put`; stops at the writer's first error."""
+    xp, size = pipeline.backend, DTYPE_SIZES[out_spec.dtype]
+    inputs = PipelineChunkInputs(pipeline, piece)
+    capacity = inputs.step * size
+    buffer, used, written = np.empty(capacity, dtype=np.uint8), 0, 0
+    with inputs:
+        for chunk in pipeline.op.stream(piece.key, inputs, pipeline.params_for(piece.key), xp):
+            if errors:
+                raise errors[0]
+            nbytes = math.prod(chunk.shape) * size
+            written += nbytes
+            if used and used + nbytes > capacity:
+                put(memoryview(buffer[:used].data))
+                buffer, used = np.empty(capacity, dtype=np.uint8), 0
+            if nbytes > capacity:
+                put(xp.store(chunk, out_spec.dtype))
+                continue
+            xp.store_into(chunk, out_spec.dtype, memoryview(buffer[used : used + nbytes].data))
+            used += nbytes
+    if used or not written:  # an empty tensor is written too (as no bytes)
+        put(memoryview(buffer[:used].data))
+    if written != out_spec.nbytes:
+        raise RuntimeError(f"op {pipeline.op.name} streamed {written} bytes of {piece.key!r}, {out_spec.nbytes} due")

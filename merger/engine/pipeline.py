@@ -36,7 +36,7 @@ from merger.core.specs import DTYPE_SIZES, TensorSpec
 from merger.engine.buffers import BufferPool, aliases, backend_allocator
 from merger.engine.byte_io import ByteSource, ChunkWriter, NonFiniteSink, Noted
 from merger.engine.memory import keep_freed_blocks
-from merger.engine.op_inputs import PipelineChunkInputs, PipelineTensorInputs
+from merger.engine.op_inputs import PipelineTensorInputs, stream_piece
 from merger.engine.pieces import SMALL_PIECE_ELEMENTS, Computed, Fetched, FetchedRun, Item, Piece, Run, plan_pieces
 from merger.io.sources import read_whole_tensors
 from merger.ops.base import AnyOp, NodeSpec
@@ -322,44 +322,6 @@ class Pipeline:
             return None
         return concurrent.futures.ThreadPoolExecutor(COMPUTE_WORKERS, thread_name_prefix="merger-compute")
 
-    def _stream(
-        self,
-        piece: Piece,
-        out_spec: TensorSpec,
-        write_queue: queue.Queue[Any],
-        errors: list[BaseException],
-        advance: Callable[[str, int], None],
-    ) -> None:
-        """A "stream" piece: the op's output chunks (of any size: blocks of `block_elements` too),
-        stored into writes of about a chunk each."""
-        xp, size = self.backend, DTYPE_SIZES[out_spec.dtype]
-        inputs = PipelineChunkInputs(self, piece)
-        capacity = inputs.step * size
-        buffer, used, written = np.empty(capacity, dtype=np.uint8), 0, 0
-
-        def put(data: memoryview) -> None:
-            write_queue.put([(piece.key, data, [], False)])  # the writer takes lists of chunks
-            advance(piece.key, len(data))
-
-        with inputs:
-            for chunk in self.op.stream(piece.key, inputs, self.params_for(piece.key), xp):
-                if errors:
-                    raise errors[0]
-                nbytes = math.prod(chunk.shape) * size
-                written += nbytes
-                if used and used + nbytes > capacity:
-                    put(memoryview(buffer[:used].data))
-                    buffer, used = np.empty(capacity, dtype=np.uint8), 0
-                if nbytes > capacity:
-                    put(xp.store(chunk, out_spec.dtype))
-                    continue
-                xp.store_into(chunk, out_spec.dtype, memoryview(buffer[used : used + nbytes].data))
-                used += nbytes
-        if used or not written:  # an empty tensor is written too (as no bytes)
-            put(memoryview(buffer[:used].data))
-        if written != out_spec.nbytes:
-            raise RuntimeError(f"op {self.op.name} streamed {written} bytes of {piece.key!r}, {out_spec.nbytes} due")
-
     def run(self, writer: ChunkWriter, node: NodeSpec[Any], advance: Callable[[str, int], None]) -> None:
         """Compute every tensor of `node` into `writer`; `advance(key, nbytes)` after each piece
         (after each tensor of a run)."""
@@ -420,7 +382,13 @@ class Pipeline:
                     continue
                 drain(0)  # whole tensors and streams one at a time (their memory), in order
                 if isinstance(first, Fetched) and mode == "stream":
-                    self._stream(first.piece, node.tensors[first.piece.key], write_queue, errors, advance)
+                    key = first.piece.key
+
+                    def put(data: memoryview, key: str = key) -> None:
+                        write_queue.put([(key, data, [], False)])  # the writer takes lists of chunks
+                        advance(key, len(data))
+
+                    stream_piece(self, first.piece, node.tensors[key], put, errors)
                     continue
                 hand_on(items, self._compute_all(items, node))
             drain(0)
