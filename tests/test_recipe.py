@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from merger.errors import MergerError
-from merger.ops import builtin_registry
+from merger.ops import BUILTIN_OPS, builtin_ops, builtin_registry
+from merger.ops.linear import Lerp
+from merger.ops.registry import OpRegistry
 from merger.recipe.model import Recipe, build_recipe
 from tests.conftest import expect_error
 
@@ -73,6 +75,25 @@ def test_unknown_op_suggests_the_close_name() -> None:
     assert error.fix is not None
     assert "did you mean 'lerp'" in error.fix
     assert "average" in error.fix  # the known ops are listed
+
+
+def test_the_builtin_registry_loads_each_op_when_first_asked_and_lists_them_all_without_loading() -> None:
+    registry = builtin_registry()
+    assert registry.names() == sorted(name for name, _, _ in BUILTIN_OPS)
+    assert [op.name for op in builtin_ops()] == [name for name, _, _ in BUILTIN_OPS]  # the docs' order
+    ties = registry.get("ties")
+    assert ties.name == "ties" and registry.get("ties") is ties  # loaded once
+    assert [op.name for op in registry] == [name for name, _, _ in BUILTIN_OPS]
+
+
+def test_a_registry_refuses_a_name_twice_and_a_loader_that_gives_another_op() -> None:
+    with pytest.raises(ValueError, match="registered twice"):
+        OpRegistry([Lerp()], loaders={"lerp": Lerp})
+    registry = OpRegistry(loaders={"slerp": Lerp})
+    with pytest.raises(ValueError, match="the loader of op 'slerp' gave op 'lerp'"):
+        registry.get("slerp")
+    with pytest.raises(MergerError, match="unknown op 'lerp'"):
+        registry.get("lerp")
 
 
 def test_node_without_op() -> None:
