@@ -1,6 +1,7 @@
-"""The compiled parts, both optional: merger.core._floatconv (float16/bfloat16 <-> float32 loops,
-non-finite counts, TIES's histogram and election) and merger.core._fused (per-key linear maths in
-one pass over raw 16- and 32-bit inputs).
+"""The compiled parts, all optional: merger.core._floatconv (float16/bfloat16 <-> float32 loops,
+non-finite counts, TIES's histogram and election), merger.core._fused (per-key linear maths in
+one pass over raw 16- and 32-bit inputs) and merger.io._plain_scan (the usual safetensors header's
+entries in one pass, for models of many tensors).
 
 Everything else is in pyproject.toml. Without a C compiler the install still succeeds and merger
 computes with numpy (slower for float16; see merger.core.arrays and merger.core.fused).
@@ -20,6 +21,12 @@ setup(
             "merger.core._fused",
             ["merger/core/_fused.c"],
             extra_compile_args=["-O3", "-ffp-contract=off"],  # float32 rounding step by step, as numpy
+            optional=True,
+        ),
+        Extension(
+            "merger.io._plain_scan",
+            ["merger/io/_plain_scan.c"],
+            extra_compile_args=["-O2"],
             optional=True,
         ),
     ]

@@ -1,6 +1,7 @@
 """What keeps a full cache hit and a model of many keys cheap (issue 13, part 4), checked without timing:
-a hit imports neither torch nor the modules behind xml.sax.saxutils (urllib.request, http, ssl); equal
-specs are one object across files and the memo (so comparing two models' specs is a dict comparison);
+a hit imports neither torch nor the modules behind xml.sax.saxutils (urllib.request, http, ssl) nor the
+modules of ops its recipe does not name; equal specs are one object across files and the memo (so
+comparing two models' specs is a dict comparison);
 the one-pass reading of a usual header gives exactly what the entry-by-entry reading gives; the hashing
 pass that digests small tensors together gives the content hash that digesting them one by one gives.
 """
@@ -36,6 +37,8 @@ ARGS = ["recipe=many", "progress=false", "family=off", "sanity=off", "cache_dir=
 #: never imported by a full hit (torch, numpy: the maths; the others: what xml.sax.saxutils brings in;
 #: its email is imported anyway, by importlib.metadata, for pydantic's plugins)
 NOT_ON_A_HIT = ("torch", "numpy", "xml", "ssl", "http", "urllib.request")
+#: the op modules of ops the recipe does not name (a lerp's is merger.ops.linear)
+OTHER_OPS = tuple(f"merger.ops.{m}" for m in ("task_vectors", "slerp", "model_stock", "select", "splice", "lora"))
 
 
 def _write(
@@ -97,6 +100,8 @@ def test_a_full_hit_imports_no_torch_and_nothing_of_xml_sax(tmp_path: Path) -> N
     assert [json.loads(p.read_text())["nodes"]["m"]["status"] for p in reports] == ["computed", "cached"]
     imported = [m for m in hit["modules"] if any(m == n or m.startswith(n + ".") for n in NOT_ON_A_HIT)]
     assert imported == []
+    assert "merger.ops.linear" in hit["modules"]
+    assert [m for m in hit["modules"] if m.startswith(OTHER_OPS)] == []  # an op's module loads when named
 
 
 # --- specs: one object for equal ones ------------------------------------------------------------------------------
@@ -119,7 +124,8 @@ def test_equal_specs_are_one_object_across_headers_and_the_memo(tmp_path: Path) 
 
 
 def _both(path: Path) -> tuple[Any, Any]:
-    """read_header's answer (or error text), and the entry-by-entry reading's (the one pass turned off)."""
+    """read_header's answer (or error text), and the entry-by-entry reading's (the one pass and the
+    compiled pass turned off)."""
 
     def read() -> Any:
         try:
@@ -129,12 +135,13 @@ def _both(path: Path) -> tuple[Any, Any]:
         return list(h.tensors.items()), list(h.offsets.items()), h.data_start
 
     fast = read()
-    original = safetensors_header._tiled_rows
+    original, compiled = safetensors_header._tiled_rows, safetensors_header._tiled_header
     safetensors_header._tiled_rows = lambda rows: None  # type: ignore[assignment]
+    safetensors_header._tiled_header = lambda raw, max_entries: None  # type: ignore[assignment]
     try:
         slow = read()
     finally:
-        safetensors_header._tiled_rows = original
+        safetensors_header._tiled_rows, safetensors_header._tiled_header = original, compiled
     return fast, slow
 
 

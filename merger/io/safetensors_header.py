@@ -23,6 +23,7 @@ from merger.errors import Location, MergerError
 from merger.io.safetensors_plain import MAX_BYTES, MAX_U64, overflows, shared
 from merger.io.safetensors_plain import plain_entries as _plain_entries
 from merger.io.safetensors_plain import plain_header as _plain_header
+from merger.io.safetensors_plain import tiled_header as _tiled_header
 from merger.io.safetensors_plain import tiled_rows as _tiled_rows
 
 if TYPE_CHECKING:
@@ -112,22 +113,11 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise _bad_file(path, f"truncated header ({length} bytes declared, {len(raw)} read)")
     data_start = 8 + length
     with paused_gc():
-        plain = _plain_header(raw)
-        if plain is not None and len(plain[1]) > MAX_TENSORS:
-            plain = None  # too many: the strict reading says so
-        tiled = _tiled_rows(plain[1]) if plain is not None else None  # the usual header, in data order
-        entries = _plain_entries(plain[1]) if plain is not None and tiled is None else None
-        if plain is not None and (tiled is not None or entries is not None):
-            metadata = plain[0]
-        else:  # another form (or a refused one): the strict reading decides
-            parsed = _parse_header_json(path, raw)
-            metadata = _header_metadata(path, parsed.pop("__metadata__", None))
-            entries = [_tensor_entry(path, key, info) for key, info in parsed.items()]
-        if tiled is None:
-            assert entries is not None
-            entries.sort()
-            tiled = _tiled(path, entries)
-    tensors, offsets, end = tiled
+        fast = _tiled_header(raw, MAX_TENSORS)  # the usual header in data order, in one compiled pass
+        if fast is not None:
+            metadata, tensors, offsets, end = fast
+        else:
+            metadata, (tensors, offsets, end) = _read_entries(path, raw)
     data_size = file_size - data_start
     if end > data_size:
         key = next(k for k, (_, stop) in offsets.items() if stop > data_size)
@@ -141,6 +131,30 @@ def read_header(path: Path) -> SafetensorsHeader:
             path, f"{extra} byte{'' if extra == 1 else 's'} after the last tensor's data (not in the header)"
         )
     return SafetensorsHeader(path=path, data_start=data_start, tensors=tensors, offsets=offsets, metadata=metadata)
+
+
+def _read_entries(
+    path: Path, raw: bytes
+) -> tuple[dict[str, str], tuple[dict[str, TensorSpec], dict[str, tuple[int, int]], int]]:
+    """(metadata, (specs, byte ranges, end of the data)) of a header the compiled pass did not take:
+    by regular expressions when it is in the usual form, else by the strict reading, which raises for
+    what it refuses."""
+    plain = _plain_header(raw)
+    if plain is not None and len(plain[1]) > MAX_TENSORS:
+        plain = None  # too many: the strict reading says so
+    tiled = _tiled_rows(plain[1]) if plain is not None else None  # the usual header, in data order
+    entries = _plain_entries(plain[1]) if plain is not None and tiled is None else None
+    if plain is not None and (tiled is not None or entries is not None):
+        metadata = plain[0]
+    else:  # another form (or a refused one): the strict reading decides
+        parsed = _parse_header_json(path, raw)
+        metadata = _header_metadata(path, parsed.pop("__metadata__", None))
+        entries = [_tensor_entry(path, key, info) for key, info in parsed.items()]
+    if tiled is None:
+        assert entries is not None
+        entries.sort()
+        tiled = _tiled(path, entries)
+    return metadata, tiled
 
 
 def _tiled(

@@ -2,6 +2,7 @@
 then entries with the three fields in order, no whitespace), found by regular expressions and read in
 one pass in data order, and one TensorSpec per (dtype, shape) for the whole process. Anything else, and
 every refusal with its message, is merger.io.safetensors_header's strict reading (which uses these).
+Where merger.io._plain_scan is built, `tiled_header` reads the entries in one compiled pass first.
 """
 
 from __future__ import annotations
@@ -11,10 +12,19 @@ import itertools
 import json
 import math
 import re
+from types import ModuleType
 
 from merger.core.limits import MAX_DIMS
 from merger.core.specs import DTYPE_SIZES, TensorSpec
 from merger.core.strict_json import loads_strict
+
+try:
+    from merger.io import _plain_scan
+except ImportError:  # built without a C compiler: the regular expressions read every header
+    _plain_scan = None  # type: ignore[assignment]
+
+#: the compiled pass, or None where it is not built
+PLAIN_SCAN: ModuleType | None = _plain_scan
 
 MAX_U64 = 2**64 - 1
 #: the largest tensor the library can size: it counts bits in a 64-bit integer
@@ -127,12 +137,10 @@ _METADATA_START = '{"__metadata__":'
 _PLAIN_FIXED = len('"":{"dtype":"","shape":[],"data_offsets":[,]},')
 
 
-def plain_header(raw: bytes) -> tuple[dict[str, str], Rows] | None:
-    """(metadata, entries as `_tensor_entry` gives them) of a header in the form writers write (a
-    `__metadata__` of strings first, if any, then entries as `_PLAIN_ENTRY` matches them), found
-    by regular expressions rather than by building a JSON object per tensor (a model of 200,000
-    tensors reads in a fraction of the time). None for any other header, even a valid one, and
-    for anything the strict reading would refuse or read otherwise: that reading then decides."""
+def _leading_metadata(raw: bytes) -> tuple[str, dict[str, str], int] | None:
+    """(the header's text without trailing spaces, its `__metadata__` of strings when it comes first,
+    where the entries begin in the text): None when the text is not UTF-8, not one object, or its
+    metadata is not first and of strings."""
     try:
         text = raw.decode("utf-8").rstrip(" ")
     except UnicodeDecodeError:
@@ -150,11 +158,45 @@ def plain_header(raw: bytes) -> tuple[dict[str, str], Rows] | None:
         if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
             return None
         metadata = {str(k): str(v) for k, v in found.items()}
-        if stop >= len(text) - 1:
-            return (metadata, []) if stop == len(text) - 1 else None  # `{"__metadata__":{...}}`
-        if text[stop] != ",":
+        if stop < len(text) - 1 and text[stop] != ",":
             return None
         start = stop + 1
+    return text, metadata, start
+
+
+def tiled_header(
+    raw: bytes, max_entries: int
+) -> tuple[dict[str, str], dict[str, TensorSpec], dict[str, tuple[int, int]], int] | None:
+    """(metadata, then what `tiled_rows(plain_header(raw)[1])` gives) in one compiled pass over the
+    entries (merger.io._plain_scan), for the usual header of at most `max_entries` tensors in data
+    order; None where that pass is not built or does not take the header (the regular expressions
+    then read it, and the strict reading decides what they do not take)."""
+    if PLAIN_SCAN is None:
+        return None
+    leading = _leading_metadata(raw)
+    if leading is None:
+        return None
+    text, metadata, start = leading
+    if start >= len(text) - 1:
+        return None  # no entries (or `{"__metadata__":{...}}`): the regular expressions decide
+    begin = start if text.isascii() else len(text[:start].encode("utf-8"))
+    stop = len(raw.rstrip(b" ")) - 1  # the closing brace
+    found = PLAIN_SCAN.tiled(raw, begin, stop, max_entries, plain_spec)
+    return None if found is None else (metadata, *found)
+
+
+def plain_header(raw: bytes) -> tuple[dict[str, str], Rows] | None:
+    """(metadata, entries as `_tensor_entry` gives them) of a header in the form writers write (a
+    `__metadata__` of strings first, if any, then entries as `_PLAIN_ENTRY` matches them), found
+    by regular expressions rather than by building a JSON object per tensor (a model of 200,000
+    tensors reads in a fraction of the time). None for any other header, even a valid one, and
+    for anything the strict reading would refuse or read otherwise: that reading then decides."""
+    leading = _leading_metadata(raw)
+    if leading is None:
+        return None
+    text, metadata, start = leading
+    if start >= len(text) - 1:
+        return (metadata, []) if start == len(text) else None  # `{"__metadata__":{...}}`
     body = text[start:-1] + ","
     if not _PLAIN_ENTRY.match(body):
         return None  # not the usual form: said at once, before any pass over the header
