@@ -162,15 +162,16 @@ static PyObject *py_tiled(PyObject *self, PyObject *args) {
             goto plain_no;
         }
         PyObject *spec = PyTuple_GET_ITEM(found, 0);
-        int refused = PyObject_IsTrue(PyTuple_GET_ITEM(found, 2));
-        unsigned long long nbytes = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(found, 1));
-        if (refused < 0 || (nbytes == (unsigned long long)-1 && PyErr_Occurred())) {
+        const int refused = PyObject_IsTrue(PyTuple_GET_ITEM(found, 2));
+        if (refused != 0) { /* a refused size may not fit in 64 bits: the Python reading says why */
+            Py_DECREF(found);
+            if (refused < 0) goto error;
+            goto plain_no;
+        }
+        const unsigned long long nbytes = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(found, 1));
+        if (nbytes == (unsigned long long)-1 && PyErr_Occurred()) {
             Py_DECREF(found);
             goto error;
-        }
-        if (refused) {
-            Py_DECREF(found);
-            goto plain_no;
         }
         if (nbytes) {
             /* end < 10**18 and an unrefused size is below 2**61: the sum fits */
