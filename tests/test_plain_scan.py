@@ -224,3 +224,16 @@ def test_random_entries_read_the_same_with_the_compiled_pass_as_without(
     raw = _usual(rows)
     fast, slow = _both(_file(tmp_path_factory.mktemp("e") / "m.safetensors", raw, data))
     assert fast == slow
+
+
+def test_a_size_whose_end_would_pass_64_bits_is_not_taken_whatever_spec_of_says() -> None:
+    """The sum of an offset and a size is checked even where `spec_of` (not plain_spec) calls a size
+    of 2**64 - 4 fine: the range would wrap and end before it begins."""
+    body = b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[9],"data_offsets":[8,4]}'
+
+    def lying(dtype: str, shape: str) -> Any:
+        found = safetensors_plain.plain_spec(dtype, shape)
+        return (safetensors_plain.shared_spec("U8", (9,)), 2**64 - 4, False) if dtype == "U8" else found
+
+    assert safetensors_plain.PLAIN_SCAN is not None
+    assert safetensors_plain.PLAIN_SCAN.tiled(body, 0, len(body), 10, lying) is None

@@ -157,7 +157,7 @@ static PyObject *py_tiled(PyObject *self, PyObject *args) {
 
         PyObject *found = spec_for(known, spec_of, dtype, dtype_len, shape, shape_len);
         if (found == NULL) goto error;
-        if (found == Py_None || !PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 3 || begin != end) {
+        if (found == Py_None || !PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 3 || begin != end) {
             Py_DECREF(found);
             goto plain_no;
         }
@@ -174,8 +174,9 @@ static PyObject *py_tiled(PyObject *self, PyObject *args) {
             goto error;
         }
         if (nbytes) {
-            /* end < 10**18 and an unrefused size is below 2**61: the sum fits */
-            if (finish != end + nbytes) {
+            /* end < 10**18 and plain_spec refuses a size of 2**61 or more: the sum fits (checked all the same,
+             * for another spec_of) */
+            if (nbytes > UINT64_MAX - end || finish != end + nbytes) {
                 Py_DECREF(found);
                 goto plain_no;
             }
