@@ -126,3 +126,31 @@ def test_a_recipe_file_follows_the_file_rules(models: Models, launch_dir: Path) 
     with pytest.raises(MergerError) as info:
         merger.run(launch_dir / "r.yaml", output_dir="out")
     assert "a recipe may not set Hydra's 'hydra.run.dir'" in info.value.what
+
+
+@pytest.mark.parametrize("stopped", [1, 2], ids=["a node's entry", "an output's float16 variant"])
+def test_a_stop_just_before_a_commit_leaves_no_temporary_file(
+    models: Models, launch_dir: Path, monkeypatch: pytest.MonkeyPatch, stopped: int
+) -> None:
+    """Ctrl-C (or SIGTERM, raised the same way) between a finished file and its commit: the file is
+    removed, as a stop anywhere else removes it; the next run computes and serves the entries."""
+    from merger.cache.store import Cache
+
+    commit, calls = Cache.commit, []
+
+    def interrupted(self: Cache, *args: object, **kwargs: object) -> object:
+        calls.append(args[0])
+        if len(calls) == stopped:
+            raise KeyboardInterrupt
+        return commit(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Cache, "commit", interrupted)
+    data = mapping()
+    data["outputs"] = {"blend": {"path": "half.safetensors", "dtype": "float16"}}
+    with pytest.raises(KeyboardInterrupt):
+        merger.run(data, output_dir="out", cache_dir=launch_dir / "c")
+    assert len(calls) == stopped
+    assert list((launch_dir / "c" / "tmp").glob("*")) == []
+    monkeypatch.setattr(Cache, "commit", commit)
+    result = merger.run(data, output_dir="out2", cache_dir=launch_dir / "c")
+    assert (launch_dir / "out2" / "half.safetensors").exists() and result.outputs

@@ -70,9 +70,10 @@ def _write(cache: Cache, header: SafetensorsHeader, cuts: dict[str, int], key: s
             shapes[name] = spec.shape
     specs = {name: TensorSpec(spec.dtype, shapes[name]) for name, spec in header.tensors.items()}
     tmp = cache.new_tmp(key)
-    writer = SafetensorsWriter(tmp, specs, header.metadata)
     reader = SafetensorsReader(header)
-    try:
+    writer: SafetensorsWriter | None = None
+    try:  # the file is made, written and committed inside: a stop at any point leaves no temporary file
+        writer = SafetensorsWriter(tmp, specs, header.metadata)
         for name, spec in header.tensors.items():
             size = DTYPE_SIZES[spec.dtype]
             data = reader.read_into(name, 0, spec.nbytes, memoryview(bytearray(spec.nbytes)))
@@ -82,9 +83,11 @@ def _write(cache: Cache, header: SafetensorsHeader, cuts: dict[str, int], key: s
                 data = memoryview(np.ascontiguousarray(rows).tobytes())
             writer.write_chunk(name, data)
         sha = writer.finish()
+        return cache.commit(tmp, key, sha, made={"kind": "trimmed adapter", "of": of, "ranks": cuts})
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
+        tmp.unlink(missing_ok=True)
         raise
     finally:
         reader.close()
-    return cache.commit(tmp, key, sha, made={"kind": "trimmed adapter", "of": of, "ranks": cuts})

@@ -353,6 +353,11 @@ class Executor:
             key = self._known_key(node)
             assert key is not None
             sha = writer.finish(node_metadata(self.plan, node.name, key, self._source_hashes()))
+            made = {"kind": "node", "node": node.name, "op": node.op.name, "recipe": self.plan.recipe.file}
+            notes = watch.notes() | ({RUNTIME_NOTE: runtime} if runtime else {}) | family
+            # committed inside the guard: a stop (SIGTERM, Ctrl-C) between the finished file and its
+            # commit would otherwise leave the temporary file behind
+            entry = self.cache.commit(tmp, key, sha, made=made, notes=notes)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -362,9 +367,6 @@ class Executor:
             progress.close()
             for reader in entry_readers:
                 reader.close()
-        made = {"kind": "node", "node": node.name, "op": node.op.name, "recipe": self.plan.recipe.file}
-        notes = watch.notes() | ({RUNTIME_NOTE: runtime} if runtime else {}) | family
-        entry = self.cache.commit(tmp, key, sha, made=made, notes=notes)
         for ref in node.inputs:
             if ref.handle is not None:
                 ref.handle.remember()

@@ -234,11 +234,12 @@ def write_variant(
     xp = select_backend("cpu", {s.dtype for s in chosen.values()} | {s.dtype for s in specs.values()})
     metadata = {**header.metadata, **({DTYPE_FIELD: dtype} if dtype != "keep" else {})}
     tmp = cache.new_tmp(key)
-    writer = SafetensorsWriter(tmp, specs, metadata)
     reader = SafetensorsReader(header)
     buffer = memoryview(bytearray(VARIANT_CHUNK * 8))
     counts = NonFiniteCounts()
-    try:
+    writer: SafetensorsWriter | None = None
+    try:  # the file is made, written and committed inside: a stop at any point leaves no temporary file
+        writer = SafetensorsWriter(tmp, specs, metadata)
         for name, spec in chosen.items():
             new_name = (rename or {}).get(name, name)
             target = specs[new_name]
@@ -251,13 +252,15 @@ def write_variant(
                 counts.add(new_name, data, target.dtype)
                 writer.write_chunk(new_name, data)
         sha = writer.finish()
+        notes = {NONFINITE_NOTE: {"output": counts.counts}} if counts.counts else {}
+        return cache.commit(tmp, key, sha, made=made, notes=notes)
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
+        tmp.unlink(missing_ok=True)
         raise
     finally:
         reader.close()
-    notes = {NONFINITE_NOTE: {"output": counts.counts}} if counts.counts else {}
-    return cache.commit(tmp, key, sha, made=made, notes=notes)
 
 
 def _write_pth(
