@@ -284,3 +284,33 @@ def test_a_stop_signal_where_python_cannot_raise_still_stops_the_run(tmp_path: P
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 143 and "not stopped" not in done.stdout
     assert "Traceback" not in done.stderr and "merger: terminated" in done.stderr
+
+
+@pytest.mark.parametrize(("signum", "status", "said"), [(15, 143, "terminated"), (2, 130, "interrupted")])
+def test_a_stop_a_library_turns_into_another_error_still_ends_as_the_stop(
+    tmp_path: Path, signum: int, status: int, said: str
+) -> None:
+    """A stop landing inside code that catches it and raises something else (as omegaconf does when
+    SIGTERM interrupts a composition: an AttributeError, which merger would tell as a bad recipe
+    value) ends as the stop: its message and exit status, not the other error's block."""
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from merger.cli.failure import command
+        from merger.errors import MergerError
+        def body(argv):
+            try:
+                os.kill(os.getpid(), {signum})
+                time.sleep(2)
+            except BaseException:
+                raise MergerError("the recipe holds a value merger cannot take") from None
+            print("not stopped")
+        command(body, ["merger"])
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == status and "not stopped" not in done.stdout, done.stderr
+    assert f"merger: {said}" in done.stderr and "cannot take" not in done.stderr

@@ -9,7 +9,10 @@ shows the traceback instead, for bug reports.
 
 Signals: SIGTERM (a scheduler's stop) is turned into an orderly exit, so
 temporary files are removed on the way out as for Ctrl-C; SIGKILL cannot be,
-and the next run removes what a killed one left.
+and the next run removes what a killed one left. A stop that lands inside a
+library which turns it into another error (Hydra's config composition, say)
+still ends as that stop: once a stop signal was received, any failure is told
+as the stop, with its exit status.
 """
 
 from __future__ import annotations
@@ -67,8 +70,27 @@ def explain(error: BaseException) -> tuple[MergerError, int]:
     return block, EXIT_BUG
 
 
+#: the stop signals this process received (its handlers add them): the process's own record of a
+#: process-wide event, read by `fail`
+_RECEIVED: list[int] = []
+
+
+def stop_received() -> tuple[str, int] | None:
+    """(the message, the exit status) of the last stop signal received, if any."""
+    if not _RECEIVED:
+        return None
+    if _RECEIVED[-1] == signal.SIGTERM:
+        return INTERRUPTED.replace("interrupted", "terminated"), EXIT_TERMINATED
+    return INTERRUPTED, EXIT_INTERRUPTED
+
+
 def fail(error: BaseException, *, traceback: bool) -> int:
-    """Print the block (or re-raise for the traceback); returns the exit status."""
+    """Print the block (or re-raise for the traceback); returns the exit status. After a stop
+    signal, the failure is that stop's doing: its message and status."""
+    stopped = stop_received()
+    if stopped is not None:
+        print(stopped[0], file=sys.stderr)
+        return stopped[1]
     if traceback and not isinstance(error, MergerError):
         raise error
     block, status = explain(error)
@@ -77,7 +99,13 @@ def fail(error: BaseException, *, traceback: bool) -> int:
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    _RECEIVED.append(signum)
     raise Terminated
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    _RECEIVED.append(signum)
+    raise KeyboardInterrupt
 
 
 def _redeliver(args: Any) -> None:
@@ -102,6 +130,8 @@ def prepare_process() -> None:
     go to the job's log file, not the terminal; the open-files limit is raised to its maximum."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     sys.unraisablehook = _redeliver
     logging.captureWarnings(True)
     captured = logging.getLogger("py.warnings")
@@ -131,7 +161,11 @@ def command(body: Callable[[list[str]], None], argv: list[str]) -> NoReturn:
     except Terminated:
         print(INTERRUPTED.replace("interrupted", "terminated"), file=sys.stderr)
         sys.exit(EXIT_TERMINATED)
-    except SystemExit:
+    except SystemExit as e:
+        stopped = stop_received()
+        if stopped is not None and e.code not in (0, None, stopped[1]):  # a stop that became another exit
+            print(stopped[0], file=sys.stderr)
+            sys.exit(stopped[1])
         raise
     except Exception as e:
         sys.exit(fail(e, traceback=traceback))
