@@ -7,6 +7,7 @@ brute-force one. Its behaviour in a browser: tests/test_report_browser.py.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -20,14 +21,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import jinja2
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from merger.report import html_report
+from merger.report import html_page, html_report
 from merger.report.html_report import HTML_REPORT_NAME, write_html_report
 from merger.report.svg_plots import pareto_front, sweep_plots
 
@@ -330,19 +330,49 @@ def test_a_large_sweep_is_capped_and_quick(tmp_path: Path) -> None:
     assert len(text) < 5_000_000 and seconds < 10
 
 
-def test_the_page_is_rendered_from_the_jinja_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_style_and_script_are_the_static_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     copy = tmp_path / "templates"
-    shutil.copytree(html_report.TEMPLATES_DIR, copy)
-    template = copy / html_report.TEMPLATE
-    original = template.read_text()
-    monkeypatch.setattr(html_report, "TEMPLATES_DIR", copy)
-    summary = sweep_summary(tmp_path / "run")
-    template.write_text(original.replace("<h1>{{ title }}</h1>", "<h1>edited: {{ title }}</h1>"))
-    text = write_html_report(tmp_path, summary, title="<t>").read_text()
-    assert "<h1>edited: &lt;t&gt;</h1>" in text  # the copy's text, autoescaped
-    template.write_text(original.replace("{%- for t in tiles %}", "{%- for t in tiles %}{% if %}"))
-    with pytest.raises(jinja2.TemplateSyntaxError):
-        write_html_report(tmp_path, summary, title="broken")
+    shutil.copytree(html_page.TEMPLATES_DIR, copy)
+    (copy / html_page.STYLE_FILE).write_text("h1 { color: red; }\n")
+    (copy / html_page.SCRIPT_FILE).write_text("var edited = 1;\n")
+    monkeypatch.setattr(html_page, "TEMPLATES_DIR", copy)
+    html_page.static_text.cache_clear()
+    try:
+        text = write_html_report(tmp_path, sweep_summary(tmp_path / "run"), title="<t>").read_text()
+    finally:
+        html_page.static_text.cache_clear()
+    assert "<style>\nh1 { color: red; }\n</style>" in text and "<script>\nvar edited = 1;\n</script>" in text
+    assert "<h1>&lt;t&gt;</h1>" in text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_escaped_text_reads_back_and_opens_nothing(text: str) -> None:
+    out = html_page.escaped(text)
+    assert html.unescape(out) == text
+    assert not set(out) & set("<>\"'") and "&" not in out.replace("&amp;", "").replace("&lt;", "").replace(
+        "&gt;", ""
+    ).replace("&#34;", "").replace("&#39;", "")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values)
+def test_script_json_reads_back_and_cannot_close_its_element(value: Any) -> None:
+    out = html_page.script_json(value)
+    assert json.loads(out) == value
+    assert not set(out) & set("<>&'")
+
+
+def test_script_json_refuses_nan() -> None:
+    with pytest.raises(ValueError):
+        html_page.script_json({"x": math.nan})
 
 
 def test_href_is_relative_and_quoted(tmp_path: Path) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import io
 import json
@@ -96,6 +95,8 @@ def spandrel_available() -> bool:
 
 @functools.cache
 def _spandrel_version() -> str:
+    import importlib.metadata  # its import (email, zipfile) is not paid by runs that detect no image model
+
     try:
         return importlib.metadata.version("spandrel")
     except importlib.metadata.PackageNotFoundError:
@@ -105,10 +106,7 @@ def _spandrel_version() -> str:
 @functools.cache
 def _anchors_apply() -> bool:
     """Whether `spandrel_keys.ANCHORS` describes the installed spandrel."""
-    try:
-        return _spandrel_version() == spandrel_keys.SPANDREL_VERSION
-    except importlib.metadata.PackageNotFoundError:
-        return False
+    return _spandrel_version() == spandrel_keys.SPANDREL_VERSION
 
 
 def wrapping_prefix(spec: Mapping[str, TensorSpec]) -> str:

@@ -4,14 +4,13 @@ A grid of the jobs' previews (the best and the Pareto-front jobs marked), a view
 images with a divider (any job's preview, or the low-resolution input upscaled by nearest or
 bicubic), the metrics in a sortable table, plots of each metric against each numeric swept
 variable and of one objective against the other, and each job's provenance. The page is rendered
-by Jinja2 with autoescaping from templates/report.html.j2, which holds all its CSS and script; it
+by merger.report.html_page (every value escaped; its style and script are static files beside it); it
 refers to images by paths relative to its folder and to nothing on a network. Numpy and Pillow are
 imported only to make the input's upscaled images.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import os
@@ -20,16 +19,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import jinja2
-from markupsafe import Markup
-
 from merger.cache.atomic import write_bytes_atomic, write_text_atomic
+from merger.report.html_page import render
 from merger.report.svg_plots import finite, metric_value, number, objective_name, objective_values, shown, sweep_plots
 
 HTML_REPORT_NAME = "report.html"
 FILES_DIR = "report_files"
-TEMPLATES_DIR = Path(__file__).parent / "templates"
-TEMPLATE = "report.html.j2"
 #: the grid, the table, the comparison and the provenance show this many jobs (and the best and the front)
 MAX_JOBS_SHOWN = 500
 MAX_FRONT_EXTRA = 100
@@ -75,30 +70,12 @@ def write_html_report(directory: Path, summary: Mapping[str, Any], *, title: str
         "tiles": tiles,
         "compare": _compare(tiles, [jobs[i] for i in chosen], directory),
         "table": _table(jobs, chosen, swept, columns, objective_names, best, pareto),
-        "plots": [{"title": name, "svg": Markup(svg)} for name, svg in plots],  # escaped in svg_plots
+        "plots": [{"title": name, "svg": svg} for name, svg in plots],  # markup: escaped in svg_plots
         "provenance": [_provenance(jobs[i]) for i in chosen],
     }
     page = directory / HTML_REPORT_NAME
     write_text_atomic(page, render(context))
     return page
-
-
-def environment() -> jinja2.Environment:
-    """The Jinja environment of the templates folder: made once per folder (a template is compiled once,
-    and again only when its file changes)."""
-    return _environment(TEMPLATES_DIR)
-
-
-@functools.cache
-def _environment(folder: Path) -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(folder), autoescape=True, undefined=jinja2.StrictUndefined)
-    env.policies["json.dumps_kwargs"] = {"sort_keys": True, "allow_nan": False}
-    env.filters["text"] = shown
-    return env
-
-
-def render(context: Mapping[str, Any]) -> str:
-    return environment().get_template(TEMPLATE).render(**context)
 
 
 def _selected(count: int, limit: int, extra: Iterable[int]) -> list[int]:
