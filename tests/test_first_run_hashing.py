@@ -193,3 +193,26 @@ def test_an_interrupt_stops_every_hashing_thread_within_a_chunk(monkeypatch: pyt
     with pytest.raises(KeyboardInterrupt):
         source_hashing.hash_sources({0: interrupted, 1: other}, None)  # type: ignore[dict-item]
     assert other.reads < 400 and other.content_hash is None
+
+
+class _Sized:
+    """What hashing_threads asks of a source: its tensors' sizes."""
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        self._sizes = sizes
+
+    def sizes(self) -> dict[str, int]:
+        return self._sizes
+
+
+def test_small_tensors_hash_on_one_thread_and_large_ones_on_two() -> None:
+    small = source_hashing.SMALL_TENSOR_BYTES
+    many_small = {f"k{i}": 4 for i in range(1000)}
+    few_large = {f"k{i}": 4 * small for i in range(10)}
+    threads = source_hashing.hashing_threads
+    assert threads({0: _Sized(many_small), 1: _Sized(many_small)}) == 1  # type: ignore[dict-item]
+    assert threads({0: _Sized(few_large), 1: _Sized(few_large)}) == 2  # type: ignore[dict-item]
+    assert threads({0: _Sized(few_large)}) == 1  # type: ignore[dict-item]
+    mixed = {**many_small, "big": 2000 * small}  # a large embedding among small norms: the bytes decide
+    assert threads({0: _Sized(mixed), 1: _Sized(mixed)}) == 2  # type: ignore[dict-item]
+    assert threads({0: _Sized({}), 1: _Sized({})}) == 1  # type: ignore[dict-item]

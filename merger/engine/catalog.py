@@ -191,8 +191,8 @@ class SourceHandle:
         """The content hash: digest what was not read yet (call `remember` to memoise it)."""
         if self.content_hash is None:
             spec = self._open().spec()
-            scratch = memoryview(bytearray(HASH_CHUNK_BYTES))
             digested = self._digests
+            scratch = memoryview(bytearray(HASH_CHUNK_BYTES if len(digested) < len(spec) else 0))
             for key, tensor in spec.items() if len(digested) < len(spec) else ():
                 if key in digested:
                     continue

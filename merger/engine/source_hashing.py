@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from merger.engine.entry_notes import NonFiniteWatch
     from merger.engine.plan import PlannedNode
 
-#: sources hashed at once (reads and hashing release the GIL)
+#: sources hashed at once (reads and hashing of large tensors release the GIL)
 HASHING_THREADS = 2
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
 #: tensors of at most this many bytes are read and digested together, a block of them at a time
@@ -58,7 +58,7 @@ def hash_sources(handles: dict[int, SourceHandle], watch: NonFiniteWatch | None)
     """Hash every source in `handles` (their content hashes are then known); `watch` (under
     `nonfinite: error`) is told of non-finite values as they are read, and raises."""
     stop = threading.Event()
-    pool = concurrent.futures.ThreadPoolExecutor(min(len(handles), HASHING_THREADS), thread_name_prefix="merger-hash")
+    pool = concurrent.futures.ThreadPoolExecutor(hashing_threads(handles), thread_name_prefix="merger-hash")
     try:
         for done in [pool.submit(_hash_one, index, handle, watch, stop) for index, handle in handles.items()]:
             done.result()  # a source's error, as the merge would have met it
@@ -67,6 +67,18 @@ def hash_sources(handles: dict[int, SourceHandle], watch: NonFiniteWatch | None)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def hashing_threads(handles: dict[int, SourceHandle]) -> int:
+    """Threads for the pass: one when the sources' tensors are small on average (each one's digest,
+    then its row of the content hash, is Python work that holds the GIL, so a second thread only
+    contends for it: a 200,000-tensor pair hashes 30 % slower on two), else one per source up to
+    HASHING_THREADS."""
+    sizes = [handle.sizes() for handle in handles.values()]
+    tensors = sum(len(s) for s in sizes)
+    if sum(sum(s.values()) for s in sizes) <= tensors * SMALL_TENSOR_BYTES:
+        return 1
+    return max(1, min(len(handles), HASHING_THREADS))
 
 
 def _hash_one(index: int, handle: SourceHandle, watch: NonFiniteWatch | None, stop: threading.Event) -> None:
