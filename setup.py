@@ -1,7 +1,8 @@
 """The compiled parts, all optional: merger.core._floatconv (float16/bfloat16 <-> float32 loops,
 non-finite counts, TIES's histogram and election), merger.core._fused (per-key linear maths in
-one pass over raw 16- and 32-bit inputs) and merger.io._plain_scan (the usual safetensors header's
-entries in one pass, for models of many tensors).
+one pass over raw 16- and 32-bit inputs), merger.io._plain_scan (the usual safetensors header's
+entries in one pass, for models of many tensors) and merger.cache._content_rows (the rows of a
+model's content hash, for models of many tensors).
 
 Everything else is in pyproject.toml. Without a C compiler the install still succeeds and merger
 computes with numpy (slower for float16; see merger.core.arrays and merger.core.fused).
@@ -26,6 +27,12 @@ setup(
         Extension(
             "merger.io._plain_scan",
             ["merger/io/_plain_scan.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+        Extension(
+            "merger.cache._content_rows",
+            ["merger/cache/_content_rows.c"],
             extra_compile_args=["-O2"],
             optional=True,
         ),

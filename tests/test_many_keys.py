@@ -20,7 +20,8 @@ from hydra.core.plugins import Plugins
 
 from merger.archs import image_models
 from merger.archs.detection import Detection, ImageModel, detection_data, detection_from_data
-from merger.cache.hashing import KEY_SCHEME, digest_json, source_content_hash
+from merger.cache import hashing
+from merger.cache.hashing import KEY_SCHEME, digest_json, source_content_hash, spec_content_hash
 from merger.cache.memo import MemoEntry, SourceMemo
 from merger.cli.app import Job, PreflightCallback
 from merger.cli.job_config import recipe_data, same_data
@@ -110,6 +111,42 @@ def test_source_content_hashes_are_the_digests_they_were() -> None:
         assert source_content_hash(iter(rows)) == _reference_content_hash(rows)
     golden = [("a.weight", "F32", (2, 3), "0" * 32), ("\u00e9", "F16", (), "1" * 32)]
     assert source_content_hash(golden) == "9ee6fa2041d7a73a9cd93263036edbc142efc05ab8f0e99262e077d8faf370a9"
+
+
+def test_the_compiled_rows_give_the_content_hash_python_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """spec_content_hash's compiled writer against the reference, on keys and digests that need escaping,
+    specs shared and not, and dtype codes that need it."""
+    assert hashing.CONTENT_ROWS is not None  # built by `pip install -e .` (setup.py)
+    rng = random.Random(2)
+    shared = TensorSpec("F32", (1,))
+    for case in range(300):
+        spec = _random_specs(rng, rng.randint(0, 40))
+        if case % 3 == 0:
+            spec = {key: shared for key in spec}  # one object, as equal specs of a header are
+        if case % 7 == 0:
+            spec = {**spec, "odd dtype": TensorSpec('F"\\\u00e9', (2,))}
+        digests = {key: rng.choice(["ab" * 16, "", 'a"\\\n\u00e9']) for key in spec}
+        rows = [(key, s.dtype, s.shape, digests[key]) for key, s in spec.items()]
+        assert spec_content_hash(spec, digests) == _reference_content_hash(rows)
+    monkeypatch.setattr(hashing, "CONTENT_ROWS", None)
+    assert spec_content_hash(spec, digests) == _reference_content_hash(rows)
+
+
+def test_the_compiled_rows_refuse_what_they_cannot_write() -> None:
+    rows = hashing.CONTENT_ROWS
+    assert rows is not None
+    spec = {"a": TensorSpec("F32", (1,))}
+    with pytest.raises(KeyError):
+        rows.rows(["a"], spec, {}, hashing._row_middle, hashing._string)  # no digest
+    with pytest.raises(KeyError):
+        rows.rows(["b"], spec, {"b": "x"}, hashing._row_middle, hashing._string)  # no spec
+    with pytest.raises(TypeError):
+        rows.rows(["a"], spec, {"a": 3}, hashing._row_middle, hashing._string)  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        rows.rows(["a"], spec, {"a": "x"}, lambda s: "\u00e9", hashing._string)  # a middle not ASCII
+    with pytest.raises(ZeroDivisionError):
+        rows.rows(["a"], spec, {"a": "x"}, lambda s: 1 / 0, hashing._string)  # the middle's own error
+    assert rows.rows([], {}, {}, hashing._row_middle, hashing._string) == b""
 
 
 # --- the source memo ---------------------------------------------------------------------------------------------

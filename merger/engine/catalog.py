@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from merger.cache.hashing import digest_json, new_tensor_hasher, source_content_hash, tensor_digest
+from merger.cache.hashing import digest_json, new_tensor_hasher, source_content_hash, spec_content_hash, tensor_digest
 from merger.cache.memo import MemoEntry, SourceMemo, source_identity
 from merger.core.specs import TensorSpec
 from merger.engine.globbing import bounded_glob
@@ -201,11 +201,13 @@ class SourceHandle:
                     self.read_into(key, 0, 0, scratch)
                 for begin in range(start, tensor.nbytes, HASH_CHUNK_BYTES):
                     self.read_into(key, begin, min(begin + HASH_CHUNK_BYTES, tensor.nbytes), scratch)
-            rows = [(k, s.dtype, s.shape, self._digests[k]) for k, s in spec.items()]
             adapter = self.adapter_config
-            if adapter is not None:  # an adapter's alpha and rank rules change what applying it gives
+            if adapter is None:
+                self.content_hash = spec_content_hash(spec, self._digests)
+            else:  # an adapter's alpha and rank rules change what applying it gives
+                rows = [(k, s.dtype, s.shape, self._digests[k]) for k, s in spec.items()]
                 rows.append((ADAPTER_CONFIG, "JSON", (), digest_json(adapter)))
-            self.content_hash = source_content_hash(rows)
+                self.content_hash = source_content_hash(rows)
             self._learnt = True
             self._digests = {}
             self._hashing = {}
