@@ -63,6 +63,26 @@ def test_no_arguments_runs_the_builtin_demo(launch_dir: Path) -> None:
     assert (run_dir / "blend__sample.png").is_file()
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_is_merger_s_and_shows_the_config(launch_dir: Path, flag: str) -> None:
+    done = run_cli([flag, "alpha=0.3"], launch_dir)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.startswith("merger: declarative, recipe-driven merging of neural-network weights")
+    assert "merger -m hydra/sweeper=optuna" in out and "== Config (the chosen recipe over the defaults) ==" in out
+    assert "alpha: 0.3" in out and "Docs: README.md." in out  # the composed config, then the footer
+    assert "Powered by Hydra" not in out and "$CONFIG" not in out and not run_dirs(launch_dir)
+
+
+def test_a_run_logs_to_stdout_in_merger_s_format_and_to_its_log_in_the_file_s(launch_dir: Path) -> None:
+    done = run_cli(["preview=null"], launch_dir)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = run_dirs(launch_dir)
+    log = (run_dir / "merger.log").read_text()
+    assert "[INFO]" in log and "blend" in log
+    assert "blend" in done.stdout and "[INFO]" not in done.stdout  # merger's console format, not the file's
+
+
 def test_recipe_from_local_directory_with_override(project: Path, models: dict[str, Path]) -> None:
     done = run_cli(["recipe=blend", "alpha=0.3"], project)
     assert done.returncode == 0, done.stderr

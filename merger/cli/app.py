@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 
 #: flags after which Hydra only prints something (help, config, info): no pre-flight
 PASSTHROUGH_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+#: Hydra's flags for the app's help
+HELP_FLAGS = {"-h", "--help"}
 #: flags that change where configs come from; the pre-flight does not model them
 CONFIG_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir"}
 
@@ -204,6 +206,8 @@ def run(argv: list[str]) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     launch_dir = Path(os.getcwd())
     argv = [argv[0], *rewrite_recipe_args(argv[1:], launch_dir)]  # recipe=path/to/file.yaml
+    if HELP_FLAGS & set(argv[1:]):  # merger's help text (conf/hydra/help/merger.yaml): composed for help only
+        argv.append("hydra/help=merger")
     sys.argv = argv  # Hydra reads its arguments from sys.argv
     Plugins.instance().register(RecipeDirSource)
     multirun, overrides, skip = _split_args(argv[1:])
