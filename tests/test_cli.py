@@ -63,9 +63,11 @@ def test_no_arguments_runs_the_builtin_demo(launch_dir: Path) -> None:
     assert (run_dir / "blend__sample.png").is_file()
 
 
-@pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_is_merger_s_and_shows_the_config(launch_dir: Path, flag: str) -> None:
-    done = run_cli([flag, "alpha=0.3"], launch_dir)
+@pytest.mark.parametrize(
+    "args", [["--help", "alpha=0.3"], ["-h", "alpha=0.3"], ["alpha=0.3", "--help"], ["-m", "alpha=0.3", "-h"]]
+)
+def test_help_is_merger_s_and_shows_the_config(launch_dir: Path, args: list[str]) -> None:
+    done = run_cli(args, launch_dir)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert out.startswith("merger: declarative, recipe-driven merging of neural-network weights")

@@ -150,6 +150,35 @@ def test_the_compiled_rows_refuse_what_they_cannot_write() -> None:
     assert rows.rows([], {}, {}, hashing._row_middle, hashing._string) == b""
 
 
+@pytest.mark.skipif(hashing.CONTENT_ROWS is None, reason="merger.cache._content_rows is not built")
+def test_the_compiled_rows_hold_what_they_use_while_a_callback_runs() -> None:
+    """A `middle` that changes the dicts (merger's never does) gets an error or the objects' own rows: no
+    freed digest written, no middle of a freed spec served for a new one at its address."""
+    rows = hashing.CONTENT_ROWS
+    assert rows is not None
+    spec = {"k": TensorSpec("F32", (1,)), "k1": TensorSpec("F32", (2,))}
+    digests = {"k": "digest-" + "x" * 40, "k1": "y"}
+
+    def clearing(tensor: TensorSpec) -> str:
+        digests.clear()
+        return hashing._row_middle(tensor)
+
+    with pytest.raises(KeyError):  # the first row is written from what it held; then k1 has no digest
+        rows.rows(["k", "k1"], spec, digests, clearing, hashing._string)
+    for _ in range(100):
+        spec = {"a": TensorSpec("F32", (0,)), "b": TensorSpec("F32", (1,)), "c": TensorSpec("F32", (2,))}
+        digests = {k: "d" for k in spec}
+
+        def replacing(tensor: TensorSpec, spec: dict[str, TensorSpec] = spec) -> str:
+            if tensor is spec["b"]:
+                del spec["a"]  # a's spec, whose middle was made, is freed
+                spec["c"] = TensorSpec("BF16", (7, 7))  # a new spec, perhaps where a's was
+            return hashing._row_middle(tensor)
+
+        written = json.loads("[" + rows.rows(["a", "b", "c"], spec, digests, replacing, hashing._string).decode() + "]")
+        assert written[2] == ["c", "BF16", [7, 7], "d"]
+
+
 # --- the source memo ---------------------------------------------------------------------------------------------
 
 

@@ -95,28 +95,36 @@ static int put_string(Buffer *b, PyObject *text_object, PyObject *escape) {
     return done;
 }
 
-/* middle(tensor), from `seen` (keyed by the object's address: the spec dict keeps each alive) or
- * asked once; a borrowed reference into `seen`. */
+/* middle(tensor), from `seen` or asked once; a borrowed reference into `seen`. `seen` maps the object's
+ * address to (the object, its middle): holding the object keeps the address its own while the call
+ * runs, whatever the callback does to the caller's dicts. */
 static PyObject *middle_of(PyObject *tensor, PyObject *seen, PyObject *middle) {
     PyObject *address = PyLong_FromVoidPtr(tensor);
     if (address == NULL) {
         return NULL;
     }
     PyObject *found = PyDict_GetItemWithError(seen, address);
-    if (found == NULL && !PyErr_Occurred()) {
+    if (found != NULL) {
+        Py_DECREF(address);
+        return PyTuple_GET_ITEM(found, 1);
+    }
+    PyObject *text = NULL;
+    if (!PyErr_Occurred()) {
         PyObject *made = PyObject_CallOneArg(middle, tensor);
-        if (made != NULL) {
-            Py_ssize_t length;
-            if (ascii_text(made, &length) == NULL) {
-                PyErr_SetString(PyExc_TypeError, "a row's middle must be an ASCII str");
-            } else if (PyDict_SetItem(seen, address, made) == 0) {
-                found = made; /* the dict holds it now */
+        Py_ssize_t length;
+        if (made != NULL && ascii_text(made, &length) == NULL) {
+            PyErr_SetString(PyExc_TypeError, "a row's middle must be an ASCII str");
+        } else if (made != NULL) {
+            PyObject *pair = PyTuple_Pack(2, tensor, made);
+            if (pair != NULL && PyDict_SetItem(seen, address, pair) == 0) {
+                text = made; /* `seen` holds it now, through the pair */
             }
-            Py_DECREF(made);
+            Py_XDECREF(pair);
         }
+        Py_XDECREF(made);
     }
     Py_DECREF(address);
-    return found;
+    return text;
 }
 
 static PyObject *py_rows(PyObject *self, PyObject *args) {
@@ -130,13 +138,18 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
         return NULL;
     }
     Buffer b = {NULL, 0, 0};
-    PyObject *last_spec = NULL, *last_middle = NULL; /* borrowed: `spec` and `seen` keep them */
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+    /* the previous key's spec object and middle: both held by `seen` */
+    PyObject *last_spec = NULL, *last_middle = NULL;
+    int failed = 0;
+    for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(keys); i++) {
+        /* strong references to what this row uses: the callbacks may run any code */
         PyObject *key = PyList_GET_ITEM(keys, i);
-        Py_INCREF(key); /* `escape` may run any code */
+        Py_INCREF(key);
         PyObject *tensor = PyDict_GetItemWithError(spec, key);
+        Py_XINCREF(tensor);
         PyObject *digest = tensor != NULL ? PyDict_GetItemWithError(digests, key) : NULL;
-        int failed = digest == NULL;
+        Py_XINCREF(digest);
+        failed = digest == NULL;
         if (failed && !PyErr_Occurred()) {
             PyErr_SetObject(PyExc_KeyError, key);
         }
@@ -146,22 +159,17 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
             failed = last_middle == NULL;
         }
         if (!failed) {
-            Py_INCREF(digest);
             Py_ssize_t length;
             const char *text = ascii_text(last_middle, &length);
             failed = put(&b, i ? ",[" : "[", i ? 2 : 1) < 0 || put_string(&b, key, escape) < 0 ||
                      put(&b, text, length) < 0 || put_string(&b, digest, escape) < 0 || put(&b, "]", 1) < 0;
-            Py_DECREF(digest);
         }
+        Py_XDECREF(digest);
+        Py_XDECREF(tensor);
         Py_DECREF(key);
-        if (failed) {
-            PyMem_Free(b.data);
-            Py_DECREF(seen);
-            return NULL;
-        }
     }
     Py_DECREF(seen);
-    PyObject *out = PyBytes_FromStringAndSize(b.data ? b.data : "", b.used);
+    PyObject *out = failed ? NULL : PyBytes_FromStringAndSize(b.data ? b.data : "", b.used);
     PyMem_Free(b.data);
     return out;
 }

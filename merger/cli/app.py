@@ -83,6 +83,20 @@ def _split_args(args: list[str]) -> tuple[bool, list[str], bool]:
     return multirun, overrides, skip
 
 
+def _first_override(argv: list[str]) -> int:
+    """Where the first override is in `argv` (after the program's name), else its end."""
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg in CONFIG_FLAGS:
+            i += 2  # the flag's value
+            continue
+        if not arg.startswith("-"):
+            return i
+        i += 1
+    return len(argv)
+
+
 def _recipe_keys(overrides: list[str]) -> list[str]:
     """The top-level keys of the config that the group choices in `overrides` select."""
     if not GlobalHydra.instance().is_initialized():  # after Hydra's runner failed: a context of its own
@@ -207,7 +221,7 @@ def run(argv: list[str]) -> None:
     launch_dir = Path(os.getcwd())
     argv = [argv[0], *rewrite_recipe_args(argv[1:], launch_dir)]  # recipe=path/to/file.yaml
     if HELP_FLAGS & set(argv[1:]):  # merger's help text (conf/hydra/help/merger.yaml): composed for help only
-        argv.append("hydra/help=merger")
+        argv.insert(_first_override(argv), "hydra/help=merger")  # beside the others: Hydra takes one run of them
     sys.argv = argv  # Hydra reads its arguments from sys.argv
     Plugins.instance().register(RecipeDirSource)
     multirun, overrides, skip = _split_args(argv[1:])
