@@ -76,6 +76,12 @@ def test_help_is_merger_s_and_shows_the_config(launch_dir: Path, args: list[str]
     assert "Powered by Hydra" not in out and "$CONFIG" not in out and not run_dirs(launch_dir)
 
 
+def test_help_of_another_choice_is_that_one(launch_dir: Path) -> None:
+    done = run_cli(["--help", "hydra/help=default"], launch_dir)  # Hydra's own help text, chosen by the user
+    assert done.returncode == 0, done.stderr
+    assert "Powered by Hydra" in done.stdout and not done.stdout.startswith("merger: declarative")
+
+
 def test_a_run_logs_to_stdout_in_merger_s_format_and_to_its_log_in_the_file_s(launch_dir: Path) -> None:
     done = run_cli(["preview=null"], launch_dir)
     assert done.returncode == 0, done.stderr

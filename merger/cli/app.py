@@ -220,7 +220,8 @@ def run(argv: list[str]) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     launch_dir = Path(os.getcwd())
     argv = [argv[0], *rewrite_recipe_args(argv[1:], launch_dir)]  # recipe=path/to/file.yaml
-    if HELP_FLAGS & set(argv[1:]):  # merger's help text (conf/hydra/help/merger.yaml): composed for help only
+    chosen_help = any(a.split("=")[0] in ("hydra/help", "override hydra/help") for a in argv[1:])
+    if HELP_FLAGS & set(argv[1:]) and not chosen_help:  # merger's help (conf/hydra/help/merger.yaml): for help only
         argv.insert(_first_override(argv), "hydra/help=merger")  # beside the others: Hydra takes one run of them
     sys.argv = argv  # Hydra reads its arguments from sys.argv
     Plugins.instance().register(RecipeDirSource)
