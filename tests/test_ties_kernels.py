@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from merger.core import arrays, magnitudes
 from merger.core.arrays import NumpyBackend
@@ -45,7 +47,7 @@ def deltas(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return model, base
 
 
-@pytest.mark.parametrize("n", [1000, 300_003])  # below and above the length counted in sub-histograms
+@pytest.mark.parametrize("n", [1000, 1_050_003])  # below and above the length counted in sub-histograms
 @pytest.mark.parametrize("minus", [True, False], ids=["delta", "values"])
 @pytest.mark.parametrize(("rows", "window"), [(0, 0), (6, 15109), (3, 32703), (2, 32639), (8, 0)])  # NaN, inf, 0
 def test_first_pass_histogram_equals_numpy(n: int, minus: bool, rows: int, window: int) -> None:
@@ -114,3 +116,32 @@ def test_compiled_election_equals_the_array_maths(
     got, ties = elected
     assert np.array_equal(got.view(np.uint32), np.asarray(want).view(np.uint32))
     assert ties == [s.ties for s in for_array]  # what is left to keep of each cut's ties
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 5000),
+    levels=st.integers(1, 6),
+    share=st.floats(0.0, 1.2),
+    seed=st.integers(0, 2**16),
+)
+def test_ties_at_the_cut_are_the_first_in_c_order(n: int, levels: int, share: float, seed: int) -> None:
+    """Deltas of a few magnitudes only (so blocks of 1024 hold many equal to the cut, fewer or more than
+    the ties left): the election keeps exactly the first `ties` equal ones, as the array maths does."""
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal(n) * 0.02).astype(np.float16).astype(np.float32)
+    steps = rng.integers(-levels, levels + 1, n).astype(np.float32) * np.float32(2**-10)
+    model = base + steps
+    bits = (model - base).view(np.uint32) & 0x7FFFFFFF
+    cut = int(rng.choice(bits))
+    ties = int(share * int((bits == cut).sum()))
+    step = Step(CUT, cut=cut, ties=ties)
+    params: Any = TiesParams(base="m0", weights=[1.0])
+    xp = NumpyBackend()
+    for_array = copied([step])
+    want = Ties()._merged(base, [model], for_array, [1.0], params, xp)
+    elected = xp.elect(base, [(model, *step.fused(), 1.0)], 1, True, 1.0)
+    assert elected is not None
+    got, left = elected
+    assert np.array_equal(got.view(np.uint32), np.asarray(want).view(np.uint32))
+    assert left == [for_array[0].ties] == [max(0, ties - int((bits == cut).sum()))]
