@@ -397,29 +397,37 @@ def test_vocab_first_streams_the_shared_rows_and_copies_the_firsts_rest(xp: Any)
     assert max(stop - start for s in sources for _, start, stop in s.reads) <= chunk_elements(specs) * 4
 
 
-def test_ties_end_to_end_on_tensors_of_many_chunks(launch_dir: Any, run_recipe: Any) -> None:
-    """A recipe run (cache, entry file, output) of TIES on float16 models whose tensors span many chunks:
-    the output is the whole-tensor result rounded to float16; a second run is a cache hit."""
+@pytest.mark.parametrize("stored", ["float16", "bfloat16", "mixed"])
+@pytest.mark.parametrize("op", ["ties", "dare_ties"])
+def test_ties_end_to_end_on_tensors_of_many_chunks(launch_dir: Any, run_recipe: Any, stored: str, op: str) -> None:
+    """A recipe run (cache, entry file, output) of TIES on 16-bit models whose tensors span many chunks (read
+    as stored, widened in the compiled loops; "mixed": a float32 base and bfloat16 and float16 models): the
+    output is the whole-tensor result rounded to the base's dtype; a second run is a cache hit."""
     import torch
     from safetensors.torch import load_file, save_file
 
     (launch_dir / "models").mkdir()
-    inputs = family(13, 2, shape=(120, 333), steps=True)
-    for name, array in zip(("base", "a", "b"), inputs, strict=True):
-        tensors = {"w": torch.from_numpy(array).half(), "n": torch.tensor([1.0, 2.0]).half()}
+    dtypes = {"float16": [torch.float16] * 3, "bfloat16": [torch.bfloat16] * 3}
+    chosen = dtypes.get(stored, [torch.float32, torch.bfloat16, torch.float16])
+    inputs = []
+    for name, array, dtype in zip(("base", "a", "b"), family(13, 2, shape=(120, 333), steps=True), chosen, strict=True):
+        tensors = {"w": torch.from_numpy(array).to(dtype), "n": torch.tensor([1.0, 2.0]).to(dtype)}
         save_file(tensors, launch_dir / "models" / f"{name}.safetensors")
+        inputs.append(tensors["w"].float().numpy())
+    params: dict[str, Any] = {"density": 0.35} if op == "ties" else {"density": 0.6, "seed": 7}
     data = {
         "sources": {n: f"models/{n}.safetensors" for n in ("base", "a", "b")},
-        "nodes": {"m": {"op": "ties", "base": "base", "inputs": ["a", "b"], "density": 0.35}},
+        "nodes": {"m": {"op": op, "base": "base", "inputs": ["a", "b"], **params}},
         "outputs": {"m": {"path": "m.safetensors"}},
     }
     report = run_recipe(data)
-    got = load_file(report["outputs"]["m"]["path"])["w"].numpy()
+    got = load_file(report["outputs"]["m"]["path"])["w"]
     want = ref.task_vectors(
-        "w", inputs[0], inputs[1:], how="magnitude", elects=True, weights=[1.0, 1.0], densities=[0.35] * 2,
-        normalize=True,
+        "w", inputs[0], inputs[1:], how="magnitude" if op == "ties" else "random", elects=True, weights=[1.0, 1.0],
+        densities=[params["density"]] * 2, normalize=op == "ties", seed=params.get("seed"),
     )  # fmt: skip
-    assert np.array_equal(got, want.astype(np.float16))
+    assert got.dtype == chosen[0]
+    assert torch.equal(got, torch.from_numpy(want).to(chosen[0]))
     assert report["nodes"]["m"]["status"] == "computed"
     assert run_recipe(data)["nodes"]["m"]["status"] == "cached"
 

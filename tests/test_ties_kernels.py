@@ -1,7 +1,7 @@
 """TIES's compiled loops (merger/core/_floatconv.c) against their numpy forms, on the paths that
-tests/test_streaming.py's small chunks do not reach: histograms of long arrays (counted in sub-histograms,
-the fine window's elements picked eight at a time) and the two-model sign election (one loop per block),
-with every option, non-finite values and ties at the cut; bit for bit."""
+tests/test_streaming.py's small chunks do not reach: histograms of long arrays (the fine window's
+elements picked eight at a time), of float16 and bfloat16 read as stored, and the two-model sign
+election (one loop per block), with every option, non-finite values and ties at the cut; bit for bit."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def deltas(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return model, base
 
 
-@pytest.mark.parametrize("n", [1000, 1_050_003])  # below and above the length counted in sub-histograms
+@pytest.mark.parametrize("n", [1000, 300_003])  # one block and a rest, many blocks
 @pytest.mark.parametrize("minus", [True, False], ids=["delta", "values"])
 @pytest.mark.parametrize(("rows", "window"), [(0, 0), (6, 15109), (3, 32703), (2, 32639), (8, 0)])  # NaN, inf, 0
 def test_first_pass_histogram_equals_numpy(n: int, minus: bool, rows: int, window: int) -> None:
@@ -145,3 +145,57 @@ def test_ties_at_the_cut_are_the_first_in_c_order(n: int, levels: int, share: fl
     got, left = elected
     assert np.array_equal(got.view(np.uint32), np.asarray(want).view(np.uint32))
     assert left == [for_array[0].ties] == [max(0, ties - int((bits == cut).sum()))]
+
+
+def as_stored(values: np.ndarray, code: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values rounded to `code` as the numpy backend holds them stored, the same widened to float32)."""
+    xp = NumpyBackend()
+    if code == "F32":
+        return values, values
+    raw = xp.store(values, code)
+    stored = xp.load(raw, code, (len(values),), widen=False)
+    return stored, xp.widen(stored)
+
+
+@pytest.mark.parametrize(("code", "minus_code"), [("F16", "F16"), ("BF16", "BF16"), ("F16", "F32"), ("F32", "BF16")])
+@pytest.mark.parametrize("high", [False, True], ids=["first", "second"])
+def test_histograms_of_16_bit_floats_read_as_stored_equal_those_of_them_widened(
+    code: str, minus_code: str, high: bool
+) -> None:
+    model, base = deltas(70_001, seed=4)
+    values, wide_values = as_stored(model, code)
+    minus, wide_minus = as_stored(base, minus_code)
+    assert values.dtype != np.float32 or minus.dtype != np.float32  # the stored path is taken
+    bits = (wide_values - wide_minus).view(np.uint32) & 0x7FFFFFFF
+    top = int(np.bincount(bits[bits < 0x7F800000] >> 16).argmax())
+    counting = (16, top, minus, None, 0) if high else (0, 0, minus, np.zeros(3 * BINS, np.int64), top - 1)
+    wide_counting = (counting[0], counting[1], wide_minus, None if high else np.zeros(3 * BINS, np.int64), counting[4])
+    got, want = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
+    NumpyBackend().magnitude_histogram(values, got, counting)
+    magnitudes.numpy_histogram(wide_values, want, wide_counting, None)
+    assert np.array_equal(got, want) and got.sum() > 0
+    if not high:
+        assert np.array_equal(counting[3], wide_counting[3]) and counting[3].sum() > 0
+
+
+@pytest.mark.parametrize("codes", [("F16",) * 3, ("BF16",) * 3, ("F32", "F16", "BF16"), ("BF16", "F32", "F16")])
+def test_election_of_16_bit_floats_read_as_stored_equals_that_of_them_widened(codes: tuple[str, ...]) -> None:
+    base, models = family(9000, 2, seed=12)
+    stored = [as_stored(array, code) for array, code in zip([base, *models], codes, strict=True)]
+    wide = [w for _, w in stored]
+    steps = steps_for(wide[1:], wide[0], [CUT, MASKED])
+    xp = NumpyBackend()
+    for_wide = copied(steps)
+    want = xp.elect(
+        wide[0], [(m, *s.fused(), w) for m, s, w in zip(wide[1:], for_wide, [1.0, 0.6], strict=True)], 1, True, 1.0
+    )
+    got = xp.elect(
+        stored[0][0],
+        [(m, *s.fused(), w) for (m, _), s, w in zip(stored[1:], steps, [1.0, 0.6], strict=True)],
+        1,
+        True,
+        1.0,
+    )
+    assert want is not None and got is not None
+    assert got[0].dtype == np.float32 and np.array_equal(got[0].view(np.uint32), want[0].view(np.uint32))
+    assert got[1] == want[1]

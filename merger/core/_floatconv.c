@@ -130,6 +130,31 @@ BF16_LOOPS(portable, )
 BF16_LOOPS(avx2, __attribute__((target("avx2"))))
 #endif
 
+/* The stored dtypes TIES's loops read (merger.core.magnitudes.STORED_CODES): float32 as it is, float16 and
+ * bfloat16 widened a block at a time into a float32 buffer that stays in the CPU's cache, so that a pass
+ * reads the stored bytes once instead of a float32 copy made of them first (twice their bytes). */
+enum { STORED_F32, STORED_F16, STORED_BF16 };
+typedef void (*WidenHalf)(const uint16_t *, float *, Py_ssize_t);
+
+static Py_ssize_t stored_size(int code) { return code == STORED_F32 ? 4 : 2; }
+
+/* Elements [start, start + n) of `src` (stored as `code`) as float32: in place, or widened into `buf` */
+INLINE const float *widened(const void *src, int code, Py_ssize_t start, Py_ssize_t n, float *buf, WidenHalf half) {
+    if (code == STORED_F32) {
+        return (const float *)src + start;
+    }
+    const uint16_t *bits = (const uint16_t *)src + start;
+    if (code == STORED_F16) {
+        half(bits, buf, n);
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const uint32_t wide = (uint32_t)bits[i] << 16;
+            memcpy(buf + i, &wide, 4);
+        }
+    }
+    return buf;
+}
+
 /* Parses (src, dst[, portable]) and checks dst holds exactly as many elements of out_size bytes. */
 static int parse(PyObject *args, Py_buffer *src, Py_buffer *dst, int *portable, Py_ssize_t in_size,
                  Py_ssize_t out_size, Py_ssize_t *count) {
@@ -288,13 +313,6 @@ static PyObject *py_count_masked32(PyObject *self, PyObject *args) {
  * high half h is in [window, window + W), W = len(fine) / 65536: fine[(h - window) * 65536 + low] += 1, so
  * that a second pass is not needed when the cut falls there. Counts are int64, added to. */
 #define HIST_BLOCK 1024
-/* Sub-histograms for long calls: HIST_WAYS uint32 copies, so that consecutive elements of one bin do not wait
- * on each other's increment; flushed into the int64 counts at least every HIST_FLUSH elements. */
-#define HIST_WAYS 4
-#define HIST_FLUSH ((Py_ssize_t)1 << 30)
-/* elements: below, the subs' zeroing and flush cost more (a streamed TIES's chunks of about 300,000 elements
- * counted 15 % faster without them: their 1 MB zeroed and flushed each call) */
-#define HIST_SUBS_FROM ((Py_ssize_t)1 << 20)
 
 /* |src - minus|'s (|src|'s) bit patterns of one block, in a loop compilers vectorise */
 INLINE void hist_bits(const float *src, const float *minus, Py_ssize_t n, uint32_t *bits) {
@@ -336,61 +354,37 @@ INLINE void hist_fine(const uint32_t *bits, Py_ssize_t n, int64_t *fine, uint32_
     }
 }
 
-INLINE void hist_loop(const float *src, const float *minus, Py_ssize_t n, int64_t *counts, long high, int64_t *fine,
-                      uint32_t window, uint32_t width, uint32_t *subs) {
+INLINE void hist_loop(const void *src, int src_code, const void *minus, int minus_code, Py_ssize_t n,
+                      int64_t *counts, long high, int64_t *fine, uint32_t window, uint32_t width, WidenHalf half) {
     uint32_t bits[HIST_BLOCK];
+    float src_buf[HIST_BLOCK], minus_buf[HIST_BLOCK];
     const uint32_t want = (uint32_t)high;
-    Py_ssize_t since_flush = 0;
-    if (high >= 0) { /* a later pass: few elements counted, in one loop */
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const uint32_t one = bits_of(minus != NULL ? src[i] - minus[i] : src[i]) & 0x7FFFFFFFu;
-            if ((one >> 16) == want) {
-                counts[one & 0xFFFFu]++;
-            }
-        }
-        return;
-    }
     for (Py_ssize_t start = 0; start < n; start += HIST_BLOCK) {
         const Py_ssize_t size = n - start < HIST_BLOCK ? n - start : HIST_BLOCK;
-        hist_bits(src + start, minus != NULL ? minus + start : NULL, size, bits);
-        if (subs != NULL) {
-            Py_ssize_t i = 0;
-            for (; i + HIST_WAYS <= size; i += HIST_WAYS) {
-                for (int w = 0; w < HIST_WAYS; w++) {
-                    subs[(w << 16) + (bits[i + w] >> 16)]++;
+        const float *values = widened(src, src_code, start, size, src_buf, half);
+        hist_bits(values, minus != NULL ? widened(minus, minus_code, start, size, minus_buf, half) : NULL, size, bits);
+        if (high >= 0) { /* a later pass: the few elements of the prefix's bin */
+            for (Py_ssize_t i = 0; i < size; i++) {
+                if ((bits[i] >> 16) == want) {
+                    counts[bits[i] & 0xFFFFu]++;
                 }
             }
-            for (; i < size; i++) {
-                subs[bits[i] >> 16]++;
-            }
-            since_flush += size;
-        } else {
-            for (Py_ssize_t i = 0; i < size; i++) {
-                counts[bits[i] >> 16]++;
-            }
+            continue;
+        }
+        for (Py_ssize_t i = 0; i < size; i++) { /* one histogram: four interleaved ones (so that runs of */
+            counts[bits[i] >> 16]++;             /* one bin do not wait on each other) measured slower here */
         }
         if (fine != NULL) {
             hist_fine(bits, size, fine, window, width);
-        }
-        if (subs != NULL && (since_flush >= HIST_FLUSH || start + size >= n)) {
-            for (Py_ssize_t j = 0; j < 65536; j++) {
-                int64_t total = 0;
-                for (int w = 0; w < HIST_WAYS; w++) {
-                    total += subs[(w << 16) + j];
-                    subs[(w << 16) + j] = 0;
-                }
-                counts[j] += total;
-            }
-            since_flush = 0;
         }
     }
 }
 
 #define HIST_LOOP(suffix, attribute)                                                                           \
-    attribute static void hist_loop_##suffix(const float *src, const float *minus, Py_ssize_t n, int64_t *counts, \
-                                             long high, int64_t *fine, uint32_t window, uint32_t width,          \
-                                             uint32_t *subs) {                                                 \
-        hist_loop(src, minus, n, counts, high, fine, window, width, subs);                                     \
+    attribute static void hist_loop_##suffix(const void *src, int src_code, const void *minus, int minus_code,     \
+                                             Py_ssize_t n, int64_t *counts, long high, int64_t *fine,            \
+                                             uint32_t window, uint32_t width, WidenHalf half) {                  \
+        hist_loop(src, src_code, minus, minus_code, n, counts, high, fine, window, width, half);                \
     }
 
 HIST_LOOP(portable, )
@@ -403,17 +397,17 @@ HIST_LOOP(avx2, __attribute__((target("avx2"))))
  * counts[bits & 0xFFFF] += 1 for the elements whose high half is `high`. With `minus`, of x = src - minus
  * (float32 subtraction, as numpy's). With `fine` (high < 0 only), also the low halves of the elements whose
  * high half h is in [window, window + W), W = len(fine) / 65536: fine[(h - window) * 65536 + low] += 1, so
- * that a second pass is not needed when the cut falls there. Counts are int64, added to. `subs`: NULL, or
- * HIST_WAYS * 65536 zeroed uint32 of scratch (left zeroed). */
-static void magnitude_hist16_loop(const float *src, const float *minus, Py_ssize_t n, int64_t *counts, long high,
-                                  int64_t *fine, uint32_t window, uint32_t width, uint32_t *subs) {
+ * that a second pass is not needed when the cut falls there. Counts are int64, added to. src and minus are
+ * stored as their codes. */
+static void magnitude_hist16_loop(const void *src, int src_code, const void *minus, int minus_code, Py_ssize_t n,
+                                  int64_t *counts, long high, int64_t *fine, uint32_t window, uint32_t width) {
 #ifdef HAVE_X86_DISPATCH
     if (has_f16c()) {
-        hist_loop_avx2(src, minus, n, counts, high, fine, window, width, subs);
+        hist_loop_avx2(src, src_code, minus, minus_code, n, counts, high, fine, window, width, f16_to_f32_f16c);
         return;
     }
 #endif
-    hist_loop_portable(src, minus, n, counts, high, fine, window, width, subs);
+    hist_loop_portable(src, src_code, minus, minus_code, n, counts, high, fine, window, width, f16_to_f32_portable);
 }
 
 static int optional_buffer(PyObject *object, Py_buffer *view, int writable) {
@@ -428,32 +422,30 @@ static PyObject *py_magnitude_hist16(PyObject *self, PyObject *args) {
     PyObject *minus_object = Py_None, *fine_object = Py_None, *result = NULL;
     long high;
     unsigned long window = 0;
-    if (!PyArg_ParseTuple(args, "y*w*l|OOk", &src, &counts, &high, &minus_object, &fine_object, &window)) {
+    int src_code = STORED_F32, minus_code = STORED_F32;
+    if (!PyArg_ParseTuple(args, "y*w*l|OOkii", &src, &counts, &high, &minus_object, &fine_object, &window, &src_code,
+                          &minus_code)) {
         return NULL;
     }
     if (optional_buffer(minus_object, &minus, 0) < 0 || optional_buffer(fine_object, &fine, 1) < 0) {
         goto finish;
     }
     const Py_ssize_t rows = fine.len / (65536 * 8);
-    if (src.len % 4 != 0 || counts.len != 65536 * 8 || high > 0xFFFF || (minus.obj && minus.len != src.len) ||
+    const int codes_known = src_code >= STORED_F32 && src_code <= STORED_BF16 && minus_code >= STORED_F32 &&
+                            minus_code <= STORED_BF16;
+    const Py_ssize_t n = codes_known ? src.len / stored_size(src_code) : 0;
+    if (!codes_known || src.len % stored_size(src_code) != 0 || counts.len != 65536 * 8 || high > 0xFFFF ||
+        (minus.obj && minus.len != n * stored_size(minus_code)) ||
         (fine.obj && (high >= 0 || fine.len % (65536 * 8) != 0 || window + (unsigned long)rows > 65536))) {
-        PyErr_SetString(PyExc_ValueError, "magnitude_hist16 takes float32 values, 65536 int64 counts, high < 65536,"
-                                          " minus of src's size, fine of 65536 int64 rows within the bins");
+        PyErr_SetString(PyExc_ValueError, "magnitude_hist16 takes values stored as float32, float16 or bfloat16"
+                                          " (codes 0-2), 65536 int64 counts, high < 65536, minus of src's length,"
+                                          " fine of 65536 int64 rows within the bins");
         goto finish;
     }
-    uint32_t *subs = NULL;
-    if (high < 0 && src.len / 4 >= HIST_SUBS_FROM) {
-        subs = PyMem_RawCalloc((size_t)HIST_WAYS << 16, sizeof(uint32_t));
-        if (subs == NULL) {
-            PyErr_NoMemory();
-            goto finish;
-        }
-    }
     Py_BEGIN_ALLOW_THREADS
-    magnitude_hist16_loop((const float *)src.buf, minus.buf, src.len / 4, (int64_t *)counts.buf, high, fine.buf,
-                          (uint32_t)window, (uint32_t)rows, subs);
+    magnitude_hist16_loop(src.buf, src_code, minus.buf, minus_code, n, (int64_t *)counts.buf, high, fine.buf,
+                          (uint32_t)window, (uint32_t)rows);
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(subs);
     result = Py_None;
     Py_INCREF(result);
 finish:
@@ -481,11 +473,14 @@ finish:
 #define ELECT_BLOCK 1024
 typedef struct {
     int kind;
-    const float *model;
+    const float *model; /* the block's, as float32 */
     const uint8_t *mask;
     uint32_t cut;
     Py_ssize_t ties;
     float divide, multiply, weight;
+    const void *stored; /* the whole model, stored as `code` */
+    int code;
+    const uint8_t *masks; /* the whole mask */
 } ElectModel;
 
 /* x where `keep` (0 or 1), else +0, without a branch (random masks mispredict a branch half the time) */
@@ -645,86 +640,99 @@ ELECT_LOOP(portable, )
 ELECT_LOOP(avx2, __attribute__((target("avx2"))))
 #endif
 
-static void elect_loop(const float *base, float *out, Py_ssize_t n, ElectModel *models, int count, int consensus,
-                       int normalize, float scale, float *scratch) {
+/* `scratch`: (2 * count + 1) * ELECT_BLOCK floats: the deltas, then the widened blocks of the models and base */
+static void elect_loop(const void *base, int base_code, float *out, Py_ssize_t n, ElectModel *models, int count,
+                       int consensus, int normalize, float scale, float *scratch) {
+    WidenHalf half = f16_to_f32_portable;
 #ifdef HAVE_X86_DISPATCH
     const int avx2 = has_f16c();
+    if (avx2) {
+        half = f16_to_f32_f16c;
+    }
 #endif
+    float *wide = scratch + (Py_ssize_t)count * ELECT_BLOCK;
     for (Py_ssize_t start = 0; start < n; start += ELECT_BLOCK) {
         const Py_ssize_t size = n - start < ELECT_BLOCK ? n - start : ELECT_BLOCK;
+        for (int k = 0; k < count; k++) {
+            models[k].model = widened(models[k].stored, models[k].code, start, size, wide + k * ELECT_BLOCK, half);
+            models[k].mask = models[k].masks != NULL ? models[k].masks + start : NULL;
+        }
+        const float *block = widened(base, base_code, start, size, wide + (Py_ssize_t)count * ELECT_BLOCK, half);
 #ifdef HAVE_X86_DISPATCH
         if (avx2) {
-            elect_block_avx2(base + start, out + start, size, models, count, consensus, normalize, scale, scratch);
+            elect_block_avx2(block, out + start, size, models, count, consensus, normalize, scale, scratch);
         } else
 #endif
         {
-            elect_block_portable(base + start, out + start, size, models, count, consensus, normalize, scale, scratch);
-        }
-        for (int k = 0; k < count; k++) {
-            models[k].model += size;
-            if (models[k].mask != NULL) {
-                models[k].mask += size;
-            }
+            elect_block_portable(block, out + start, size, models, count, consensus, normalize, scale, scratch);
         }
     }
 }
 
-/* elect(base, out, models, consensus, normalize, scale) -> [ties left per model]; models: a sequence of
- * (model, kind, mask or None, cut, ties, divide, multiply, weight), float32 buffers of base's size. */
+/* elect(base, out, models, consensus, normalize, scale, base_code=0) -> [ties left per model]; models: a
+ * sequence of (model, kind, mask or None, cut, ties, divide, multiply, weight[, code]); out float32, base
+ * and each model of its length stored as their codes (0 float32, 1 float16, 2 bfloat16), masks of bytes. */
 static PyObject *py_elect(PyObject *self, PyObject *args) {
     Py_buffer base, out, views[2 * ELECT_MAX];
     PyObject *sequence, *result = NULL;
-    int consensus, normalize, count, held = 0;
+    int consensus, normalize, count, held = 0, base_code = STORED_F32;
     float scale;
     ElectModel models[ELECT_MAX];
-    if (!PyArg_ParseTuple(args, "y*w*Oipf", &base, &out, &sequence, &consensus, &normalize, &scale)) {
+    if (!PyArg_ParseTuple(args, "y*w*Oipf|i", &base, &out, &sequence, &consensus, &normalize, &scale, &base_code)) {
         return NULL;
     }
+    const Py_ssize_t n = out.len / 4;
     PyObject *items = PySequence_Fast(sequence, "elect takes a sequence of models");
     if (items == NULL) {
         goto finish;
     }
     count = (int)PySequence_Fast_GET_SIZE(items);
-    if (count < 1 || count > ELECT_MAX || base.len % 4 != 0 || out.len != base.len) {
-        PyErr_SetString(PyExc_ValueError, "elect takes 1 to 32 models and float32 base and out of one size");
+    if (count < 1 || count > ELECT_MAX || out.len % 4 != 0 || base_code < STORED_F32 || base_code > STORED_BF16 ||
+        base.len != n * stored_size(base_code)) {
+        PyErr_SetString(PyExc_ValueError, "elect takes 1 to 32 models, a float32 out and a base of its length");
         goto finish;
     }
     for (int k = 0; k < count; k++) {
         PyObject *model_object, *mask_object;
         unsigned long cut;
         ElectModel *m = &models[k];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, k), "OiOknfff", &model_object, &m->kind, &mask_object,
-                              &cut, &m->ties, &m->divide, &m->multiply, &m->weight)) {
+        m->code = STORED_F32;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, k), "OiOknfff|i", &model_object, &m->kind, &mask_object,
+                              &cut, &m->ties, &m->divide, &m->multiply, &m->weight, &m->code)) {
             goto finish;
         }
         m->cut = (uint32_t)cut;
+        if (m->code < STORED_F32 || m->code > STORED_BF16) {
+            PyErr_SetString(PyExc_ValueError, "elect: a model's code is not 0, 1 or 2");
+            goto finish;
+        }
         if (PyObject_GetBuffer(model_object, &views[held], PyBUF_C_CONTIGUOUS) < 0) {
             goto finish;
         }
-        m->model = views[held++].buf;
-        if (views[held - 1].len != base.len) {
-            PyErr_SetString(PyExc_ValueError, "elect: a model's size is not base's");
+        m->stored = views[held++].buf;
+        if (views[held - 1].len != n * stored_size(m->code)) {
+            PyErr_SetString(PyExc_ValueError, "elect: a model's length is not out's");
             goto finish;
         }
-        m->mask = NULL;
+        m->masks = NULL;
         if (m->kind == 1) {
             if (PyObject_GetBuffer(mask_object, &views[held], PyBUF_C_CONTIGUOUS) < 0) {
                 goto finish;
             }
-            m->mask = views[held++].buf;
-            if (views[held - 1].len != base.len / 4) {
-                PyErr_SetString(PyExc_ValueError, "elect: a mask's size is not base's");
+            m->masks = views[held++].buf;
+            if (views[held - 1].len != n) {
+                PyErr_SetString(PyExc_ValueError, "elect: a mask's length is not out's");
                 goto finish;
             }
         }
     }
-    float *scratch = PyMem_RawMalloc((size_t)count * ELECT_BLOCK * sizeof(float));
+    float *scratch = PyMem_RawMalloc((size_t)(2 * count + 1) * ELECT_BLOCK * sizeof(float));
     if (scratch == NULL) {
         PyErr_NoMemory();
         goto finish;
     }
     Py_BEGIN_ALLOW_THREADS
-    elect_loop(base.buf, out.buf, base.len / 4, models, count, consensus, normalize, scale, scratch);
+    elect_loop(base.buf, base_code, out.buf, n, models, count, consensus, normalize, scale, scratch);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(scratch);
     result = PyList_New(count);
@@ -757,8 +765,10 @@ static PyMethodDef methods[] = {
     {"count_masked16", py_count_masked16, METH_VARARGS, "count_masked16(src, mask): 16-bit values with all mask bits set"},
     {"count_masked32", py_count_masked32, METH_VARARGS, "count_masked32(src, mask): 32-bit values with all mask bits set"},
     {"magnitude_hist16", py_magnitude_hist16, METH_VARARGS,
-     "magnitude_hist16(src, counts, high, minus=None, fine=None, window=0): histogram of float32 |src - minus| bits"},
-    {"elect", py_elect, METH_VARARGS, "elect(base, out, models, consensus, normalize, scale): TIES sign election"},
+     "magnitude_hist16(src, counts, high, minus=None, fine=None, window=0, src_code=0, minus_code=0): histogram of"
+     " |src - minus|'s float32 bits"},
+    {"elect", py_elect, METH_VARARGS,
+     "elect(base, out, models, consensus, normalize, scale, base_code=0): TIES sign election"},
     {"simd", py_simd, METH_NOARGS, "simd(): whether the float16 loops use the CPU's F16C instructions"},
     {NULL, NULL, 0, NULL},
 };

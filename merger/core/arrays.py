@@ -58,6 +58,8 @@ NUMPY_DTYPES: dict[str, Any] = {
 }
 #: dtypes numpy cannot hold natively but the numpy backend converts exactly
 WIDENED = {"BF16": "F32"}
+#: bfloat16 as stored, for the compiled loops that widen it themselves (merger.core.magnitudes)
+BF16_STORED = np.dtype([(magnitudes.BF16_FIELD, "<u2")])
 
 
 def compute_code(code: str) -> str:
@@ -72,8 +74,13 @@ class Backend(Protocol):
     #: cache, about twice as fast as chunk-sized ones), or None: the whole chunk at once (CUDA)
     block_elements: int | None
 
-    def load(self, data: Any, code: str, shape: tuple[int, ...]) -> Array:
-        """An array from raw bytes (C order), floats in the compute dtype, on the device."""
+    def load(self, data: Any, code: str, shape: tuple[int, ...], *, widen: bool = True) -> Array:
+        """An array from raw bytes (C order), floats in the compute dtype, on the device; `widen` False:
+        16-bit floats may stay as stored, where the backend's TIES loops read them so (`widen` later)."""
+        ...
+
+    def widen(self, array: Array) -> Array:
+        """An array of `load(..., widen=False)` in the compute dtype (others as they are)."""
         ...
 
     def store(self, array: Array, code: str) -> memoryview:
@@ -207,7 +214,9 @@ class NumpyBackend:
     def supports(code: str) -> bool:
         return code in NUMPY_DTYPES or code in WIDENED
 
-    def load(self, data: Any, code: str, shape: tuple[int, ...]) -> np.ndarray:
+    def load(self, data: Any, code: str, shape: tuple[int, ...], *, widen: bool = True) -> np.ndarray:
+        if not widen and FLOATCONV is not None and code in ("F16", "BF16"):
+            return np.frombuffer(data, dtype=np.float16 if code == "F16" else BF16_STORED).reshape(shape)
         if code == "BF16":
             return bf16_to_f32(np.frombuffer(data, dtype=np.uint16)).reshape(shape)
         if code == "F16":
@@ -215,6 +224,13 @@ class NumpyBackend:
         array = np.frombuffer(data, dtype=NUMPY_DTYPES[code]).reshape(shape)
         if code in FLOAT_DTYPES and code not in ("F32", "F64"):
             return array.astype(np.float32)
+        return array
+
+    def widen(self, array: np.ndarray) -> np.ndarray:
+        if array.dtype == np.float16:
+            return f16_to_f32(array)
+        if array.dtype == BF16_STORED:
+            return bf16_to_f32(array.view(np.uint16))
         return array
 
     def store(self, array: np.ndarray, code: str) -> memoryview:
@@ -273,7 +289,7 @@ class NumpyBackend:
         return sums
 
     def magnitude_histogram(self, values: np.ndarray, counts: np.ndarray, counting: Counting) -> None:
-        magnitudes.numpy_histogram(values, counts, counting, FLOATCONV)
+        magnitudes.numpy_histogram(values, counts, counting, FLOATCONV, self.widen)
 
     def cut_mask(self, values: np.ndarray, cut: int, ties: int) -> tuple[Array, int]:
         return magnitudes.numpy_cut_mask(values, cut, ties)
@@ -302,7 +318,7 @@ class TorchBackend:
         self._dtypes = TORCH_DTYPES
         self._pin = device.startswith("cuda")
 
-    def load(self, data: Any, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def load(self, data: Any, code: str, shape: tuple[int, ...], *, widen: bool = True) -> torch.Tensor:
         import torch
 
         dtype = self._dtypes[code]
@@ -330,6 +346,9 @@ class TorchBackend:
         if len(stored) != len(out):
             raise ValueError(f"{len(stored)} bytes for a buffer of {len(out)}")
         out[:] = stored
+
+    def widen(self, array: torch.Tensor) -> torch.Tensor:
+        return array
 
     def copy(self, array: torch.Tensor) -> torch.Tensor:
         return array.clone()

@@ -7,6 +7,11 @@ float64: 64; NaN above inf), and two magnitudes are equal exactly when their pat
 histogram counts one 16-bit digit of those patterns: the top 16 bits of every element, or the next
 16 of the elements whose higher bits are a given prefix; two (float32) or four (float64) passes
 over a tensor's chunks thus find its k-th largest magnitude exactly, in 65536 counts of memory.
+
+The compiled histograms and election read float16 and bfloat16 chunks as they are stored (`stored_code`;
+the numpy backend's `load(..., widen=False)`), widening a block at a time in the CPU's cache: a pass then
+moves the stored bytes once, not a float32 copy of twice their size made first. The maths is float32's,
+element for element the same.
 """
 
 from __future__ import annotations
@@ -27,6 +32,21 @@ Elected = tuple[Any, int, Any, int, int, float, float, float]
 ELECT_MAX = 32
 #: what a histogram counts (see numpy_histogram): (prefix_bits, prefix, minus, fine, window)
 Counting = tuple[int, int, Any, Any, int]
+#: the field of the numpy dtype that holds bfloat16 chunks as stored (merger.core.arrays.BF16_STORED)
+BF16_FIELD = "bfloat16"
+
+
+def stored_code(array: Any) -> int | None:
+    """The compiled loops' code of a numpy array's dtype: 0 float32, 1 float16, 2 bfloat16 as stored;
+    None for others (float64: numpy's maths)."""
+    import numpy as np
+
+    dtype = array.dtype
+    if dtype == np.float32:
+        return 0
+    if dtype == np.float16:
+        return 1
+    return 2 if dtype.names == (BF16_FIELD,) else None
 
 
 def _unsigned(values: np.ndarray) -> np.ndarray:
@@ -39,22 +59,30 @@ def _unsigned(values: np.ndarray) -> np.ndarray:
     return flat.view(np.uint64) & np.uint64(0x7FFFFFFFFFFFFFFF)
 
 
-def numpy_histogram(values: np.ndarray, counts: np.ndarray, counting: Counting, compiled: Any) -> None:
+def numpy_histogram(
+    values: np.ndarray, counts: np.ndarray, counting: Counting, compiled: Any, widen: Any = None
+) -> None:
     """Add to `counts` the next 16-bit digit of the patterns of |values - minus| (of |values|
     without `minus`) after their top `prefix_bits` bits, among the elements whose top bits are
     `prefix` (all of them for prefix_bits 0); with `fine` (prefix_bits 0, float32), also the low
     16 bits of those whose top 16 are in the window of rows `fine` has from `window` on.
-    `compiled`: merger.core._floatconv, or None (numpy's bincount, several times slower)."""
+    `compiled`: merger.core._floatconv, or None (numpy's bincount, several times slower); `widen`:
+    the backend's, for arrays of 16-bit floats as stored (see `stored_code`)."""
     import numpy as np
 
     prefix_bits, prefix, minus, fine, window = counting
-    width = values.dtype.itemsize * 8
-    same = minus is None or minus.dtype == values.dtype
-    if compiled is not None and width == 32 and prefix_bits in (0, 16) and same:
+    code = stored_code(values)
+    minus_code = 0 if minus is None else stored_code(minus)
+    if compiled is not None and code is not None and minus_code is not None and prefix_bits in (0, 16):
         high = prefix if prefix_bits else -1
         contiguous = None if minus is None else np.ascontiguousarray(minus)
-        compiled.magnitude_hist16(np.ascontiguousarray(values), counts, high, contiguous, fine, window)
+        compiled.magnitude_hist16(
+            np.ascontiguousarray(values), counts, high, contiguous, fine, window, code, minus_code
+        )
         return
+    if widen is not None:
+        values, minus = widen(values), None if minus is None else widen(minus)
+    width = values.dtype.itemsize * 8
     bits = _unsigned(values if minus is None else values - minus)
     if fine is not None:
         inside = bits[((bits >> 16) >= window) & ((bits >> 16) < window + len(fine) // BINS)]
@@ -95,16 +123,18 @@ def numpy_keep(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def numpy_elect(
     base: np.ndarray, models: Sequence[Elected], consensus: int, normalize: bool, scale: float, compiled: Any
 ) -> tuple[np.ndarray, list[int]] | None:
-    """The compiled sign election of float32 arrays (None: not float32, too many models, or no
-    compiled loops)."""
+    """The compiled sign election of float32 arrays, or of 16-bit floats as stored (None: float64, too
+    many models, or no compiled loops); the merged block is float32."""
     import numpy as np
 
-    if compiled is None or base.dtype != np.float32 or not 0 < len(models) <= ELECT_MAX:
+    if compiled is None or not 0 < len(models) <= ELECT_MAX:
         return None
-    if any(m[0].dtype != np.float32 for m in models):
+    base_code, codes = stored_code(base), [stored_code(m[0]) for m in models]
+    if base_code is None or None in codes:
         return None
-    out = np.empty_like(base)
-    ties = compiled.elect(np.ascontiguousarray(base), out, list(models), consensus, normalize, scale)
+    out = np.empty(base.shape, dtype=np.float32)
+    elected = [(np.ascontiguousarray(m[0]), *m[1:], code) for m, code in zip(models, codes, strict=True)]
+    ties = compiled.elect(np.ascontiguousarray(base), out, elected, consensus, normalize, scale, base_code)
     return out, ties
 
 

@@ -86,7 +86,13 @@ class PipelineChunkInputs:
         return self._pipeline.plan
 
     def _read(
-        self, reads: Sequence[tuple[int, str]], specs: list[TensorSpec], start: int, stop: int, count: bool
+        self,
+        reads: Sequence[tuple[int, str]],
+        specs: list[TensorSpec],
+        start: int,
+        stop: int,
+        count: bool,
+        stored: bool = False,
     ) -> list[Array]:
         pipeline = self._pipeline
         out = []
@@ -96,7 +102,7 @@ class PipelineChunkInputs:
             data = pipeline.sources[index].read_into(key, start * size, stop * size, buffer)
             if count and index in pipeline.watched:
                 pipeline.count(index, key, data, spec.dtype)
-            out.append(pipeline.backend.load(data, spec.dtype, (stop - start,)))
+            out.append(pipeline.backend.load(data, spec.dtype, (stop - start,), widen=not stored))
         return out
 
     def chunks(
@@ -106,6 +112,7 @@ class PipelineChunkInputs:
         multiple: int = 1,
         span: tuple[int, int] | None = None,
         peek: bool = False,
+        stored: bool = False,
     ) -> Iterator[list[Array]]:
         pipeline = self._pipeline
         specs = [pipeline.specs[index][key] for index, key in reads]
@@ -121,11 +128,11 @@ class PipelineChunkInputs:
         bounds = [(start, min(start + step, last)) for start in range(first, last, step)]
         if peek:  # a few small spans: read here, without a hand-off to the reading thread
             for start, stop in bounds:
-                yield self._read(reads, specs, start, stop, False)
+                yield self._read(reads, specs, start, stop, False, stored)
             return
         if self._ahead is None:
             self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merger-stream")
-        what = (tuple(reads), bounds[0] if bounds else None)
+        what = (tuple(reads), bounds[0] if bounds else None, stored)
         spare, self._spare = self._spare, None
         pending: concurrent.futures.Future[list[Array]] | None = None
         if spare is not None and spare[0] == what and not count:
@@ -133,14 +140,14 @@ class PipelineChunkInputs:
         elif spare is not None:
             spare[1].cancel()
         if pending is None and bounds:
-            pending = self._ahead.submit(self._read, reads, specs, *bounds[0], count)
+            pending = self._ahead.submit(self._read, reads, specs, *bounds[0], count, stored)
         ahead = collections.deque([pending] if pending is not None else [])
         for i in range(len(bounds)):
             while len(ahead) < READ_AHEAD and i + len(ahead) < len(bounds):  # the next chunks, being read
-                ahead.append(self._ahead.submit(self._read, reads, specs, *bounds[i + len(ahead)], count))
+                ahead.append(self._ahead.submit(self._read, reads, specs, *bounds[i + len(ahead)], count, stored))
             if i + len(ahead) == len(bounds) and len(bounds) > 1 and self._spare is None:
                 # another pass over the same chunks may follow: its first, read ahead too
-                self._spare = (what, self._ahead.submit(self._read, reads, specs, *bounds[0], False))
+                self._spare = (what, self._ahead.submit(self._read, reads, specs, *bounds[0], False, stored))
             arrays = ahead.popleft().result()
             yield arrays
         self._counted.update(ranges)

@@ -139,15 +139,18 @@ class ChunkInputs(Protocol[PlanT_co]):
         multiple: int = 1,
         span: tuple[int, int] | None = None,
         peek: bool = False,
+        stored: bool = False,
     ) -> Iterator[list[Array]]:
         """One pass over the (input index, key) tensors named, which hold the same number of
         elements: per chunk, their flat arrays over the same element range (floats as float32 or
-        wider), in C order. Each call is a new pass (the inputs are read again); the arrays of a
-        chunk are the op's to keep or change. Every chunk but the last holds a multiple of
-        `multiple` elements (so that rows of that length stay whole); `span` (start, stop) reads
-        those elements only (of tensors that hold at least `stop`); `peek`: a look at a few elements
-        before the passes (e.g. a sample), which the passes read again (so it is not counted as
-        their reading: non-finite values are counted once)."""
+        wider; with `stored`, 16-bit floats may stay as stored, for the backend's loops that widen
+        them themselves, and `xp.widen` for the rest), in C order. Each call is a new pass (the
+        inputs are read again); the arrays of a chunk are the op's to keep or change. Every chunk
+        but the last holds a multiple of `multiple` elements (so that rows of that length stay
+        whole); `span` (start, stop) reads those elements only (of tensors that hold at least
+        `stop`); `peek`: a look at a few elements before the passes (e.g. a sample), which the
+        passes read again (so it is not counted as their reading: non-finite values are counted
+        once)."""
         ...
 
     def note(self, name: str, value: float) -> None:

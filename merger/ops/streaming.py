@@ -27,10 +27,13 @@ class Passes:
     """Passes over the chunks of one tensor of several inputs (`ChunkInputs.chunks`): call it for
     each pass. A tensor of one chunk is read in the first pass only; its chunk is kept (`whole`)."""
 
-    def __init__(self, inputs: ChunkInputs[object], reads: Sequence[tuple[int, str]], multiple: int = 1) -> None:
+    def __init__(
+        self, inputs: ChunkInputs[object], reads: Sequence[tuple[int, str]], multiple: int = 1, *, stored: bool = False
+    ) -> None:
         self._inputs = inputs
         self._reads = list(reads)
         self._multiple = multiple
+        self._stored = stored  # 16-bit floats as stored (ChunkInputs.chunks)
         self._kept: list[Array] | None = None
         self._started: Iterator[list[Array]] | None = None  # a first pass that `whole` began
         self.inputs = len(self._reads)
@@ -41,7 +44,7 @@ class Passes:
         before the first pass, this begins it."""
         if self.reads == 0:
             self.reads = 1
-            chunks = self._inputs.chunks(self._reads, multiple=self._multiple)
+            chunks = self._inputs.chunks(self._reads, multiple=self._multiple, stored=self._stored)
             first = next(chunks, None)
             second = next(chunks, None) if first is not None else None
             if first is not None and second is None:
@@ -61,7 +64,7 @@ class Passes:
             starts = [i * (numel - count) // (runs - 1) for i in range(runs)]
         found = []
         for start in starts:
-            for arrays in self._inputs.chunks(self._reads, span=(start, start + count), peek=True):
+            for arrays in self._inputs.chunks(self._reads, span=(start, start + count), peek=True, stored=self._stored):
                 found.append(arrays)
         return found
 
@@ -74,7 +77,7 @@ class Passes:
             yield from started
         else:
             self.reads += 1
-            yield from self._inputs.chunks(self._reads, multiple=self._multiple)
+            yield from self._inputs.chunks(self._reads, multiple=self._multiple, stored=self._stored)
 
 
 def blocks(arrays: list[Array], size: int | None, multiple: int = 1) -> Iterator[list[Array]]:

@@ -150,7 +150,9 @@ class TaskVectorOp(StreamingOp[T, F]):
             else:
                 assert isinstance(params, DareParams)
                 parts.append(Drop(params.seed, f"{key}#{i}", density, params.rescale))
-        passes = Passes(inputs, [(i, key) for i in range(n + 1)])
+        # the compiled election and histograms read 16-bit floats as stored; DARE's L1 norms are array maths
+        stored = self.elects_sign and not any(isinstance(p, Drop) and p.rescale == "l1" for p in parts)
+        passes = Passes(inputs, [(i, key) for i in range(n + 1)], stored=stored)
         self._first_passes(passes, parts, count, xp)
         fused = self.elects_sign  # the compiled election takes whole chunks (it blocks them itself)
         for chunk in passes():
@@ -204,7 +206,8 @@ class TaskVectorOp(StreamingOp[T, F]):
                     for step, left in zip(steps, ties, strict=True):
                         step.ties = left
                     return out, True
-            return self._merged(base, models, steps, weights, params, xp), False
+            wide = [xp.widen(array) for array in models]  # chunks read as stored, for the array maths
+            return self._merged(xp.widen(base), wide, steps, weights, params, xp), False
         finally:
             for part, step in zip(parts, steps, strict=True):
                 part.done(step)
