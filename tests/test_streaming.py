@@ -397,18 +397,26 @@ def test_vocab_first_streams_the_shared_rows_and_copies_the_firsts_rest(xp: Any)
     assert max(stop - start for s in sources for _, start, stop in s.reads) <= chunk_elements(specs) * 4
 
 
-@pytest.mark.parametrize("stored", ["float16", "bfloat16", "mixed"])
+@pytest.mark.parametrize("stored", ["float16", "bfloat16", "mixed", "float16 by array maths"])
 @pytest.mark.parametrize("op", ["ties", "dare_ties"])
-def test_ties_end_to_end_on_tensors_of_many_chunks(launch_dir: Any, run_recipe: Any, stored: str, op: str) -> None:
+def test_ties_end_to_end_on_tensors_of_many_chunks(
+    launch_dir: Any, run_recipe: Any, stored: str, op: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A recipe run (cache, entry file, output) of TIES on 16-bit models whose tensors span many chunks (read
-    as stored, widened in the compiled loops; "mixed": a float32 base and bfloat16 and float16 models): the
-    output is the whole-tensor result rounded to the base's dtype; a second run is a cache hit."""
+    as stored, widened in the compiled loops; "mixed": a float32 base and bfloat16 and float16 models; "by
+    array maths": where the compiled election is not taken, the chunks read as stored are widened for the
+    array maths): the output is the whole-tensor result rounded to the base's dtype; a second run is a
+    cache hit."""
     import torch
     from safetensors.torch import load_file, save_file
 
+    declined: list[int] = []
+    if stored.endswith("by array maths"):
+        monkeypatch.setattr(arrays.NumpyBackend, "elect", lambda *args: declined.append(1))
+
     (launch_dir / "models").mkdir()
-    dtypes = {"float16": [torch.float16] * 3, "bfloat16": [torch.bfloat16] * 3}
-    chosen = dtypes.get(stored, [torch.float32, torch.bfloat16, torch.float16])
+    dtypes = {"bfloat16": [torch.bfloat16] * 3, "mixed": [torch.float32, torch.bfloat16, torch.float16]}
+    chosen = dtypes.get(stored, [torch.float16] * 3)
     inputs = []
     for name, array, dtype in zip(("base", "a", "b"), family(13, 2, shape=(120, 333), steps=True), chosen, strict=True):
         tensors = {"w": torch.from_numpy(array).to(dtype), "n": torch.tensor([1.0, 2.0]).to(dtype)}
@@ -428,6 +436,7 @@ def test_ties_end_to_end_on_tensors_of_many_chunks(launch_dir: Any, run_recipe: 
     )  # fmt: skip
     assert got.dtype == chosen[0]
     assert torch.equal(got, torch.from_numpy(want).to(chosen[0]))
+    assert bool(declined) == stored.endswith("by array maths")
     assert report["nodes"]["m"]["status"] == "computed"
     assert run_recipe(data)["nodes"]["m"]["status"] == "cached"
 
