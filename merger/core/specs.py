@@ -35,6 +35,12 @@ DTYPE_SIZES: dict[str, int] = {
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
+
+def compute_code(code: str) -> str:
+    """The dtype float maths runs in for a stored dtype."""
+    return "F64" if code == "F64" else "F32" if code in FLOAT_DTYPES else code
+
+
 #: names users write in recipes (output dtype) -> safetensors code
 DTYPE_NAMES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 

@@ -104,7 +104,7 @@ class PlannedNode:
 
 #: the precision a node that feeds other nodes is kept at (its key says so): float32, float64 stays
 MATHS_PRECISION = "float32"
-#: float dtypes narrower than the maths (merger.core.arrays.compute_code): kept wider between nodes
+#: float dtypes narrower than the maths (merger.core.specs.compute_code): kept wider between nodes
 NARROW_FLOATS = frozenset(FLOAT_DTYPES - {"F32", "F64"})
 
 
