@@ -420,10 +420,9 @@ static int optional_buffer(PyObject *object, Py_buffer *view, int writable) {
 static PyObject *py_magnitude_hist16(PyObject *self, PyObject *args) {
     Py_buffer src, counts, minus = {0}, fine = {0};
     PyObject *minus_object = Py_None, *fine_object = Py_None, *result = NULL;
-    long high;
-    unsigned long window = 0;
+    long high, window = 0;
     int src_code = STORED_F32, minus_code = STORED_F32;
-    if (!PyArg_ParseTuple(args, "y*w*l|OOkii", &src, &counts, &high, &minus_object, &fine_object, &window, &src_code,
+    if (!PyArg_ParseTuple(args, "y*w*l|OOlii", &src, &counts, &high, &minus_object, &fine_object, &window, &src_code,
                           &minus_code)) {
         return NULL;
     }
@@ -436,7 +435,7 @@ static PyObject *py_magnitude_hist16(PyObject *self, PyObject *args) {
     const Py_ssize_t n = codes_known ? src.len / stored_size(src_code) : 0;
     if (!codes_known || src.len % stored_size(src_code) != 0 || counts.len != 65536 * 8 || high > 0xFFFF ||
         (minus.obj && minus.len != n * stored_size(minus_code)) ||
-        (fine.obj && (high >= 0 || fine.len % (65536 * 8) != 0 || window + (unsigned long)rows > 65536))) {
+        window < 0 || (fine.obj && (high >= 0 || fine.len % (65536 * 8) != 0 || window + (long)rows > 65536))) {
         PyErr_SetString(PyExc_ValueError, "magnitude_hist16 takes values stored as float32, float16 or bfloat16"
                                           " (codes 0-2), 65536 int64 counts, high < 65536, minus of src's length,"
                                           " fine of 65536 int64 rows within the bins");

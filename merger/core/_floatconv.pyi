@@ -1,5 +1,6 @@
 """Types of the compiled conversion loops (merger/core/_floatconv.c); `src` and `dst` are any objects
-with the buffer protocol (numpy arrays, bytearray, memoryview), checked when called."""
+with the buffer protocol (numpy arrays, bytearray, memoryview), checked when called. TIES's histogram
+and election take values stored as codes: 0 float32, 1 float16, 2 bfloat16."""
 
 def f16_to_f32(src: object, dst: object, portable: bool = False, /) -> None: ...
 def f32_to_f16(src: object, dst: object, portable: bool = False, /) -> None: ...
@@ -8,15 +9,25 @@ def f32_to_bf16(src: object, dst: object, portable: bool = False, /) -> None: ..
 def count_masked16(src: object, mask: int, /) -> int: ...
 def count_masked32(src: object, mask: int, /) -> int: ...
 def magnitude_hist16(
-    src: object, counts: object, high: int, minus: object = None, fine: object = None, window: int = 0, /
+    src: object,
+    counts: object,
+    high: int,
+    minus: object = None,
+    fine: object = None,
+    window: int = 0,
+    src_code: int = 0,
+    minus_code: int = 0,
+    /,
 ) -> None: ...
 def elect(
     base: object,
     out: object,
-    models: list[tuple[object, int, object, int, int, float, float, float]],
+    models: list[tuple[object, int, object, int, int, float, float, float]]
+    | list[tuple[object, int, object, int, int, float, float, float, int]],
     consensus: int,
     normalize: bool,
     scale: float,
+    base_code: int = 0,
     /,
 ) -> list[int]: ...
 def simd() -> bool: ...

@@ -82,8 +82,9 @@ def numpy_histogram(
         return
     if widen is not None:
         values, minus = widen(values), None if minus is None else widen(minus)
-    width = values.dtype.itemsize * 8
-    bits = _unsigned(values if minus is None else values - minus)
+    deltas = values if minus is None else values - minus  # float64 where either is
+    width = deltas.dtype.itemsize * 8
+    bits = _unsigned(deltas)
     if fine is not None:
         inside = bits[((bits >> 16) >= window) & ((bits >> 16) < window + len(fine) // BINS)]
         fine += np.bincount((inside - (window << 16)).astype(np.intp), minlength=len(fine))
@@ -132,6 +133,9 @@ def numpy_elect(
     base_code, codes = stored_code(base), [stored_code(m[0]) for m in models]
     if base_code is None or None in codes:
         return None
+    for _, _, _, _, _, divide, multiply, _ in models:  # a factor of 0 is none to the compiled loop
+        if any(factor != 0.0 and np.float32(factor) == 0.0 for factor in (divide, multiply)):
+            return None  # one that float32 rounds to 0: the array maths divides by it
     out = np.empty(base.shape, dtype=np.float32)
     elected = [(np.ascontiguousarray(m[0]), *m[1:], code) for m, code in zip(models, codes, strict=True)]
     ties = compiled.elect(np.ascontiguousarray(base), out, elected, consensus, normalize, scale, base_code)

@@ -137,7 +137,8 @@ class TaskVectorOp(StreamingOp[T, F]):
         weights = per_model(params.weights, n, "weights")
         densities = per_model(getattr(params, "density", 1.0), n, "density")
         spec = inputs.specs[0][key]
-        count, width = spec.numel, 64 if spec.dtype == "F64" else 32
+        wide = any(specs[key].dtype == "F64" for specs in inputs.specs[: n + 1])  # deltas of 64-bit patterns
+        count, width = spec.numel, 64 if wide else 32
         parts: list[Sparsify] = []
         for i, density in enumerate(densities):
             if self.sparsify is None or density >= 1.0:
