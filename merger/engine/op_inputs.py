@@ -65,7 +65,7 @@ class PipelineChunkInputs:
         self._pipeline = pipeline
         self._piece = piece
         self._counted: set[tuple[int, str, int, int]] = set()
-        self._ahead: concurrent.futures.ThreadPoolExecutor | None = None
+        self._submitted: list[concurrent.futures.Future[list[Array]]] = []  # reads of this piece's
         #: the first chunk of a pass, read at the end of the pass before (reads, first bounds; its read)
         self._spare: tuple[tuple[object, ...], concurrent.futures.Future[list[Array]]] | None = None
         self.step = chunk_elements(pipeline.specs, stream=True)
@@ -74,8 +74,18 @@ class PipelineChunkInputs:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._ahead is not None:
-            self._ahead.shutdown(wait=True, cancel_futures=True)
+        """The reads still queued are dropped, and the one under way finished (the thread is the node's)."""
+        for future in self._submitted:
+            future.cancel()
+        concurrent.futures.wait(self._submitted)
+        self._submitted.clear()
+
+    def _ahead(self, *args: Any) -> concurrent.futures.Future[list[Array]]:
+        """`_read(*args)` on the node's read-ahead thread."""
+        self._submitted = [f for f in self._submitted if not f.done()]
+        future = self._pipeline.stream_reads().submit(self._read, *args)
+        self._submitted.append(future)
+        return future
 
     @property
     def specs(self) -> tuple[dict[str, TensorSpec], ...]:
@@ -130,8 +140,6 @@ class PipelineChunkInputs:
             for start, stop in bounds:
                 yield self._read(reads, specs, start, stop, False, stored)
             return
-        if self._ahead is None:
-            self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merger-stream")
         what = (tuple(reads), bounds[0] if bounds else None, stored)
         spare, self._spare = self._spare, None
         pending: concurrent.futures.Future[list[Array]] | None = None
@@ -140,14 +148,14 @@ class PipelineChunkInputs:
         elif spare is not None:
             spare[1].cancel()
         if pending is None and bounds:
-            pending = self._ahead.submit(self._read, reads, specs, *bounds[0], count, stored)
+            pending = self._ahead(reads, specs, *bounds[0], count, stored)
         ahead = collections.deque([pending] if pending is not None else [])
         for i in range(len(bounds)):
             while len(ahead) < READ_AHEAD and i + len(ahead) < len(bounds):  # the next chunks, being read
-                ahead.append(self._ahead.submit(self._read, reads, specs, *bounds[i + len(ahead)], count, stored))
+                ahead.append(self._ahead(reads, specs, *bounds[i + len(ahead)], count, stored))
             if i + len(ahead) == len(bounds) and len(bounds) > 1 and self._spare is None:
                 # another pass over the same chunks may follow: its first, read ahead too
-                self._spare = (what, self._ahead.submit(self._read, reads, specs, *bounds[0], False, stored))
+                self._spare = (what, self._ahead(reads, specs, *bounds[0], False, stored))
             arrays = ahead.popleft().result()
             yield arrays
         self._counted.update(ranges)
