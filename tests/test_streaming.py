@@ -464,3 +464,29 @@ def test_the_chunk_read_ahead_at_a_pass_end_is_the_next_pass_s_first() -> None:
         assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
         chunks.chunks([(1, KEY)]).__next__()  # another pass's reads: the one read ahead is dropped
     assert [np.array_equal(a.reshape(-1), b) for a, b in zip(inputs, first, strict=True)] == [True, True]
+
+
+def test_streamed_pieces_share_one_read_ahead_thread_and_drop_their_queued_reads() -> None:
+    """The node's pieces read ahead on one thread (not one started per tensor); a piece left before its
+    pass ends leaves no read behind it: what it queued is dropped, what was under way is finished."""
+    from merger.engine.op_inputs import PipelineChunkInputs
+    from merger.engine.pieces import Piece
+
+    inputs = family(4, 1)
+    sources = [BytesSource({KEY: a.tobytes()}) for a in inputs]
+    specs = tuple({KEY: TensorSpec("F32", a.shape)} for a in inputs)
+    op, params = TaskArithmetic(), TaskArithmeticParams(base="m0")
+    node = op.spec(InputSpecs(("m0", "m1"), specs), params)
+    pipeline = Pipeline(op, keyed(op, params, node), list(sources), specs, NumpyBackend())
+    reads, threads = [(0, KEY), (1, KEY)], set()
+    for _ in range(3):
+        with PipelineChunkInputs(pipeline, Piece(KEY, 0, inputs[0].size, "stream", ())) as chunks:
+            passing = chunks.chunks(reads)
+            next(passing)  # the first chunk; the next ones are queued
+            threads.add(next(iter(pipeline.stream_reads()._threads)).ident)
+        done = len(sources[0].reads)
+        pipeline.stream_reads().submit(lambda: None).result()  # the thread has run whatever was left
+        assert len(sources[0].reads) == done  # nothing of the piece was read after it ended
+        assert done < inputs[0].size // chunk_elements(specs, stream=True)  # it did not read the whole pass
+        sources[0].reads.clear()
+    assert len(threads) == 1
