@@ -441,16 +441,21 @@ def test_ties_end_to_end_on_tensors_of_many_chunks(
     assert run_recipe(data)["nodes"]["m"]["status"] == "cached"
 
 
-def test_the_chunk_read_ahead_at_a_pass_end_is_the_next_pass_s_first() -> None:
-    from merger.engine.op_inputs import PipelineChunkInputs
-    from merger.engine.pieces import Piece
-
+def streaming_pipeline() -> tuple[list[np.ndarray], list[BytesSource], tuple[dict[str, TensorSpec], ...], Pipeline]:
+    """A base and a fine-tune of it as sources a pipeline streams from (inputs, sources, specs, pipeline)."""
     inputs = family(4, 1)
     sources = [BytesSource({KEY: a.tobytes()}) for a in inputs]
     specs = tuple({KEY: TensorSpec("F32", a.shape)} for a in inputs)
     op, params = TaskArithmetic(), TaskArithmeticParams(base="m0")
     node = op.spec(InputSpecs(("m0", "m1"), specs), params)
-    pipeline = Pipeline(op, keyed(op, params, node), list(sources), specs, NumpyBackend())
+    return inputs, sources, specs, Pipeline(op, keyed(op, params, node), list(sources), specs, NumpyBackend())
+
+
+def test_the_chunk_read_ahead_at_a_pass_end_is_the_next_pass_s_first() -> None:
+    from merger.engine.op_inputs import PipelineChunkInputs
+    from merger.engine.pieces import Piece
+
+    inputs, sources, _, pipeline = streaming_pipeline()
     reads = [(0, KEY), (1, KEY)]
     with PipelineChunkInputs(pipeline, Piece(KEY, 0, inputs[0].size, "stream", ())) as chunks:
         first = [np.concatenate(c) for c in zip(*chunks.chunks(reads), strict=True)]
@@ -472,12 +477,7 @@ def test_streamed_pieces_share_one_read_ahead_thread_and_drop_their_queued_reads
     from merger.engine.op_inputs import PipelineChunkInputs
     from merger.engine.pieces import Piece
 
-    inputs = family(4, 1)
-    sources = [BytesSource({KEY: a.tobytes()}) for a in inputs]
-    specs = tuple({KEY: TensorSpec("F32", a.shape)} for a in inputs)
-    op, params = TaskArithmetic(), TaskArithmeticParams(base="m0")
-    node = op.spec(InputSpecs(("m0", "m1"), specs), params)
-    pipeline = Pipeline(op, keyed(op, params, node), list(sources), specs, NumpyBackend())
+    inputs, sources, specs, pipeline = streaming_pipeline()
     reads, threads = [(0, KEY), (1, KEY)], set()
     for _ in range(3):
         with PipelineChunkInputs(pipeline, Piece(KEY, 0, inputs[0].size, "stream", ())) as chunks:
