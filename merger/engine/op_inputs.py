@@ -56,8 +56,9 @@ class PipelineTensorInputs:
 
 class PipelineChunkInputs:
     """`ChunkInputs` for streaming ops: passes over input chunks, the next chunk read (and converted
-    to the compute dtype) on another thread while one is computed, and at a pass's end the first
-    chunk of the next (most streaming ops make several passes: it is dropped when none follows);
+    to the compute dtype, unless read as stored) on the node's read-ahead thread while one is
+    computed, and at a pass's end the first chunk of the next (most streaming ops make several
+    passes: it is dropped when none follows);
     non-finite values of watched inputs are counted in the first pass over each element range of a
     tensor only."""
 
@@ -65,7 +66,7 @@ class PipelineChunkInputs:
         self._pipeline = pipeline
         self._piece = piece
         self._counted: set[tuple[int, str, int, int]] = set()
-        self._submitted: list[concurrent.futures.Future[list[Array]]] = []  # reads of this piece's
+        self._submitted: list[concurrent.futures.Future[list[Array]]] = []  # this piece's reads, dropped at its end
         #: the first chunk of a pass, read at the end of the pass before (reads, first bounds; its read)
         self._spare: tuple[tuple[object, ...], concurrent.futures.Future[list[Array]]] | None = None
         self.step = chunk_elements(pipeline.specs, stream=True)
