@@ -314,3 +314,27 @@ def test_a_stop_a_library_turns_into_another_error_still_ends_as_the_stop(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == status and "not stopped" not in done.stdout, done.stderr
     assert f"merger: {said}" in done.stderr and "cannot take" not in done.stderr
+
+
+def test_a_stop_during_the_exit_after_the_run_is_ignored(tmp_path: Path) -> None:
+    """A stop that lands once the run's outcome is decided (in the interpreter's exit: a library's clean-up
+    code, as torch's, which aborted the process when the stop was raised inside it) is ignored: the run
+    exits with its own status, no traceback, no abort."""
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import atexit, os, signal, time
+        from merger.cli.failure import command
+        def stopped_while_exiting():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            print("cleaned up")
+        atexit.register(stopped_while_exiting)
+        command(lambda argv: print("done"), ["merger"])
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["done", "cleaned", "up"] and "Traceback" not in done.stderr

@@ -154,6 +154,22 @@ def command(body: Callable[[list[str]], None], argv: list[str]) -> NoReturn:
         os.environ[VERBOSE_VARIABLE] = "1"  # jobs in other processes (Hydra's launchers) show tracebacks too
     prepare_process()
     try:
+        _run(body, argv, traceback=traceback)
+    finally:
+        ignore_stops()
+
+
+def ignore_stops() -> None:
+    """From here the run's outcome is decided and its temporary files are gone: a stop signal is ignored
+    (raised during the interpreter's exit, inside a library's own clean-up code, torch's, it aborted the
+    process instead of ending it)."""
+    for signum, ours in ((signal.SIGTERM, _terminate), (signal.SIGINT, _interrupt)):
+        if signal.getsignal(signum) is ours:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _run(body: Callable[[list[str]], None], argv: list[str], *, traceback: bool) -> NoReturn:
+    try:
         body(without_verbose(argv))
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
