@@ -37,8 +37,12 @@ VERSIONS: dict[tuple[str, int], str] = {
     ("task_arithmetic", 1): "fc096ee4b1731e10faa232b7a19cba5be24f6369c3ad9a8d55c13f7d8e9f720a",
     # 2: ties at the cut go to the first in C order (entries of version 1 broke them another way)
     ("ties", 2): "3f2a13ec736c5cbdba5a47d4f2381f6d1a57daaeb49928511e7f272060c159d3",
+    # 3: a float64 input among narrower ones is cut over 64-bit patterns (these float32 inputs: the same)
+    ("ties", 3): "3f2a13ec736c5cbdba5a47d4f2381f6d1a57daaeb49928511e7f272060c159d3",
     ("dare_linear", 1): "8271d7cef5afac1bc82c5a2f26ac33a821482cf997c52cde91ac438253308a00",
     ("dare_ties", 1): "42a14b18e605f1c85926c9910bda1b1be33c111dab7365afb0a109d70f6eef50",
+    # 2: a density float32 rounds to 0 divides as the array maths does (these inputs: the same)
+    ("dare_ties", 2): "42a14b18e605f1c85926c9910bda1b1be33c111dab7365afb0a109d70f6eef50",
     ("model_stock", 1): "c3a90eb566bc387f2fbc33887944cd251f90ea6b8a6680baabd41150907f83f3",
     ("select", 1): "e04be291c44eec43cb50bbb13de91f53671727a5986bb28d2d2b9f539d8fc9be",
     ("splice", 1): "9806f547ed6ebb8f23bfee294e5ad6bb00ca3c1bf7b4f904f7d65cdfc50028cf",

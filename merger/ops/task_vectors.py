@@ -264,7 +264,9 @@ class Ties(TaskVectorOp[TiesParams[Scheduled], TiesParams[float]]):
     """TIES: trim each task vector to its top density, elect signs, average the agreeing values."""
 
     name = "ties"
-    version = 2  # 2: deltas tied at the cut are kept in C order (version 1 entries broke such ties otherwise)
+    #: 2: deltas tied at the cut are kept in C order (version 1 entries broke such ties otherwise); 3: a model or
+    #: base of float64 among narrower inputs is cut over the deltas' 64-bit patterns (version 2 kept every delta)
+    version = 3
     params_model = TiesParams[Scheduled]
     sparsify = "magnitude"
     elects_sign = True
@@ -285,6 +287,7 @@ class DareTies(TaskVectorOp[DareTiesParams[Scheduled], DareTiesParams[float]]):
     """DARE's random drop, then TIES's sign election."""
 
     name = "dare_ties"
+    version = 2  # 2: a density float32 rounds to 0 divides as the array maths does (version 1 skipped it)
     params_model = DareTiesParams[Scheduled]
     sparsify = "random"
     elects_sign = True
