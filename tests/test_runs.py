@@ -174,6 +174,30 @@ def test_a_reader_reads_tensors_in_one_span_or_one_by_one(tmp_path: Path, order:
     reader.close()
 
 
+def test_small_tensors_are_read_a_block_ahead_and_spans_of_large_ones_only_themselves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small tensor's read fetches a block of the file for the small ones after it (one pread); a short
+    span of a large tensor (a sample of it) reads its own bytes only, not a block it would not use."""
+    import merger.io.safetensors_file as safetensors_module
+
+    rng = np.random.default_rng(1)
+    tensors = {"small": rng.bytes(100), "next": rng.bytes(200), "large": rng.bytes(4 << 20)}
+    safetensors_file(tmp_path / "m.safetensors", tensors, list(tensors))
+    reader = SafetensorsReader(read_header(tmp_path / "m.safetensors"))
+    preads: list[int] = []
+    original = safetensors_module.os.pread
+    monkeypatch.setattr(safetensors_module.os, "pread", lambda fd, n, at: preads.append(n) or original(fd, n, at))
+    out = memoryview(bytearray(16384))
+    assert bytes(reader.read_into("small", 0, 100, out[:100])) == tensors["small"]
+    assert bytes(reader.read_into("next", 0, 200, out[:200])) == tensors["next"]
+    assert preads == [safetensors_module.READ_AHEAD_BYTES]  # the second served from the block
+    for start in (0, 1 << 20, (4 << 20) - 16384):
+        assert bytes(reader.read_into("large", start, start + 16384, out)) == tensors["large"][start : start + 16384]
+    assert preads == [safetensors_module.READ_AHEAD_BYTES]  # the spans: one preadv each, of their own size
+    reader.close()
+
+
 def test_a_writer_takes_whole_tensors_in_order_only(tmp_path: Path) -> None:
     specs = {"a": TensorSpec("F32", (2,)), "b": TensorSpec("F32", (1,)), "c": TensorSpec("F16", (3,))}
     writer = SafetensorsWriter(tmp_path / "w.safetensors", specs, {})

@@ -60,8 +60,9 @@ class SafetensorsReader:
 
         Uses positioned reads, so several threads may share one reader.
         """
-        begin, _ = self.header.offsets[key]
-        return self._read(self.header.data_start + begin + start, out[: stop - start], key)
+        begin, end = self.header.offsets[key]
+        small = end - begin < SMALL_WRITE_BYTES  # a span of a large tensor (a sample of it) reads only itself
+        return self._read(self.header.data_start + begin + start, out[: stop - start], key, ahead=small)
 
     def read_tensors(self, keys: Sequence[str], sizes: Sequence[int], out: memoryview) -> memoryview:
         """Whole tensors `keys` (of `sizes` bytes) one after another into `out`: one read when the
@@ -82,9 +83,9 @@ class SafetensorsReader:
             offset += size
         return out
 
-    def _read(self, offset: int, view: memoryview, key: str) -> memoryview:
+    def _read(self, offset: int, view: memoryview, key: str, *, ahead: bool = True) -> memoryview:
         fd = self._handle().fileno()
-        if len(view) < SMALL_WRITE_BYTES:  # a small tensor: served from the block read ahead (one pread a MB)
+        if ahead and len(view) < SMALL_WRITE_BYTES:  # a small tensor: served from the block read ahead (a MB a pread)
             at, block = getattr(self._ahead, "block", (0, b""))
             if not at <= offset or offset + len(view) > at + len(block):
                 at, block = offset, os.pread(fd, max(READ_AHEAD_BYTES, len(view)), offset)
