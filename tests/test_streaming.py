@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import merger.engine.pieces as pieces_module
+import merger.ops.streaming as streaming
 import merger.ops.task_vectors as task_vectors
 from merger.core import arrays
 from merger.core.arrays import NumpyBackend, TorchBackend
@@ -48,6 +49,7 @@ KEY = "w"
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pieces_module, "PIECE_BYTES", 1024)  # the least chunk: 1024 elements
+    monkeypatch.setattr(streaming, "KEPT_BYTES", 0)  # every pass reads, as over tensors larger than KEPT_BYTES
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -225,16 +227,48 @@ def test_ties_memory_holds_chunks_not_tensors(monkeypatch: pytest.MonkeyPatch) -
     assert [passes(s) for s in sources] == [2, 2, 2]
 
 
-def test_topk_window_that_misses_costs_a_pass_not_exactness() -> None:
+KEPT_CASES: dict[str, tuple[Op, Any, int]] = {
+    "ties": (Ties(), TiesParams(base="m0", density=0.4), 3),
+    "dare_linear l1": (DareLinear(), DareParams(base="m0", density=0.5, rescale="l1", seed=3), 3),
+    "model_stock": (ModelStock(), ModelStockParams(base="m0"), 3),
+    "slerp": (Slerp(), SlerpParams(t=0.3), 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KEPT_CASES))
+def test_a_tensor_within_kept_bytes_is_read_once_for_all_passes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its chunks are kept from the first pass (and no next pass's first chunk is read ahead), with the
+    result of passes that read again; one a byte over the bound is read in every pass."""
+    monkeypatch.setattr(task_vectors, "AIMED", 0)
+    monkeypatch.setattr(task_vectors, "SAMPLE_RUN", 512)
+    op, params, n = KEPT_CASES[case]
+    inputs = family(5, n - 1) if case != "slerp" else family(5, 1)
+    again, _ = run(op, params, inputs, NumpyBackend())
+    chunks = math.ceil(inputs[0].size / 1024)
+    monkeypatch.setattr(streaming, "KEPT_BYTES", inputs[0].size * 4 * n)
+    got, sources = run(op, params, inputs, NumpyBackend())
+    assert np.array_equal(got, again)
+    for source in sources:
+        size = len(source.tensors[KEY])
+        chunk_reads = [r for r in source.reads if r[1] % 4096 == 0 and r[2] == min(r[1] + 4096, size)]
+        assert len(chunk_reads) == chunks and passes(source) == 1
+    monkeypatch.setattr(streaming, "KEPT_BYTES", inputs[0].size * 4 * n - 1)
+    _, sources = run(op, params, inputs, NumpyBackend())
+    assert all(passes(source) >= 2 for source in sources)
+
+
+def test_topk_window_that_misses_costs_passes_not_exactness() -> None:
+    """A window where the cut is gives it in one pass; one above or below the cut costs the two passes
+    without a window after it."""
     rng = np.random.default_rng(4)
     values = rng.standard_normal(200_000).astype(np.float32)
     k = 60_000
     xp = NumpyBackend()
     want = ref.top_k_mask(np.abs(values), k)
-    for aim_at in (0.3, 0.9):  # the true fraction, and a misleading one
+    for aim_at in (0.3, 0.9, 0.05):  # the true fraction, and misleading ones (the window below, above the cut)
         top = TopK(k, 32)
         sample = np.zeros(1 << 16, np.int64)
-        xp.magnitude_histogram(values[::5], sample, (0, 0, None, None, 0))
+        xp.magnitude_histogram(values[::5], sample, (0, 0, None, None, 0, False))
         top.aim(sample, aim_at, 8)
         used = 0
         while top.cut is None:
@@ -242,7 +276,7 @@ def test_topk_window_that_misses_costs_a_pass_not_exactness() -> None:
                 top.add(values[start : start + 7000], xp)
             top.end_pass()
             used += 1
-        assert used == (1 if aim_at == 0.3 else 2)
+        assert used == (1 if aim_at == 0.3 else 3)
         mask, marked = xp.cut_mask(values, top.cut.bits, top.cut.ties)
         assert marked == top.cut.ties and np.array_equal(mask, want)
 

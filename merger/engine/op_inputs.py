@@ -124,6 +124,7 @@ class PipelineChunkInputs:
         span: tuple[int, int] | None = None,
         peek: bool = False,
         stored: bool = False,
+        again: bool = True,
     ) -> Iterator[list[Array]]:
         pipeline = self._pipeline
         specs = [pipeline.specs[index][key] for index, key in reads]
@@ -154,7 +155,7 @@ class PipelineChunkInputs:
         for i in range(len(bounds)):
             while len(ahead) < READ_AHEAD and i + len(ahead) < len(bounds):  # the next chunks, being read
                 ahead.append(self._ahead(reads, specs, *bounds[i + len(ahead)], count, stored))
-            if i + len(ahead) == len(bounds) and len(bounds) > 1 and self._spare is None:
+            if again and i + len(ahead) == len(bounds) and len(bounds) > 1 and self._spare is None:
                 # another pass over the same chunks may follow: its first, read ahead too
                 self._spare = (what, self._ahead(reads, specs, *bounds[0], False, stored))
             arrays = ahead.popleft().result()

@@ -140,6 +140,7 @@ class ChunkInputs(Protocol[PlanT_co]):
         span: tuple[int, int] | None = None,
         peek: bool = False,
         stored: bool = False,
+        again: bool = True,
     ) -> Iterator[list[Array]]:
         """One pass over the (input index, key) tensors named, which hold the same number of
         elements: per chunk, their flat arrays over the same element range (floats as float32 or
@@ -150,7 +151,8 @@ class ChunkInputs(Protocol[PlanT_co]):
         whole); `span` (start, stop) reads those elements only (of tensors that hold at least
         `stop`); `peek`: a look at a few elements before the passes (e.g. a sample), which the
         passes read again (so it is not counted as their reading: non-finite values are counted
-        once)."""
+        once); `again`: whether another pass over the same chunks may follow (its first chunk is
+        then read ahead at this one's end)."""
         ...
 
     def note(self, name: str, value: float) -> None:

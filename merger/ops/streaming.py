@@ -3,8 +3,9 @@
 Such a merge needs something of each tensor whole before its first output element (a norm, a dot
 product, a top-k threshold): it makes passes over the inputs' chunks (`Passes`), the first ones to
 gather those statistics, the last to compute the output chunk by chunk (in blocks of the backend's
-`block_elements`, so that the temporaries stay in the CPU's cache). A tensor that fits in one chunk
-is read once and its chunk kept for the later passes, so small tensors cost one read, as before.
+`block_elements`, so that the temporaries stay in the CPU's cache). A tensor whose chunks take at
+most KEPT_BYTES over all its inputs is read once and its chunks kept for the later passes (most of a
+diffusion model's tensors), so that only larger ones (an LLM's embeddings) are read in every pass.
 The ops never change the arrays of a chunk (a kept one is passed again).
 """
 
@@ -15,7 +16,7 @@ from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from merger.core.specs import TensorSpec
+from merger.core.specs import DTYPE_SIZES, TensorSpec
 from merger.ops.base import ChunkInputs, P, PieceMode, R
 from merger.ops.elementwise import AlignedOp, Merged
 
@@ -23,12 +24,25 @@ if TYPE_CHECKING:
     from merger.core.arrays import Array, Backend
 
 
+#: a tensor whose chunks over all its inputs take at most this many bytes is read in the first pass
+#: only (a Stable Diffusion UNet's largest, 1280x1280x3x3, of three float16 models: 88 MB), as much
+#: as the chunks a lerp has in flight, so that a whole-tensor merge's memory stays within twice a lerp's
+KEPT_BYTES = 96 * 1024 * 1024
+
+
 class Passes:
     """Passes over the chunks of one tensor of several inputs (`ChunkInputs.chunks`): call it for
-    each pass. A tensor of one chunk is read in the first pass only; its chunk is kept (`whole`)."""
+    each pass. A tensor of one chunk is read in the first pass only; its chunk is kept (`whole`).
+    So are the chunks of a tensor of at most KEPT_BYTES (`keep`: whether to, at all)."""
 
     def __init__(
-        self, inputs: ChunkInputs[object], reads: Sequence[tuple[int, str]], multiple: int = 1, *, stored: bool = False
+        self,
+        inputs: ChunkInputs[object],
+        reads: Sequence[tuple[int, str]],
+        multiple: int = 1,
+        *,
+        stored: bool = False,
+        keep: bool = True,
     ) -> None:
         self._inputs = inputs
         self._reads = list(reads)
@@ -36,15 +50,30 @@ class Passes:
         self._stored = stored  # 16-bit floats as stored (ChunkInputs.chunks)
         self._kept: list[Array] | None = None
         self._started: Iterator[list[Array]] | None = None  # a first pass that `whole` began
+        self._keeps = keep and self._bytes() <= KEPT_BYTES
+        self._chunks: list[list[Array]] | None = None  # a whole pass's chunks, kept
         self.inputs = len(self._reads)
         self.reads = 0  # passes that read the inputs
+
+    def _bytes(self) -> int:
+        """The bytes of the tensor's chunks over all inputs (16-bit floats as stored, or widened)."""
+        total = 0
+        for index, key in self._reads:
+            spec = self._inputs.specs[index][key]
+            size = DTYPE_SIZES[spec.dtype]
+            total += spec.numel * (size if self._stored and size == 2 else max(4, size))
+        return total
+
+    def _read(self) -> Iterator[list[Array]]:
+        """A pass that reads the inputs (no other follows when its chunks are kept)."""
+        return self._inputs.chunks(self._reads, multiple=self._multiple, stored=self._stored, again=not self._keeps)
 
     def whole(self) -> list[Array] | None:
         """The tensor's arrays whole, when it is one chunk (then no pass reads again), else None;
         before the first pass, this begins it."""
         if self.reads == 0:
             self.reads = 1
-            chunks = self._inputs.chunks(self._reads, multiple=self._multiple, stored=self._stored)
+            chunks = self._read()
             first = next(chunks, None)
             second = next(chunks, None) if first is not None else None
             if first is not None and second is None:
@@ -72,12 +101,23 @@ class Passes:
         self.whole()
         if self._kept is not None:
             yield self._kept
-        elif self._started is not None:
-            started, self._started = self._started, None
-            yield from started
+            return
+        if self._chunks is not None:
+            yield from self._chunks
+            return
+        if self._started is not None:
+            chunks, self._started = self._started, None
         else:
             self.reads += 1
-            yield from self._inputs.chunks(self._reads, multiple=self._multiple, stored=self._stored)
+            chunks = self._read()
+        if not self._keeps:
+            yield from chunks
+            return
+        kept = []
+        for arrays in chunks:
+            kept.append(arrays)
+            yield arrays
+        self._chunks = kept  # a whole pass (one left early is not kept)
 
 
 def blocks(arrays: list[Array], size: int | None, multiple: int = 1) -> Iterator[list[Array]]:

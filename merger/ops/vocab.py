@@ -181,11 +181,12 @@ class _CutChunks:
         span: tuple[int, int] | None = None,
         peek: bool = False,
         stored: bool = False,
+        again: bool = True,
     ) -> Iterator[list[Array]]:
         cut = [self.specs[index][key].numel for index, key in reads if key in self._inputs.plan.rows]
         if cut and span is None:
             span = (0, cut[0])
-        return self._inputs.chunks(reads, multiple=multiple, span=span, peek=peek, stored=stored)
+        return self._inputs.chunks(reads, multiple=multiple, span=span, peek=peek, stored=stored, again=again)
 
     def note(self, name: str, value: float) -> None:
         self._inputs.note(name, value)
