@@ -15,7 +15,7 @@ setup(
         Extension(
             "merger.core._floatconv",
             ["merger/core/_floatconv.c"],
-            extra_compile_args=["-O3"],
+            extra_compile_args=["-O3", "-ffp-contract=off"],  # float32 rounding step by step, as numpy
             optional=True,
         ),
         Extension(

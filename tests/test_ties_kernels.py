@@ -1,7 +1,8 @@
 """TIES's compiled loops (merger/core/_floatconv.c) against their numpy forms, on the paths that
 tests/test_streaming.py's small chunks do not reach: histograms of long arrays (the fine window's
 elements picked eight at a time), of float16 and bfloat16 read as stored, and the two-model sign
-election (one loop per block), with every option, non-finite values and ties at the cut; bit for bit."""
+election (one loop per block), with every option, non-finite values and ties at the cut; bit for bit,
+in each tier of loops the CPU runs (AVX-512, AVX2, portable C)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,37 @@ pytestmark = [
     pytest.mark.skipif(floatconv is None, reason="merger's compiled loops are not built"),
     pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning"),  # inf * 0 in the array maths
 ]
+
+
+class Tiered:
+    """The compiled module with its TIES loops held to one tier (their last argument)."""
+
+    def __init__(self, tier: int) -> None:
+        self.tier = tier
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(floatconv, name)
+
+    def magnitude_hist16(self, *args: Any) -> None:
+        defaults = (None, None, 0, 0, 0)  # minus, fine, window, src_code, minus_code
+        floatconv.magnitude_hist16(*args, *defaults[len(args) - 3 :], self.tier)
+
+    def elect(self, *args: Any) -> list[int]:
+        result: list[int] = floatconv.elect(*args, *(0,)[len(args) - 6 :], self.tier)  # base_code
+        return result
+
+
+TIERS = [0, 1, 2]
+
+
+@pytest.fixture(autouse=True, params=TIERS, ids=["portable", "avx2", "avx512"])
+def tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Every test here runs with the loops of each tier the CPU has (the others are skipped)."""
+    if floatconv is None or request.param > floatconv.simd():
+        pytest.skip("the CPU lacks this tier's instructions")
+    tiered = Tiered(request.param)
+    monkeypatch.setattr(arrays, "FLOATCONV", tiered)
+    return tiered
 
 
 def family(n: int, count: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -47,30 +79,43 @@ def deltas(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return model, base
 
 
+WINDOWS = [(6, 15109), (3, 32703), (2, 32639), (8, 0)]  # on NaN, inf, 0
+
+
 @pytest.mark.parametrize("n", [1000, 300_003])  # one block and a rest, many blocks
 @pytest.mark.parametrize("minus", [True, False], ids=["delta", "values"])
-@pytest.mark.parametrize(("rows", "window"), [(0, 0), (6, 15109), (3, 32703), (2, 32639), (8, 0)])  # NaN, inf, 0
-def test_first_pass_histogram_equals_numpy(n: int, minus: bool, rows: int, window: int) -> None:
+@pytest.mark.parametrize(
+    ("rows", "window", "coarse"),  # counting every bin, or the window's only
+    [(0, 0, False), *((rows, window, coarse) for rows, window in WINDOWS for coarse in (False, True))],
+)
+def test_first_pass_histogram_equals_numpy(
+    n: int, minus: bool, rows: int, window: int, coarse: bool, tier: Tiered
+) -> None:
     model, base = deltas(n, seed=n + rows)
     subtract = base if minus else None
     compiled, plain = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
     compiled[::7] = plain[::7] = 3  # counts are added to
     fine = np.zeros(rows * BINS, np.int64) if rows else None
     plain_fine = None if fine is None else fine.copy()
-    floatconv.magnitude_hist16(model, compiled, -1, subtract, fine, window)
-    magnitudes.numpy_histogram(model, plain, (0, 0, subtract, plain_fine, window), None)
+    tier.magnitude_hist16(model, compiled, -2 if coarse else -1, subtract, fine, window)
+    magnitudes.numpy_histogram(model, plain, (0, 0, subtract, plain_fine, window, coarse), None)
     assert np.array_equal(compiled, plain)
     if fine is not None:
         assert plain_fine is not None and np.array_equal(fine, plain_fine) and fine.sum() > 0
+    if coarse:  # how many lie below the window and above it, and no digit's count
+        high = ((model - base if minus else model).view(np.uint32) & 0x7FFFFFFF) >> 16
+        assert compiled[0] == 3 + np.count_nonzero(high < window)
+        assert compiled[1] == np.count_nonzero(high >= window + rows)
+        assert np.array_equal(compiled[2:], np.where(np.arange(2, BINS) % 7 == 0, 3, 0))
 
 
 @pytest.mark.parametrize("n", [1000, 300_003])
-def test_second_pass_histogram_equals_numpy(n: int) -> None:
+def test_second_pass_histogram_equals_numpy(n: int, tier: Tiered) -> None:
     model, base = deltas(n, seed=3)
     high = int(np.bincount(((model - base).view(np.uint32) & 0x7FFFFFFF) >> 16).argmax())
     compiled, plain = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
-    floatconv.magnitude_hist16(model, compiled, high, base)
-    magnitudes.numpy_histogram(model, plain, (16, high, base, None, 0), None)
+    tier.magnitude_hist16(model, compiled, high, base)
+    magnitudes.numpy_histogram(model, plain, (16, high, base, None, 0, False), None)
     assert np.array_equal(compiled, plain) and compiled.sum() > 0
 
 
@@ -168,8 +213,9 @@ def test_histograms_of_16_bit_floats_read_as_stored_equal_those_of_them_widened(
     assert values.dtype != np.float32 or minus.dtype != np.float32  # the stored path is taken
     bits = (wide_values - wide_minus).view(np.uint32) & 0x7FFFFFFF
     top = int(np.bincount(bits[bits < 0x7F800000] >> 16).argmax())
-    counting = (16, top, minus, None, 0) if high else (0, 0, minus, np.zeros(3 * BINS, np.int64), top - 1)
-    wide_counting = (counting[0], counting[1], wide_minus, None if high else np.zeros(3 * BINS, np.int64), counting[4])
+    counting = (16, top, minus, None, 0, False) if high else (0, 0, minus, np.zeros(3 * BINS, np.int64), top - 1, True)
+    wide_fine = None if high else np.zeros(3 * BINS, np.int64)
+    wide_counting = (counting[0], counting[1], wide_minus, wide_fine, counting[4], counting[5])
     got, want = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
     NumpyBackend().magnitude_histogram(values, got, counting)
     magnitudes.numpy_histogram(wide_values, want, wide_counting, None)

@@ -92,11 +92,14 @@ def test_histograms_of_stored_inputs_equal_the_widened_ones(seed: int) -> None:
         wide_values, wide_minus = XP.widen(values), XP.widen(minus)
         bits = (wide_values - wide_minus).view(np.uint32) & 0x7FFFFFFF
         window = min(int(bits[0] >> 16) if n else 0, BINS - 2)
-        for counting in ((0, 0, minus, np.zeros(2 * BINS, np.int64), window), (16, window, minus, None, 0)):
+        countings = [(16, window, minus, None, 0, False)]
+        countings += [(0, 0, minus, np.zeros(2 * BINS, np.int64), window, coarse) for coarse in (False, True)]
+        for counting in countings:
             got, want = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
             wide_fine = None if counting[3] is None else np.zeros(2 * BINS, np.int64)
             XP.magnitude_histogram(values, got, counting)
-            magnitudes.numpy_histogram(wide_values, want, (*counting[:2], wide_minus, wide_fine, counting[4]), None)
+            wide_counting = (*counting[:2], wide_minus, wide_fine, counting[4], counting[5])
+            magnitudes.numpy_histogram(wide_values, want, wide_counting, None)
             assert np.array_equal(got, want), (n, code, minus_code)
             assert wide_fine is None or np.array_equal(counting[3], wide_fine)
 
@@ -219,13 +222,14 @@ def test_signalling_nans_and_subnormals_as_stored_equal_numpy_s_widening(
 
 def test_type_stub_declares_the_stored_codes() -> None:
     """merger/core/_floatconv.pyi declares the stored codes: magnitude_hist16's src_code and minus_code,
-    elect's base_code (and a ninth element per model), so that mypy takes typed calls with them."""
+    elect's base_code (and a ninth element per model), and both's tier, so that mypy takes typed calls
+    with them."""
     stub = ast.parse((Path(arrays.__file__).parent / "_floatconv.pyi").read_text())
     functions = {f.name: f for f in stub.body if isinstance(f, ast.FunctionDef)}
     hist = [a.arg for a in functions["magnitude_hist16"].args.posonlyargs]
     elect = [a.arg for a in functions["elect"].args.posonlyargs]
-    assert len(hist) == 8, hist  # src, counts, high, minus, fine, window, src_code, minus_code
-    assert len(elect) == 7, elect  # base, out, models, consensus, normalize, scale, base_code
+    assert hist == ["src", "counts", "high", "minus", "fine", "window", "src_code", "minus_code", "tier"]
+    assert elect == ["base", "out", "models", "consensus", "normalize", "scale", "base_code", "tier"]
 
 
 def family16(shape: tuple[int, ...], seed: int) -> list[np.ndarray]:

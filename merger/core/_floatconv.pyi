@@ -1,6 +1,7 @@
 """Types of the compiled conversion loops (merger/core/_floatconv.c); `src` and `dst` are any objects
 with the buffer protocol (numpy arrays, bytearray, memoryview), checked when called. TIES's histogram
-and election take values stored as codes: 0 float32, 1 float16, 2 bfloat16."""
+and election take values stored as codes: 0 float32, 1 float16, 2 bfloat16, and the widest loops to use
+(`tier`: 2 AVX-512, 1 AVX2, 0 portable; `simd()` is the CPU's widest), which give the same results."""
 
 def f16_to_f32(src: object, dst: object, portable: bool = False, /) -> None: ...
 def f32_to_f16(src: object, dst: object, portable: bool = False, /) -> None: ...
@@ -17,6 +18,7 @@ def magnitude_hist16(
     window: int = 0,
     src_code: int = 0,
     minus_code: int = 0,
+    tier: int = 2,
     /,
 ) -> None: ...
 def elect(
@@ -28,6 +30,7 @@ def elect(
     normalize: bool,
     scale: float,
     base_code: int = 0,
+    tier: int = 2,
     /,
 ) -> list[int]: ...
-def simd() -> bool: ...
+def simd() -> int: ...

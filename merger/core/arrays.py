@@ -120,7 +120,8 @@ class Backend(Protocol):
 
     def magnitude_histogram(self, values: Array, counts: np.ndarray, counting: Counting) -> None:
         """Add to `counts` (65536 int64) a 16-bit digit of the bit patterns of |values - minus| (or
-        |values|): `counting` is (prefix_bits, prefix, minus, fine, window), see merger.core.magnitudes."""
+        |values|): `counting` is (prefix_bits, prefix, minus, fine, window, coarse), see
+        merger.core.magnitudes."""
         ...
 
     def cut_mask(self, values: Array, cut: int, ties: int) -> tuple[Array, int]:

@@ -30,8 +30,8 @@ BINS = 1 << 16
 Elected = tuple[Any, int, Any, int, int, float, float, float]
 #: the most models the compiled election takes
 ELECT_MAX = 32
-#: what a histogram counts (see numpy_histogram): (prefix_bits, prefix, minus, fine, window)
-Counting = tuple[int, int, Any, Any, int]
+#: what a histogram counts (see numpy_histogram): (prefix_bits, prefix, minus, fine, window, coarse)
+Counting = tuple[int, int, Any, Any, int, bool]
 #: the field of the numpy dtype that holds bfloat16 chunks as stored (merger.core.arrays.BF16_STORED)
 BF16_FIELD = "bfloat16"
 
@@ -65,16 +65,18 @@ def numpy_histogram(
     """Add to `counts` the next 16-bit digit of the patterns of |values - minus| (of |values|
     without `minus`) after their top `prefix_bits` bits, among the elements whose top bits are
     `prefix` (all of them for prefix_bits 0); with `fine` (prefix_bits 0, float32), also the low
-    16 bits of those whose top 16 are in the window of rows `fine` has from `window` on.
+    16 bits of those whose top 16 are in the window of rows `fine` has from `window` on, and with
+    `coarse` (and `fine`) the window's only: counts[0] gets the elements below it, counts[1] those
+    above, and no digit is counted (a scattered count per element costs most of a pass).
     `compiled`: merger.core._floatconv, or None (numpy's bincount, several times slower); `widen`:
     the backend's, for arrays of 16-bit floats as stored (see `stored_code`)."""
     import numpy as np
 
-    prefix_bits, prefix, minus, fine, window = counting
+    prefix_bits, prefix, minus, fine, window, coarse = counting
     code = stored_code(values)
     minus_code = 0 if minus is None else stored_code(minus)
     if compiled is not None and code is not None and minus_code is not None and prefix_bits in (0, 16):
-        high = prefix if prefix_bits else -1
+        high = prefix if prefix_bits else -2 if coarse else -1
         contiguous = None if minus is None else np.ascontiguousarray(minus)
         compiled.magnitude_hist16(
             np.ascontiguousarray(values), counts, high, contiguous, fine, window, code, minus_code
@@ -88,6 +90,10 @@ def numpy_histogram(
     if fine is not None:
         inside = bits[((bits >> 16) >= window) & ((bits >> 16) < window + len(fine) // BINS)]
         fine += np.bincount((inside - (window << 16)).astype(np.intp), minlength=len(fine))
+        if coarse:
+            counts[0] += int(np.count_nonzero((bits >> 16) < window))
+            counts[1] += int(np.count_nonzero((bits >> 16) >= window + len(fine) // BINS))
+            return
     if prefix_bits:
         bits = bits[(bits >> (width - prefix_bits)) == prefix]
     digits = (bits >> (width - prefix_bits - 16)) & 0xFFFF
@@ -155,12 +161,16 @@ def torch_histogram(values: torch.Tensor, counts: np.ndarray, counting: Counting
     """`numpy_histogram` on a torch device (the counts come back to the host)."""
     import torch
 
-    prefix_bits, prefix, minus, fine, window = counting
+    prefix_bits, prefix, minus, fine, window, coarse = counting
     width = values.element_size() * 8
     bits = _torch_unsigned(values if minus is None else values - minus)
     if fine is not None:
         inside = bits[((bits >> 16) >= window) & ((bits >> 16) < window + len(fine) // BINS)]
         fine += torch.bincount((inside - (window << 16)).to(torch.int64), minlength=len(fine)).cpu().numpy()
+        if coarse:
+            counts[0] += int(torch.count_nonzero((bits >> 16) < window))
+            counts[1] += int(torch.count_nonzero((bits >> 16) >= window + len(fine) // BINS))
+            return
     if prefix_bits:
         bits = bits[(bits >> (width - prefix_bits)) == prefix]
     digits = (bits >> (width - prefix_bits - 16)) & 0xFFFF

@@ -113,7 +113,7 @@ def _sample_counts(sample: list[list[Array]], index: int, xp: Backend) -> np.nda
 
     counts = np.zeros(BINS, dtype=np.int64)
     for arrays in sample:
-        xp.magnitude_histogram(arrays[index], counts, (0, 0, arrays[0], None, 0))
+        xp.magnitude_histogram(arrays[index], counts, (0, 0, arrays[0], None, 0, False))
     return counts
 
 

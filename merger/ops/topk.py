@@ -7,9 +7,10 @@ whatever follows. The next pass counts the next 16 bits among the elements of th
 on: two passes for float32 (four for float64) give the k-th largest magnitude's exact pattern, the
 cut, and how many of the elements equal to it are kept, the first ones in C order (a running count
 in the final pass), so that exactly k are kept. A pass whose chosen bin is kept whole ends early.
-With a guess of the cut's high bin from a sample (`aim`), the first pass also counts the low 16
-bits of the elements of a few high bins around it: when the cut falls among them, as it does but
-for tensors whose sample misleads, the second pass is not needed.
+With a guess of the cut's high bin from a sample (`aim`), the first pass counts instead the elements
+of a few high bins around it by all their bits, and only how many lie below and above those: when the
+cut falls among them, as it does but for tensors whose sample misleads, that pass gives it (and costs
+no scattered count per element); else the passes begin again without a window.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class TopK:
     def aim(self, sample: np.ndarray, fraction: float, most: int) -> None:
         """Set the first pass's window on the high bins where the sample's top `fraction` ends, give or
         take four standard errors of a sample that size (and a bin), at most `most` bins around the
-        guess (`sample`: the sample's counts by high bin, as a first pass counts them)."""
+        guess (`sample`: the sample's counts by high bin, as a first pass without a window counts them)."""
         import numpy as np
 
         total = int(sample.sum())
@@ -72,13 +73,29 @@ class TopK:
 
     def add(self, values: Array, xp: Backend, minus: Array | None = None) -> None:
         """Count the magnitudes of `values` (of `values - minus`) of the pass."""
-        xp.magnitude_histogram(values, self.counts, (self.prefix_bits, self.prefix, minus, self.fine, self.window))
+        windowed = self.fine is not None  # counts[0], counts[1]: the elements below and above the window
+        xp.magnitude_histogram(
+            values, self.counts, (self.prefix_bits, self.prefix, minus, self.fine, self.window, windowed)
+        )
 
     def end_pass(self) -> None:
-        self._narrow(self.counts)
         fine, self.fine = self.fine, None
-        high = self.prefix - self.window
-        if self.cut is None and fine is not None and 0 <= high < len(fine) // BINS:
+        if fine is None:
+            self._narrow(self.counts)
+            return
+        rows, below, above = len(fine) // BINS, int(self.counts[0]), int(self.counts[1])
+        per_row = fine.reshape(rows, BINS).sum(axis=1)
+        self.counts[:] = 0
+        if not above < self.need <= above + int(per_row.sum()):
+            return  # the cut is not in the window: the passes begin again, without one
+        self.counts[self.window : self.window + rows] = per_row  # the first pass's counts, had it counted them
+        if above:  # in the bin after the window's (there is one: no pattern's top half reaches 0x8000)
+            self.counts[self.window + rows] = above
+        if below:
+            self.counts[self.window - 1] = below
+        self._narrow(self.counts)  # the cut's high bin: one of the window's
+        if self.cut is None:
+            high = self.prefix - self.window
             self._narrow(fine[high * BINS : (high + 1) * BINS])  # the second pass's counts, had it been made
 
     def _narrow(self, counts: np.ndarray) -> None:
