@@ -14,7 +14,8 @@ setup(
     ext_modules=[
         Extension(
             "merger.core._floatconv",
-            ["merger/core/_floatconv.c"],
+            ["merger/core/_floatconv.c", "merger/core/_ties.c"],
+            depends=["merger/core/_floatconv.h"],
             extra_compile_args=["-O3", "-ffp-contract=off"],  # float32 rounding step by step, as numpy
             optional=True,
         ),

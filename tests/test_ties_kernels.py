@@ -1,4 +1,4 @@
-"""TIES's compiled loops (merger/core/_floatconv.c) against their numpy forms, on the paths that
+"""TIES's compiled loops (merger/core/_ties.c) against their numpy forms, on the paths that
 tests/test_streaming.py's small chunks do not reach: histograms of long arrays (the fine window's
 elements picked eight at a time), of float16 and bfloat16 read as stored, and the two-model sign
 election (one loop per block), with every option, non-finite values and ties at the cut; bit for bit,

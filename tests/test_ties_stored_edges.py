@@ -1,4 +1,4 @@
-"""TIES reading float16 and bfloat16 chunks as stored (merger/core/_floatconv.c's `magnitude_hist16` and
+"""TIES reading float16 and bfloat16 chunks as stored (merger/core/_ties.c's `magnitude_hist16` and
 `elect` with codes, NumpyBackend.load(widen=False), PipelineChunkInputs.chunks(stored=True)), at its edges:
 odd lengths and offsets, any 16-bit pattern, ties across chunks, bad arguments; and TIES over inputs of
 mixed widths (float64 with narrower ones), DARE at densities float32 rounds to 0, the histogram's window

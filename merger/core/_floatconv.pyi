@@ -1,4 +1,4 @@
-"""Types of the compiled conversion loops (merger/core/_floatconv.c); `src` and `dst` are any objects
+"""Types of the compiled loops (merger/core/_floatconv.c, TIES's in _ties.c); `src` and `dst` are any objects
 with the buffer protocol (numpy arrays, bytearray, memoryview), checked when called. TIES's histogram
 and election take values stored as codes: 0 float32, 1 float16, 2 bfloat16, and the widest loops to use
 (`tier`: 2 AVX-512, 1 AVX2, 0 portable; `simd()` is the CPU's widest), which give the same results."""
