@@ -14,8 +14,9 @@ again (it may run in another process), executes, and returns the recipe's
 objective (what a sweeper such as Optuna's optimises; None without one).
 `recipe=path/to/file.yaml` runs a recipe file by its path (merger.cli.recipe_path).
 
-The recipe is composed twice per run, as in any Hydra app (Hydra's `get_mode`,
-then the run's own), never a third time for the pre-flight; and the pre-flight
+The recipe is composed once per run where nothing of the launch can set
+`hydra.mode` (merger.cli.run_mode; else twice, as in any Hydra app: Hydra's
+`get_mode`, then the run's own), never again for the pre-flight; and the pre-flight
 hands what it checked (the recipe data and its plan) to the job, which runs in
 the same process (`on_job_start` gives it to the task, a `Job`): a job whose
 recipe data is the checked data runs that plan, planned once. One whose data
@@ -26,6 +27,7 @@ without Hydra's runner.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -48,9 +50,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from merger.cli.failure import EXIT_BUG, fail, wants_traceback
 from merger.cli.hydra_errors import explain_hydra_error
+from merger.cli.hydra_private import unset_mode
 from merger.cli.job_config import CheckedJob, check_jobs, recipe_data
 from merger.cli.recipe_path import recipe_file, rewrite_recipe_args
 from merger.cli.recipe_source import RecipeDirSource
+from merger.cli.run_mode import mode_is_unset
 from merger.errors import MergerError
 
 if TYPE_CHECKING:
@@ -219,6 +223,7 @@ def run(argv: list[str]) -> None:
     # optuna's storage module imports alembic, whose INFO lines ("setup plugin ...") Hydra's logging would print
     logging.getLogger("alembic").setLevel(logging.WARNING)
     launch_dir = Path(os.getcwd())
+    given = argv
     argv = [argv[0], *rewrite_recipe_args(argv[1:], launch_dir)]  # recipe=path/to/file.yaml
     chosen_help = any(a.split("=")[0] in ("hydra/help", "override hydra/help") for a in argv[1:])
     if HELP_FLAGS & set(argv[1:]) and not chosen_help:  # merger's help (conf/hydra/help/merger.yaml): for help only
@@ -234,8 +239,10 @@ def run(argv: list[str]) -> None:
     # Hydra prints its own errors (a traceback, or a line and advice about HYDRA_FULL_ERROR) unless that
     # is set; set, it raises them, and merger shows its block (the user's -v is MERGER_VERBOSE: failure.py)
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    known_mode = unset_mode() if mode_is_unset(given[1:], launch_dir) else contextlib.nullcontext()
     try:
-        hydra_main()()
+        with known_mode:  # Hydra's compose to read hydra.mode, skipped where nothing can set it
+            hydra_main()()
     except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError, OverflowError) as e:
         if wants_traceback(argv):
             raise

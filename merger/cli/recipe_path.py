@@ -38,7 +38,7 @@ def default_searchpath() -> tuple[str, ...]:
     return tuple(str(entry) for entry in config["hydra"]["searchpath"])
 
 
-def _values(value: str) -> list[str] | None:
+def recipe_choices(value: str) -> list[str] | None:
     """The recipes a `recipe=` value names: one, or the choices of a sweep (None: not a sweep Hydra parses)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep
@@ -105,7 +105,7 @@ def rewrite_recipe_args(args: Sequence[str], launch_dir: Path) -> list[str]:
             out.append(arg)
             continue
         value = arg[len("recipe=") :]
-        items = _values(value) or [value]
+        items = recipe_choices(value) or [value]
         stems: list[str] = []
         for item in items:
             if not is_recipe_path(item):
