@@ -179,7 +179,8 @@ class SlowSource:
 
 
 def test_an_interrupt_stops_every_hashing_thread_within_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(source_hashing, "HASH_CHUNK_BYTES", 64)  # 400 chunks a source
+    monkeypatch.setattr(source_hashing, "HASH_CHUNK_BYTES", 64)  # the tensor is not small ...
+    monkeypatch.setattr(source_hashing, "HASH_READ_BYTES", 64)  # ... and read in 400 chunks
     interrupted, other = SlowSource("a", fail=True), SlowSource("b", fail=False)
     original = other.read_into
 

@@ -29,7 +29,7 @@ from merger.io.sources import (
 )
 from merger.recipe.model import Recipe, SourceDef
 
-HASH_CHUNK_BYTES = 16 * 1024 * 1024
+HASH_CHUNK_BYTES = 1024 * 1024  # reads of what the merge did not read, digested while in the CPU's cache
 
 #: specs already read in this process, by source identity (shared by the jobs a pre-flight checks)
 SpecsSeen = dict[str, dict[str, TensorSpec]]
