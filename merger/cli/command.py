@@ -17,6 +17,9 @@ def _merger(argv: list[str]) -> None:
     # pydantic looks for its plugins (observers of validation) by reading every installed package's
     # entry points at the first model it builds, ~15 ms a run; merger's recipe models have none
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    # numpy's OpenBLAS starts a thread per core that spins 2^28 cycles (~0.1 s of a core) waiting for work
+    # before it sleeps, at import and after each call: on a first run that core is the merge's; 2^4 is its least
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     from merger.cli.app import run
     from merger.cli.job import prepare  # noqa: F401  (every run's job needs it: loaded before the freeze)
 
