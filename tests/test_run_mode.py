@@ -58,6 +58,10 @@ def recipes(tmp_path: Path) -> Path:
         (["recipe@other=plain"], False),
         (["recipe=plain", "--config-name=other"], False),
         (["recipe=plain", "-cd", "conf"], False),
+        (["--config-d=conf", "recipe=plain"], False),  # argparse takes a long flag's beginning
+        (["--config-p", "/elsewhere", "recipe=plain"], False),
+        (["--multi", "recipe=plain"], True),
+        (["--experimental-rerun", "config.pickle"], False),
     ],
 )
 def test_the_mode_is_known_unset_only_where_nothing_can_set_it(recipes: Path, args: list[str], unset: bool) -> None:

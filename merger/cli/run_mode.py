@@ -3,13 +3,14 @@
 Before a run, Hydra composes the whole config once only to read `hydra.mode` (`Hydra.get_mode`),
 then composes it again for the run itself: a twelfth of a cache hit's time here. merger's primary
 config leaves the mode unset, so that the command line's `-m` decides, unless the launch sets it:
-an override of `hydra.mode` (or all of `hydra`), another primary config or config directory
-(`--config-name`, `--config-path`, `--config-dir`), another search path, a config file chosen
-into a package (`group@package=`), or a recipe file with a defaults list (which may bring in other
-files) or a `hydra.mode` (which merger refuses, after Hydra's compose). Other overrides set their
-own key only: the config groups are the recipe and Hydra's own (`hydra/...`). `mode_is_unset`
-says when none of these is so; `unset_mode` (merger.cli.hydra_private) then answers Hydra's
-question (unset, None) for the run, without composing. Any doubt leaves Hydra's own answer.
+an override of `hydra.mode` (or all of `hydra`), a flag other than `-m` (another primary config or
+config directory, `--config-name`, `--config-path`, `--config-dir`, or any other), another search
+path, a config file chosen into a package (`group@package=`), or a recipe file with a defaults list
+(which may bring in other files) or a `hydra.mode` (which merger refuses, after Hydra's compose).
+Other overrides set their own key only: the config groups are the recipe and Hydra's own
+(`hydra/...`). `mode_is_unset` says when none of these is so; `unset_mode`
+(merger.cli.hydra_private) then answers Hydra's question (unset, None) for the run, without
+composing. Any doubt leaves Hydra's own answer.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from merger.cli.recipe_path import is_recipe_path, recipe_choices
 from merger.cli.recipe_source import find_recipe
 from merger.core.limits import MAX_RECIPE_BYTES
 
-#: command-line flags that choose another primary config or add a config directory
-CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+#: the flags a run may have and still be known unset: multirun's (argparse also takes a long flag's
+#: unambiguous beginning, `--config-d` for `--config-dir`, so any other flag keeps Hydra's own answer)
+RUN_FLAGS = ("-m", "--multirun")
 
 
 def mode_is_unset(args: Sequence[str], launch_dir: Path) -> bool:
@@ -31,8 +33,8 @@ def mode_is_unset(args: Sequence[str], launch_dir: Path) -> bool:
     recipes = ["demo"]  # merger/conf/config.yaml's default
     for arg in args:
         if arg.startswith("-"):
-            if arg.split("=")[0] in CONFIG_FLAGS:
-                return False
+            if arg not in RUN_FLAGS and not (len(arg) > 3 and "--multirun".startswith(arg)):
+                return False  # another primary config, a config directory, or a flag merger does not know
             continue
         key, _, value = arg.partition("=")
         key = key.lstrip("+~")
