@@ -39,6 +39,8 @@ VERSIONS: dict[tuple[str, int], str] = {
     ("ties", 2): "3f2a13ec736c5cbdba5a47d4f2381f6d1a57daaeb49928511e7f272060c159d3",
     # 3: a float64 input among narrower ones is cut over 64-bit patterns (these float32 inputs: the same)
     ("ties", 3): "3f2a13ec736c5cbdba5a47d4f2381f6d1a57daaeb49928511e7f272060c159d3",
+    # 4: each model is cut over its own deltas' patterns (float32 beside float64; these inputs: the same)
+    ("ties", 4): "3f2a13ec736c5cbdba5a47d4f2381f6d1a57daaeb49928511e7f272060c159d3",
     ("dare_linear", 1): "8271d7cef5afac1bc82c5a2f26ac33a821482cf997c52cde91ac438253308a00",
     ("dare_ties", 1): "42a14b18e605f1c85926c9910bda1b1be33c111dab7365afb0a109d70f6eef50",
     # 2: a density float32 rounds to 0 divides as the array maths does (these inputs: the same)

@@ -137,8 +137,7 @@ class TaskVectorOp(StreamingOp[T, F]):
         weights = per_model(params.weights, n, "weights")
         densities = per_model(getattr(params, "density", 1.0), n, "density")
         spec = inputs.specs[0][key]
-        wide = any(specs[key].dtype == "F64" for specs in inputs.specs[: n + 1])  # deltas of 64-bit patterns
-        count, width = spec.numel, 64 if wide else 32
+        count, base_wide = spec.numel, spec.dtype == "F64"
         parts: list[Sparsify] = []
         for i, density in enumerate(densities):
             if self.sparsify is None or density >= 1.0:
@@ -147,6 +146,8 @@ class TaskVectorOp(StreamingOp[T, F]):
                 parts.append(Zero())
             elif self.sparsify == "magnitude":
                 k = max(1, int(density * count))
+                # a model's deltas are float64 (their patterns 64 bits) where it or the base is
+                width = 64 if base_wide or inputs.specs[i + 1][key].dtype == "F64" else 32
                 parts.append(Trim(k, width) if k < count else Sparsify())
             else:
                 assert isinstance(params, DareParams)
@@ -265,8 +266,9 @@ class Ties(TaskVectorOp[TiesParams[Scheduled], TiesParams[float]]):
 
     name = "ties"
     #: 2: deltas tied at the cut are kept in C order (version 1 entries broke such ties otherwise); 3: a model or
-    #: base of float64 among narrower inputs is cut over the deltas' 64-bit patterns (version 2 kept every delta)
-    version = 3
+    #: base of float64 among narrower inputs is cut over the deltas' 64-bit patterns (version 2 kept every delta);
+    #: 4: each model over its own deltas' patterns (version 3 cut a float32 model's over 64 bits beside a float64 one)
+    version = 4
     params_model = TiesParams[Scheduled]
     sparsify = "magnitude"
     elects_sign = True
