@@ -33,7 +33,7 @@ KEPT_BYTES = 96 * 1024 * 1024
 class Passes:
     """Passes over the chunks of one tensor of several inputs (`ChunkInputs.chunks`): call it for
     each pass. A tensor of one chunk is read in the first pass only; its chunk is kept (`whole`).
-    So are the chunks of a tensor of at most KEPT_BYTES (`keep`: whether to, at all)."""
+    So are the chunks of a tensor of at most KEPT_BYTES."""
 
     def __init__(
         self,
@@ -42,7 +42,6 @@ class Passes:
         multiple: int = 1,
         *,
         stored: bool = False,
-        keep: bool = True,
     ) -> None:
         self._inputs = inputs
         self._reads = list(reads)
@@ -50,7 +49,7 @@ class Passes:
         self._stored = stored  # 16-bit floats as stored (ChunkInputs.chunks)
         self._kept: list[Array] | None = None
         self._started: Iterator[list[Array]] | None = None  # a first pass that `whole` began
-        self._keeps = keep and self._bytes() <= KEPT_BYTES
+        self._keeps = self._bytes() <= KEPT_BYTES
         self._chunks: list[list[Array]] | None = None  # a whole pass's chunks, kept
         self.inputs = len(self._reads)
         self.reads = 0  # passes that read the inputs
