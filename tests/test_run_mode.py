@@ -25,6 +25,7 @@ RECIPES = {
     "composed": "# @package _global_\ndefaults: [plain]\n",
     "listed": "- a\n- b\n",
     "broken": "# @package _global_\nnodes: [\n",
+    "deep": "# @package _global_\nnodes: " + "[" * 3000 + "]" * 3000 + "\n",
 }
 
 
@@ -48,6 +49,7 @@ def recipes(tmp_path: Path) -> Path:
         (["recipe=composed"], False),
         (["recipe=listed"], False),
         (["recipe=broken"], False),
+        (["recipe=deep"], False),
         (["recipe=missing"], False),
         (["recipe=glob(*)"], False),
         (["recipe=plain", "hydra.mode=MULTIRUN"], False),

@@ -65,7 +65,7 @@ def _plain_recipe(name: str, launch_dir: Path) -> bool:
         return False
     try:
         data = yaml.load(file.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):  # Hydra's compose tells what is wrong
         return False
     if data is None:
         return True
