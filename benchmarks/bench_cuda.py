@@ -1,11 +1,12 @@
-"""The CUDA path against the CPU path: same results, and its speed (issue 3, goal 6).
+"""The CUDA path against the CPU path: same results, and its speed (issue 3, goal 6; issue 13, part 5).
 
-    python benchmarks/bench_cuda.py              # 2 x ~1.3 GB float32 and 2 x ~0.65 GB bfloat16 inputs
+    python benchmarks/bench_cuda.py              # inputs of ~1.3 GB each, float32 and bfloat16
     python benchmarks/bench_cuda.py --mb 300
 
 Runs the same recipes with device=cpu (numpy) and device=cuda (torch, pinned
 buffers, a reader thread ahead of the GPU), each a first run with its own
-empty cache: a float32 lerp and an add_difference, a bfloat16 weighted sum.
+empty cache: a float32 lerp and an add_difference, a bfloat16 weighted sum,
+and TIES of two bfloat16 fine-tunes over their base (density 0.5).
 Prints, per recipe and device, wall time and merge GB/s (input bytes over
 wall time minus the start-up of the same merge on tiny models), and the
 largest relative difference between the CUDA and CPU outputs (goal: 1e-6).
@@ -27,16 +28,21 @@ RECIPES = {
     "lerp_f32": ("F32", "lerp", "alpha: 0.3", 2),
     "add_difference_f32": ("F32", "add_difference", "multiplier: 0.7", 3),
     "weighted_sum_bf16": ("BF16", "weighted_sum", "weights: [0.5, 0.3, 0.2]", 3),
+    "ties_bf16": ("BF16", "ties", "density: 0.5", 3),  # m0 the base, m1 and m2 the models
 }
+#: the ops whose first input is a `base:`, not one of `inputs:`
+BASED = {"ties"}
 
 
 def recipe(kind: str) -> str:
     dtype, op, params, n = RECIPES[kind]
     suffix = "bf16" if dtype == "BF16" else "f32"
     sources = "\n".join(f"  m{i}: m{i}_{suffix}.safetensors" for i in range(n))
-    inputs = ", ".join(f"m{i}" for i in range(n))
+    first = 1 if op in BASED else 0
+    inputs = ", ".join(f"m{i}" for i in range(first, n))
+    base = "base: m0, " if first else ""
     return (
-        f"# @package _global_\nsources:\n{sources}\nnodes:\n  out: {{op: {op}, inputs: [{inputs}], {params}}}\n"
+        f"# @package _global_\nsources:\n{sources}\nnodes:\n  out: {{op: {op}, {base}inputs: [{inputs}], {params}}}\n"
         "outputs:\n  out: {}\n"
     )
 
