@@ -238,6 +238,18 @@ def run_cli(
     )
 
 
+def run_script_json(script: str, cwd: Path, *args: str) -> dict[str, Any]:
+    """Run `python -c script *args` in a subprocess (a script that drives merger in its own process and
+    prints a JSON object last, with its exit `status`): that object, the run having succeeded."""
+    import json
+
+    done = run_cli(["-c", script, *args], cwd, command=Path(sys.executable).name)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == 0, done.stderr
+    return result
+
+
 PROCESS_NAMES = frozenset({"run_cli", "subprocess", "Popen", "Process"})
 
 

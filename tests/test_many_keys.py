@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import struct
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from merger.cli.recipe_source import RecipeDirSource
 from merger.core.specs import TensorSpec
 from merger.io.safetensors_file import build_header
 from merger.io.safetensors_header import read_header
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_script_json
 
 BLEND = """# @package _global_
 sources:
@@ -352,11 +351,7 @@ COUNTING = textwrap.dedent(
 
 
 def _count(launch_dir: Path, *args: str) -> dict[str, Any]:
-    done = run_cli(["-c", COUNTING, *args], launch_dir, command=Path(sys.executable).name)
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["status"] == 0, done.stderr
-    return result
+    return run_script_json(COUNTING, launch_dir, *args)
 
 
 def test_a_run_plans_once_and_an_image_model_hit_imports_neither_spandrel_nor_torch(launch_dir: Path) -> None:

@@ -4,8 +4,6 @@ file may set the mode, so that `hydra.mode=MULTIRUN` on the command line still s
 
 from __future__ import annotations
 
-import json
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from merger.cli.run_mode import mode_is_unset
-from tests.conftest import run_cli
+from tests.conftest import run_script_json
 
 RECIPES = {
     "plain": "# @package _global_\nnodes: {}\nhydra: {job: {chdir: false}}\n# the models' mode of merging\n",
@@ -107,11 +105,7 @@ COUNTING = textwrap.dedent(
 
 
 def counted(launch_dir: Path, *args: str) -> dict[str, Any]:
-    done = run_cli(["-c", COUNTING, *args], launch_dir, command=Path(sys.executable).name)
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["status"] == 0, done.stderr
-    return result
+    return run_script_json(COUNTING, launch_dir, *args)
 
 
 def test_a_run_composes_once_and_a_mode_set_on_the_command_line_still_sweeps(tmp_path: Path) -> None:
